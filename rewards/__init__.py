@@ -1,0 +1,12 @@
+"""Rewards (DESIGN.md, seam 3): the Reward interface, a registry by name, and built-in rewards.
+
+    from diffrl.rewards import build_reward
+    reward = build_reward("jpeg_compressibility")
+    scores = reward(images, prompts)  # float32 [B]
+"""
+
+from . import color, jpeg  # noqa: F401  (importing registers the built-in rewards)
+from .base import Reward
+from .registry import build_reward, list_rewards, register_reward
+
+__all__ = ["Reward", "build_reward", "list_rewards", "register_reward"]

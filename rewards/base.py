@@ -1,0 +1,103 @@
+"""The reward interface (DESIGN.md, seam 3).
+
+A reward maps decoded samples, their prompts and optional per-sample metadata to one float per
+sample. Subclasses implement `score`; callers use `__call__`, which checks the input at the door
+(shape for the declared kinds, batch sizes) and the output (float32 [B] on the samples' device).
+
+Sample kinds and their shapes (what `Policy.decode` returns):
+    "image"  [B, 3, H, W]     pixel values in [0, 1]
+    "video"  [B, F, 3, H, W]  pixel values in [0, 1]
+    "motion" [B, T, D]        feature vectors (e.g. HumanML3D's D = 263)
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+# kind -> (number of dimensions, {dim: required size}, shape written for error messages)
+SAMPLE_KINDS: dict[str, tuple[int, dict[int, int], str]] = {
+    "image": (4, {1: 3}, "[B, 3, H, W]"),
+    "video": (5, {2: 3}, "[B, F, 3, H, W]"),
+    "motion": (3, {}, "[B, T, D]"),
+}
+
+
+def sample_kind(samples: Tensor) -> str | None:
+    """The kind whose shape `samples` has, or None. Kinds differ in ndim, so this is unambiguous."""
+    for kind, (ndim, fixed, _) in SAMPLE_KINDS.items():
+        if samples.ndim == ndim and all(samples.shape[d] == n for d, n in fixed.items()):
+            return kind
+    return None
+
+
+class Reward(abc.ABC):
+    """Base class of every reward: subclass, set the class attributes, implement `score`."""
+
+    name: ClassVar[str]
+    """Registry name; set by `@register_reward(name)`."""
+    differentiable: ClassVar[bool] = False
+    """Whether `score` is built from torch ops that let gradients reach `samples`."""
+    accepts: ClassVar[tuple[str, ...]] = ("image",)
+    """Sample kinds this reward takes, keys of SAMPLE_KINDS."""
+
+    @abc.abstractmethod
+    def score(self, samples: Tensor, prompts: list[str], metadata: list[dict] | None) -> Tensor:
+        """Return one score per sample, shape [B]. Inputs are already validated."""
+
+    def __call__(
+        self, samples: Tensor, prompts: list[str], metadata: list[dict] | None = None
+    ) -> Tensor:
+        """Validate, score, and return float32 [B] on samples.device.
+
+        Runs under torch.no_grad() unless the reward is differentiable.
+        """
+        kind = self._check_inputs(samples, prompts, metadata)
+        grad_ctx = contextlib.nullcontext() if self.differentiable else torch.no_grad()
+        with grad_ctx:
+            scores = self.score(samples, prompts, metadata)
+        scores = torch.as_tensor(scores)
+        batch = samples.shape[0]
+        if scores.shape != (batch,):
+            raise ValueError(
+                f"reward {self._name()!r} returned shape {tuple(scores.shape)} for {kind} samples "
+                f"of batch size {batch}; expected ({batch},)"
+            )
+        return scores.to(device=samples.device, dtype=torch.float32)
+
+    def to(self, device: torch.device | str) -> Reward:
+        """Move any weights to `device`; rewards without weights need nothing. Returns self."""
+        return self
+
+    def _name(self) -> str:
+        return getattr(self, "name", type(self).__name__)
+
+    def _check_inputs(
+        self, samples: Tensor, prompts: list[str], metadata: list[dict] | None
+    ) -> str:
+        if not isinstance(samples, Tensor):
+            raise TypeError(
+                f"reward {self._name()!r} takes a torch.Tensor of samples, "
+                f"got {type(samples).__name__}"
+            )
+        kind = sample_kind(samples)
+        if kind not in self.accepts:
+            expected = " or ".join(f"{k} {SAMPLE_KINDS[k][2]}" for k in self.accepts)
+            raise ValueError(
+                f"reward {self._name()!r} expects {expected}, got samples of shape "
+                f"{list(samples.shape)}"
+            )
+        batch = samples.shape[0]
+        if len(prompts) != batch:
+            raise ValueError(
+                f"reward {self._name()!r} got {batch} samples but {len(prompts)} prompts"
+            )
+        if metadata is not None and len(metadata) != batch:
+            raise ValueError(
+                f"reward {self._name()!r} got {batch} samples but {len(metadata)} metadata entries"
+            )
+        return kind

@@ -1,0 +1,60 @@
+"""Rewards by name.
+
+`@register_reward("name")` on a Reward subclass; `build_reward("name", **kwargs)` to construct one.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .base import SAMPLE_KINDS, Reward
+
+R = TypeVar("R", bound=type[Reward])
+
+_REGISTRY: dict[str, type[Reward]] = {}
+
+
+def register_reward(name: str) -> Callable[[R], R]:
+    """Class decorator: register a Reward subclass under `name` and set its `name` attribute."""
+
+    def decorator(cls: R) -> R:
+        if not (isinstance(cls, type) and issubclass(cls, Reward)):
+            raise TypeError(
+                f"@register_reward({name!r}) must decorate a Reward subclass, got {cls!r}"
+            )
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(
+                f"reward name {name!r} is already registered to {_REGISTRY[name].__qualname__}"
+            )
+        unknown = [k for k in cls.accepts if k not in SAMPLE_KINDS]
+        if unknown:
+            raise ValueError(
+                f"reward {name!r} declares unknown sample kinds {unknown}; "
+                f"valid kinds are {sorted(SAMPLE_KINDS)}"
+            )
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def build_reward(name: str, **kwargs: Any) -> Reward:
+    """Instantiate the reward registered as `name` with constructor arguments `kwargs`."""
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        valid = list_rewards()
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"unknown reward {name!r}.{hint} Valid rewards: {', '.join(valid)}"
+        ) from None
+    return cls(**kwargs)
+
+
+def list_rewards() -> list[str]:
+    """Registered reward names, sorted."""
+    return sorted(_REGISTRY)
