@@ -1,0 +1,355 @@
+"""Typed run configuration: YAML recipe + `key=value` overrides -> validated dataclasses.
+
+Every field is declared once with a one-line docstring (read back by `diffrl train --help`) that
+says what it does and where its default comes from. Everything is validated here, before any model
+loads: unknown keys (with the closest valid name), wrong types, and invalid combinations.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """An invalid run configuration; the message names the offending field."""
+
+
+@dataclass
+class PolicyConfig:
+    family: Optional[str] = None
+    """Model family ("sd", "sd3", "flux"); None detects it from the model folder's model_index.json."""
+    resolution: int = 512
+    """Image height and width in pixels (Flow-GRPO: 512)."""
+    dtype: str = "float32"
+    """Dtype of the frozen base weights: float32, bfloat16, float16 or float64 (LoRA weights stay float32)."""
+    lora_rank: int = 32
+    """LoRA rank on the denoiser's attention projections; 0 trains the full denoiser (Flow-GRPO: 32)."""
+    lora_alpha: float = 64.0
+    """LoRA alpha (Flow-GRPO: 64)."""
+    lora_targets: Optional[list[str]] = None
+    """Module names LoRA attaches to; None uses the family's attention projections."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, 10-25 % more time (ENVIRONMENT.md)."""
+    attention_backend: str = "sdpa"
+    """"sdpa" (PyTorch scaled_dot_product_attention), "xformers" (CUDA), or a diffusers dispatcher backend."""
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = 10
+    """Denoising steps per training rollout (Flow-GRPO: 10)."""
+    eval_num_steps: int = 40
+    """Denoising steps for evaluation images (Flow-GRPO: 40)."""
+    guidance_scale: float = 4.5
+    """Classifier-free guidance scale during rollouts and training (Flow-GRPO SD3.5: 4.5); FLUX: embedded guidance."""
+    sampler: Optional[str] = None
+    """Training sampler: "flow_sde", "ddim" (eta below), "flow_ode"; None picks flow_sde for flow models, ddim for UNets."""
+    noise_level: float = 0.7
+    """Flow SDE noise level a in std_t = a sqrt(sigma / (1 - sigma)) (Flow-GRPO: 0.7)."""
+    eta: float = 1.0
+    """DDIM eta for UNet rollouts; 1 is DDPM ancestral sampling (DDPO: 1.0)."""
+    logprob_reduction: str = "mean"
+    """How a step's Gaussian log-density is reduced over latent elements: "mean" (Flow-GRPO, DDPO) or "sum" (exact)."""
+    negative_prompt: str = ""
+    """Negative prompt for classifier-free guidance (Flow-GRPO: empty)."""
+
+
+@dataclass
+class DataConfig:
+    prompts: str = "builtin:animals"
+    """Training prompts: "builtin:<name>" (assets/prompts/<name>.txt), a .txt file (one a line) or a GenEval-style .jsonl."""
+    eval_prompts: Optional[str] = None
+    """Evaluation prompts in the same forms; None uses the training prompts."""
+    num_eval_prompts: int = 8
+    """How many evaluation prompts to sample (fixed seeds) at each evaluation."""
+    eval_images_per_prompt: int = 1
+    """Images per evaluation prompt."""
+
+
+@dataclass
+class TrainConfig:
+    prompts_per_iteration: int = 2
+    """Prompts sampled per process per iteration; each gets group_size samples."""
+    group_size: int = 24
+    """Samples per prompt, K (Flow-GRPO: 24)."""
+    rollout_batch_size: int = 8
+    """Samples per denoiser batch while sampling (memory knob only)."""
+    train_batch_size: int = 8
+    """Samples per gradient step; must divide prompts_per_iteration * group_size (Flow-GRPO: 8 per GPU... per step)."""
+    num_inner_epochs: int = 1
+    """Passes over each iteration's samples (Flow-GRPO: 1)."""
+    learning_rate: float = 3e-4
+    """AdamW learning rate (Flow-GRPO LoRA: 3e-4)."""
+    adam_beta1: float = 0.9
+    """AdamW beta1 (Flow-GRPO: 0.9)."""
+    adam_beta2: float = 0.999
+    """AdamW beta2 (Flow-GRPO: 0.999)."""
+    adam_weight_decay: float = 1e-4
+    """AdamW weight decay (Flow-GRPO: 1e-4)."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon (Flow-GRPO: 1e-8)."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip (Flow-GRPO: 1.0); 0 disables."""
+    mixed_precision: str = "no"
+    """accelerate mixed precision: "no", "bf16" or "fp16"."""
+    ema: bool = False
+    """Keep an EMA of the trainable weights for evaluation (Flow-GRPO: on for SD3)."""
+    ema_decay: float = 0.9
+    """EMA decay per update (Flow-GRPO: 0.9)."""
+
+
+@dataclass
+class GRPOConfig:
+    clip_range: float = 1e-4
+    """PPO clip on the per-step ratio, low side (Flow-GRPO: 1e-4)."""
+    clip_range_high: Optional[float] = None
+    """High-side clip (DAPO clip-higher); None uses clip_range."""
+    kl_beta: float = 0.04
+    """KL coefficient against the reference model (Flow-GRPO: 0.04; 0.01 for PickScore)."""
+    kl_convention: str = "flow_grpo"
+    """"flow_grpo": mean_elems((mu - mu_ref)^2) / (2 std_t^2) as Flow-GRPO's code; "exact": the step Gaussian KL."""
+    timestep_fraction: float = 0.99
+    """Fraction of the sampling steps trained per sample (Flow-GRPO: 0.99)."""
+    adv_clip_max: float = 5.0
+    """Advantages are clipped to [-adv_clip_max, adv_clip_max] (Flow-GRPO: 5)."""
+    std_scope: str = "global"
+    """Advantage std: "global" over the batch (Flow-GRPO), "group" per prompt, "none" (Dr.GRPO)."""
+    std_ddof: int = 0
+    """Degrees of freedom of that std: 0 population (Flow-GRPO's numpy std), 1 sample."""
+    std_eps: float = 1e-4
+    """Added to the std before dividing (Flow-GRPO: 1e-4)."""
+
+
+@dataclass
+class LoggingConfig:
+    log_with: str = "tensorboard"
+    """Experiment tracker through accelerate: "tensorboard", "wandb" or "none"."""
+    eval_every: int = 10
+    """Evaluate (reward on fixed-seed eval prompts + image grid) every N iterations; 0 only at start and end."""
+    save_every: int = 10
+    """Write a checkpoint every N iterations (and always at the end); 0 only at the end."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+@dataclass
+class RunConfig:
+    algorithm: str = "grpo"
+    """Training method, looked up in diffrl.trainers.ALGORITHMS."""
+    model: str = "tiny-sd3"
+    """A built-in tiny model ("tiny-sd", "tiny-sd3", "tiny-flux"), a local diffusers folder, or a cached hub id."""
+    reward: str = "jpeg_compressibility"
+    """Reward name, looked up in diffrl.rewards."""
+    reward_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the reward's constructor."""
+    output_dir: str = "outputs/run"
+    """Where config.yaml, metrics.jsonl, logs, image grids and checkpoints go."""
+    max_iterations: int = 100
+    """Training iterations (one iteration = sample, score, update)."""
+    seed: int = 0
+    """Seeds every random draw (prompts, noise, timestep order), per process and iteration."""
+    resume: Optional[str] = None
+    """A checkpoint folder (or an output_dir: its latest checkpoint) to continue from."""
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+
+
+def _section_types(cls) -> dict[str, type]:
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    return {
+        name: f.default_factory
+        for name, f in hints.items()
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)
+    }
+
+
+# ---- field docstrings ------------------------------------------------------------------------
+def field_docs(cls) -> dict[str, str]:
+    """The one-line docstring written under each field of a config dataclass."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def describe_options(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, doc) for every leaf option, in declaration order."""
+    docs = field_docs(cls)
+    sections = _section_types(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.name in sections:
+            rows += describe_options(sections[f.name], prefix + f.name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        rows.append((prefix + f.name, type_name, repr(default), docs.get(f.name, "")))
+    return rows
+
+
+# ---- loading and validation ------------------------------------------------------------------
+def _check_keys(data: Any, cls, prefix: str = "") -> None:
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping of options, got {type(data).__name__}")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    sections = _section_types(cls)
+    for key, value in data.items():
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(valid)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        if key in sections:
+            _check_keys(value, sections[key], f"{prefix}{key}.")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe, apply `key=value` overrides, type-check and validate. Loads no model."""
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            layers.append(OmegaConf.to_container(OmegaConf.load(path)) or {})
+        except Exception as exc:  # yaml syntax errors
+            raise ConfigError(f"cannot parse {path}: {exc}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.learning_rate=1e-4)")
+        try:
+            layers.append(OmegaConf.to_container(OmegaConf.from_dotlist([item])))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"cannot parse override '{item}': {exc}") from None
+    for layer in layers:
+        _check_keys(layer, RunConfig)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), *layers)
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"invalid value for '{key}': {msg}") from None
+    validate(cfg)
+    return cfg
+
+
+def _one_of(value, allowed, key):
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"'{key}' is {value!r}; choose one of {', '.join(map(str, allowed))}{hint}")
+
+
+def _positive(value, key, allow_zero=False):
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"'{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Field ranges and cross-field rules; names, not models, are checked against the registries."""
+    from diffrl.pipelines.registry import resolve_family
+    from diffrl.rewards import list_rewards
+    from diffrl.trainers import ALGORITHMS
+
+    _one_of(cfg.algorithm, ALGORITHMS.names(), "algorithm")
+    _one_of(cfg.reward, list_rewards(), "reward")
+    try:
+        family = cfg.policy.family or resolve_family(cfg.model)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"'model': {exc}") from None
+    _one_of(family, ("sd", "sd3", "flux"), "policy.family")
+
+    p, s, t, g, lg = cfg.policy, cfg.sampling, cfg.train, cfg.grpo, cfg.logging
+    _one_of(p.dtype, ("float32", "bfloat16", "float16", "float64"), "policy.dtype")
+    _one_of(p.attention_backend, ("sdpa", "xformers", "native", "flash", "_native_flash", "_native_math", "_native_efficient"), "policy.attention_backend")
+    _positive(p.resolution, "policy.resolution")
+    if p.resolution % 16:
+        raise ConfigError(f"'policy.resolution' must be a multiple of 16 (VAE and patch size), got {p.resolution}")
+    _positive(p.lora_rank, "policy.lora_rank", allow_zero=True)
+    _positive(s.num_steps, "sampling.num_steps")
+    _positive(s.eval_num_steps, "sampling.eval_num_steps")
+    _one_of(s.logprob_reduction, ("mean", "sum"), "sampling.logprob_reduction")
+    flow = family in ("sd3", "flux")
+    sampler = s.sampler or ("flow_sde" if flow else "ddim")
+    _one_of(sampler, ("flow_sde", "flow_ode", "ddim"), "sampling.sampler")
+    if flow and sampler == "ddim":
+        raise ConfigError(f"'sampling.sampler' ddim needs a UNet (sd) model; '{cfg.model}' is a flow model ({family}): use flow_sde")
+    if not flow and sampler.startswith("flow"):
+        raise ConfigError(f"'sampling.sampler' {sampler} needs a flow model; '{cfg.model}' is a UNet (sd) model: use ddim")
+    for key in ("prompts_per_iteration", "group_size", "rollout_batch_size", "train_batch_size", "num_inner_epochs"):
+        _positive(getattr(t, key), f"train.{key}")
+    _positive(t.learning_rate, "train.learning_rate")
+    _one_of(t.mixed_precision, ("no", "bf16", "fp16"), "train.mixed_precision")
+    samples = t.prompts_per_iteration * t.group_size
+    if samples % t.train_batch_size:
+        raise ConfigError(
+            f"'train.train_batch_size' ({t.train_batch_size}) must divide train.prompts_per_iteration * "
+            f"train.group_size ({samples} samples per process per iteration)"
+        )
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"'train.ema_decay' must be in [0, 1), got {t.ema_decay}")
+    _one_of(lg.log_with, ("tensorboard", "wandb", "none"), "logging.log_with")
+    _positive(lg.eval_every, "logging.eval_every", allow_zero=True)
+    _positive(lg.save_every, "logging.save_every", allow_zero=True)
+    _positive(cfg.max_iterations, "max_iterations")
+
+    if cfg.algorithm == "grpo":
+        _positive(g.clip_range, "grpo.clip_range")
+        _positive(g.kl_beta, "grpo.kl_beta", allow_zero=True)
+        _one_of(g.kl_convention, ("flow_grpo", "exact"), "grpo.kl_convention")
+        _one_of(g.std_scope, ("global", "group", "none"), "grpo.std_scope")
+        if not 0 < g.timestep_fraction <= 1:
+            raise ConfigError(f"'grpo.timestep_fraction' must be in (0, 1], got {g.timestep_fraction}")
+        if g.std_ddof not in (0, 1):
+            raise ConfigError(f"'grpo.std_ddof' must be 0 or 1, got {g.std_ddof}")
+        if sampler == "flow_ode" or (sampler == "ddim" and s.eta == 0):
+            raise ConfigError(
+                "grpo needs a stochastic sampler for its log-probabilities: 'sampling.sampler' flow_ode "
+                "or ddim with 'sampling.eta' 0 gives none"
+            )
+        if flow and s.noise_level <= 0:
+            raise ConfigError("'sampling.noise_level' must be > 0 for grpo: the flow SDE needs noise for log-probs")
+        if g.kl_beta > 0 and p.lora_rank == 0:
+            raise ConfigError(
+                "'grpo.kl_beta' > 0 needs a frozen reference, which diffrl takes as the base model with the LoRA "
+                "adapter disabled; with 'policy.lora_rank' 0 there is none. Set policy.lora_rank > 0 or grpo.kl_beta=0"
+            )
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def to_flat_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Dotted keys -> scalars (for tracker hyper-parameter tables)."""
+    out = {}
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+    walk(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    return out

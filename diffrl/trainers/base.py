@@ -1,0 +1,51 @@
+"""What every algorithm sees: one scored rollout batch, and the small interface the loop calls."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from diffrl.rollout import Trajectory
+
+
+@dataclass
+class RolloutBatch:
+    """This process's samples of one iteration. B = prompts_per_iteration * group_size."""
+
+    prompts: list[str]
+    metadata: list[dict]
+    group_ids: torch.Tensor  # [B] prompt index within the iteration (global across processes)
+    cond: object  # diffrl.pipelines.Condition with B rows
+    trajectory: Trajectory  # latents [B, N + 1, *S], log_probs [B, N]
+    images: torch.Tensor  # [B, 3, H, W] in [0, 1]
+    rewards: torch.Tensor  # [B]; non-finite entries are kept here and masked by `valid`
+    valid: torch.Tensor  # [B] bool: reward was finite
+    advantages: torch.Tensor | None = None  # [B]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+class Algorithm(abc.ABC):
+    """A training method: what a rollout records and the update it makes from a scored batch."""
+
+    name: ClassVar[str]
+    record_trajectory: ClassVar[bool] = True
+    """True: rollouts keep every x_t and the step log-probs (policy-gradient methods)."""
+
+    def __init__(self, cfg, policy, sampler, accelerator):
+        self.cfg, self.policy, self.sampler, self.accelerator = cfg, policy, sampler, accelerator
+
+    @abc.abstractmethod
+    def update(self, batch: RolloutBatch, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict[str, float]:
+        """Gradient steps on one scored batch; returns metrics (must include "loss")."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Extra tensors to checkpoint (snapshots, EMAs)."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass

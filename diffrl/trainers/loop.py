@@ -1,0 +1,303 @@
+"""The loop every algorithm shares: sample -> decode -> reward -> advantages -> update -> log ->
+evaluate -> checkpoint, under accelerate (one CPU, one GPU, many GPUs or nodes: the same code).
+
+Processes never split a prompt group: each draws whole groups, and advantages are computed on the
+gathered batch of all processes. Every random draw is seeded by (seed, iteration, process), so a
+resumed run continues exactly and processes never share initial noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from diffrl.checkpoint import load_checkpoint, save_checkpoint
+from diffrl.config import RunConfig, save_config, to_flat_dict
+from diffrl.core import PerPromptStatTracker, zero_std_fraction
+from diffrl.data import draw_prompt_indices, load_prompts
+from diffrl.rollout import sample
+from diffrl.sampling import make_sampler
+from diffrl.trainers import ALGORITHMS
+from diffrl.trainers.base import RolloutBatch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def derive_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of ints (seed, iteration, process, purpose)."""
+    seed = 0
+    for k in keys:
+        seed = (seed * 1_000_003 + int(k)) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Trainer:
+    """Builds everything from a validated RunConfig and runs the shared loop."""
+
+    def __init__(self, cfg: RunConfig, accelerator: Accelerator | None = None):
+        from diffrl.pipelines.registry import load_policy
+        from diffrl.rewards import build_reward
+
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        log_with = None if cfg.logging.log_with == "none" else cfg.logging.log_with
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=cfg.train.mixed_precision, log_with=log_with, project_dir=str(self.out)
+        )
+        acc = self.accelerator
+        self.rank, self.world = acc.process_index, acc.num_processes
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+            if log_with:
+                acc.init_trackers("diffrl", config=to_flat_dict(cfg))
+
+        p = cfg.policy
+        self.policy = load_policy(
+            cfg.model, family=p.family, torch_dtype=DTYPES[p.dtype], device=acc.device, resolution=p.resolution, seed=cfg.seed
+        )
+        if p.lora_rank > 0:
+            self.policy.add_lora(p.lora_rank, p.lora_alpha, p.lora_targets)
+        else:
+            self.policy._base_denoiser().requires_grad_(True)
+        if p.gradient_checkpointing:
+            self.policy.enable_gradient_checkpointing()
+        self.policy.set_attention_backend(p.attention_backend)
+
+        s = cfg.sampling
+        flow = self.policy.prediction_type == "flow"
+        kind = s.sampler or ("flow_sde" if flow else "ddim")
+        self.sampler = make_sampler(kind, noise_level=s.noise_level, eta=s.eta, reduction=s.logprob_reduction)
+        self.eval_sampler = make_sampler("flow_ode" if flow else "ddim", eta=0.0)
+        self.reward = build_reward(cfg.reward, **cfg.reward_kwargs).to(acc.device)
+        self.prompts = load_prompts(cfg.data.prompts)
+        self.eval_prompts = load_prompts(cfg.data.eval_prompts) if cfg.data.eval_prompts else self.prompts
+
+        t = cfg.train
+        params = self.policy.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(
+            params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+            weight_decay=t.adam_weight_decay, eps=t.adam_epsilon,
+        )
+        self.policy.denoiser, self.optimizer = acc.prepare(self.policy.denoiser, self.optimizer)
+        self.ema = [q.detach().clone() for q in params] if t.ema else None
+        self.tracker = PerPromptStatTracker(std_scope=cfg.grpo.std_scope, ddof=cfg.grpo.std_ddof, eps=cfg.grpo.std_eps)
+        self.algorithm = ALGORITHMS.get(cfg.algorithm)(cfg, self.policy, self.sampler, acc)
+        self.iteration = 0
+        self.samples_seen = 0
+        if cfg.resume:
+            self._resume(cfg.resume)
+
+    # ---- one iteration ---------------------------------------------------------------------
+    def rollout(self, iteration: int) -> RolloutBatch:
+        """This process's P prompts x K samples, sampled, decoded and scored (no gradient)."""
+        cfg, acc = self.cfg, self.accelerator
+        P, K = cfg.train.prompts_per_iteration, cfg.train.group_size
+        idx = draw_prompt_indices(len(self.prompts), P * self.world, iteration, cfg.seed)  # [P * world]
+        local = idx[self.rank * P : (self.rank + 1) * P]  # [P]: whole groups on this process
+        prompts = [self.prompts.prompts[i] for i in local.tolist() for _ in range(K)]
+        metadata = [self.prompts.metadata[i] for i in local.tolist() for _ in range(K)]
+        group_ids = (torch.arange(P) + self.rank * P).repeat_interleave(K)  # [B]
+
+        gen = derive_generator(cfg.seed, iteration, self.rank, 1)
+        cond = self.policy.encode_prompt(prompts[::K], cfg.sampling.negative_prompt).repeat_interleave(K)
+        noise = self.policy.initial_noise(P * K, generator=gen).to(acc.device)  # [B, *S]: one draw per sample
+        schedule = self.policy.schedule(cfg.sampling.num_steps)
+        chunks, images = [], []
+        for start in range(0, P * K, cfg.train.rollout_batch_size):
+            sl = slice(start, start + cfg.train.rollout_batch_size)
+            with acc.autocast():
+                traj = sample(
+                    self.policy, cond.index(sl), self.sampler, schedule, cfg.sampling.guidance_scale,
+                    latents=noise[sl], generator=gen, record=self.algorithm.record_trajectory,
+                )
+                images.append(self.policy.decode(traj.final).float())
+            chunks.append(traj)
+        trajectory = type(chunks[0])(
+            latents=torch.cat([c.latents for c in chunks]),
+            log_probs=torch.cat([c.log_probs for c in chunks]) if chunks[0].log_probs is not None else None,
+            schedule=schedule,
+        )
+        images = torch.cat(images)  # [B, 3, H, W]
+        rewards = self.reward(images, prompts, metadata).float()  # [B]
+        return RolloutBatch(
+            prompts=prompts, metadata=metadata, group_ids=group_ids.to(acc.device), cond=cond,
+            trajectory=trajectory, images=images, rewards=rewards, valid=torch.isfinite(rewards),
+        )
+
+    def advantages(self, batch: RolloutBatch) -> dict[str, float]:
+        """Group-relative advantages on the batch gathered from every process; keeps this process's rows."""
+        acc = self.accelerator
+        rewards = acc.gather(batch.rewards)  # [world * B]
+        valid = acc.gather(batch.valid)  # [world * B]
+        prompts = gather_object(batch.prompts) if self.world > 1 else batch.prompts
+        group_ids = acc.gather(batch.group_ids)  # [world * B]
+        bad = int((~valid).sum())
+        if bad == len(valid):
+            raise FloatingPointError(f"every reward of iteration {self.iteration} is NaN/inf: check the reward '{self.cfg.reward}'")
+        adv = torch.zeros_like(rewards)
+        keep = valid.nonzero().squeeze(1)
+        self.tracker.clear()
+        adv[keep] = self.tracker.update([prompts[i] for i in keep.tolist()], rewards[keep].cpu()).to(adv)
+        B = len(batch)
+        batch.advantages = adv[self.rank * B : (self.rank + 1) * B]  # [B]
+        r = rewards[keep]
+        return {
+            "reward_mean": r.mean().item(),
+            "reward_std": r.std(unbiased=False).item(),
+            "zero_std_frac": zero_std_fraction(r.cpu(), group_ids[keep].cpu()),
+            "nonfinite_rewards": bad,
+        }
+
+    # ---- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, tag: str) -> dict[str, float]:
+        """Deterministic (ODE / DDIM eta 0) samples of fixed eval prompts and seeds; a captioned grid."""
+        cfg, acc = self.cfg, self.accelerator
+        n = min(cfg.data.num_eval_prompts, len(self.eval_prompts))
+        prompts = [self.eval_prompts.prompts[i] for i in range(n) for _ in range(cfg.data.eval_images_per_prompt)]
+        metadata = [self.eval_prompts.metadata[i] for i in range(n) for _ in range(cfg.data.eval_images_per_prompt)]
+        with self._ema_weights():
+            cond = self.policy.encode_prompt(prompts, cfg.sampling.negative_prompt)
+            noise = self.policy.initial_noise(len(prompts), generator=derive_generator(cfg.seed, 7_777)).to(acc.device)
+            schedule = self.policy.schedule(cfg.sampling.eval_num_steps)
+            images = []
+            for start in range(0, len(prompts), cfg.train.rollout_batch_size):
+                sl = slice(start, start + cfg.train.rollout_batch_size)
+                with acc.autocast():
+                    traj = sample(self.policy, cond.index(sl), self.eval_sampler, schedule,
+                                  cfg.sampling.guidance_scale, latents=noise[sl], record=False)
+                    images.append(self.policy.decode(traj.final).float())
+        images = torch.cat(images)
+        rewards = self.reward(images, prompts, metadata).float()
+        if acc.is_main_process:
+            from diffrl.visual import save_grid
+
+            save_grid(images, [f"{p}\n{cfg.reward}={r:.3f}" for p, r in zip(prompts, rewards.tolist())],
+                      self.out / "images" / f"{tag}.png")
+        finite = rewards[torch.isfinite(rewards)]
+        return {"eval_reward_mean": finite.mean().item() if len(finite) else math.nan}
+
+    # ---- state -------------------------------------------------------------------------------
+    def _ema_weights(self):
+        import contextlib
+
+        if self.ema is None:
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def swap():
+            params = self.policy.trainable_parameters()
+            saved = [q.detach().clone() for q in params]
+            with torch.no_grad():
+                for q, e in zip(params, self.ema):
+                    q.copy_(e)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for q, s in zip(params, saved):
+                        q.copy_(s)
+
+        return swap()
+
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        d = self.cfg.train.ema_decay
+        with torch.no_grad():
+            for e, q in zip(self.ema, self.policy.trainable_parameters()):
+                e.mul_(d).add_(q.detach(), alpha=1 - d)
+
+    def save(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        extra = {f"ema.{i}": e for i, e in enumerate(self.ema or [])}
+        extra.update(self.algorithm.state_tensors())
+        state = {"iteration": self.iteration, "samples_seen": self.samples_seen, "seed": self.cfg.seed,
+                 "world_size": self.world, "tracker": self.tracker.state_dict()}
+        return save_checkpoint(self.out / "checkpoints" / f"iter_{self.iteration:06d}", self.policy,
+                               self.optimizer, state, extra)
+
+    def _resume(self, path: str) -> None:
+        state, extra = load_checkpoint(path, self.policy, self.optimizer)
+        self.iteration, self.samples_seen = state["iteration"], state["samples_seen"]
+        self.tracker.load_state_dict(state["tracker"])
+        if self.ema is not None:
+            self.ema = [extra[f"ema.{i}"].to(e) for i, e in enumerate(self.ema)]
+        self.algorithm.load_state_tensors({k: v for k, v in extra.items() if not k.startswith("ema.")})
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def train_iteration(self) -> dict:
+        """One iteration; returns its metrics row."""
+        cfg, acc = self.cfg, self.accelerator
+        t0 = time.perf_counter()
+        batch = self.rollout(self.iteration)
+        t1 = time.perf_counter()
+        row = self.advantages(batch)
+        gen = derive_generator(cfg.seed, self.iteration, self.rank, 2)
+        self.policy.denoiser.train()
+        metrics = self.algorithm.update(batch, self.optimizer, gen)
+        self.policy.denoiser.eval()
+        self._update_ema()
+        t2 = time.perf_counter()
+        self.iteration += 1
+        self.samples_seen += len(batch) * self.world
+        row = {"iteration": self.iteration, "samples_seen": self.samples_seen, **row, **metrics,
+               "seconds": t2 - t0, "time_rollout": t1 - t0, "time_update": t2 - t1,
+               "peak_memory_mb": peak_memory_mb(acc.device)}
+        return row
+
+    def log(self, row: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.cfg.logging.log_with != "none":
+            self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["iteration"])
+
+    def train(self) -> list[dict]:
+        cfg, acc = self.cfg, self.accelerator
+        lg = cfg.logging
+        rows = []
+        if self.iteration == 0:
+            first = self.evaluate(f"iter_{0:06d}")
+            self.initial_eval = first["eval_reward_mean"]
+            if acc.is_main_process:
+                tqdm.write(f"[diffrl] eval reward before training: {first['eval_reward_mean']:.4f}")
+        bar = tqdm(total=cfg.max_iterations, initial=self.iteration, desc=f"{cfg.algorithm} {cfg.model}",
+                   disable=not (lg.progress and acc.is_main_process), dynamic_ncols=True)
+        while self.iteration < cfg.max_iterations:
+            row = self.train_iteration()
+            last = self.iteration == cfg.max_iterations
+            if last or (lg.eval_every and self.iteration % lg.eval_every == 0):
+                row.update(self.evaluate(f"iter_{self.iteration:06d}"))
+            self.log(row)
+            rows.append(row)
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.2e}")
+            bar.update(1)
+            if last or (lg.save_every and self.iteration % lg.save_every == 0):
+                self.save()
+        bar.close()
+        if acc.is_main_process and rows and "eval_reward_mean" in rows[-1]:
+            before = getattr(self, "initial_eval", float("nan"))
+            tqdm.write(f"[diffrl] eval reward after {self.iteration} iterations: {rows[-1]['eval_reward_mean']:.4f}"
+                       f" (before: {before:.4f})")
+        acc.end_training()
+        return rows

@@ -1,0 +1,3 @@
+"""Model adapters over diffusers pipelines (installed as `diffrl.pipelines`)."""
+
+from diffrl.pipelines.base import Condition, Policy

@@ -1,0 +1,204 @@
+"""The policy seam: one small interface over a diffusers denoiser, whatever the model family.
+
+Trainers, the evaluator and guidance see only `Policy`. An adapter (one file per family) wraps the
+diffusers components and fills in encoding, the guided prediction, the schedule, noise and decoding.
+The LoRA / reference / memory switches are the same for every family and live here.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from dataclasses import dataclass, field
+from typing import ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from diffrl.sampling import Schedule
+
+ATTENTION_BACKENDS = ("sdpa", "xformers", "native", "flash", "_native_flash", "_native_math", "_native_efficient")
+
+
+@dataclass
+class Condition:
+    """Prompt conditioning for a batch: the adapter's keyword tensors, conditional and unconditional.
+
+    Every tensor has the batch as its first dimension. `uncond` holds the negative-prompt
+    embeddings used by classifier-free guidance (None for guidance-distilled models).
+    """
+
+    cond: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor] | None = None
+    extra: dict[str, object] = field(default_factory=dict)  # non-batched settings (e.g. FLUX text ids)
+
+    def __len__(self) -> int:
+        return int(next(iter(self.cond.values())).shape[0])
+
+    def index(self, idx: torch.Tensor | slice | list[int]) -> "Condition":
+        pick = lambda d: None if d is None else {k: v[idx] for k, v in d.items()}  # noqa: E731
+        return Condition(pick(self.cond), pick(self.uncond), dict(self.extra))
+
+    def repeat_interleave(self, k: int) -> "Condition":
+        rep = lambda d: None if d is None else {n: v.repeat_interleave(k, dim=0) for n, v in d.items()}  # noqa: E731
+        return Condition(rep(self.cond), rep(self.uncond), dict(self.extra))
+
+    def to(self, device) -> "Condition":
+        mv = lambda d: None if d is None else {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        return Condition(mv(self.cond), mv(self.uncond), dict(self.extra))
+
+
+class Policy(abc.ABC):
+    """A denoiser with its text encoders, VAE and scheduler, behind the interface every trainer uses.
+
+    Subclasses set `family`, `prediction_type` and implement the abstract methods. `denoiser` is the
+    trainable network (UNet or transformer); trainers may replace it with an accelerate-wrapped
+    module, so adapters must call `self.denoiser(...)` rather than a cached reference.
+    """
+
+    family: ClassVar[str]
+    lora_component: ClassVar[str] = "transformer"  # the pipeline's name for the denoiser ("unet" for SD)
+    prediction_type: str  # "flow" | "epsilon" | "v_prediction"
+    denoiser: nn.Module
+
+    # ---- what each family implements -------------------------------------------------------
+    @abc.abstractmethod
+    def encode_prompt(self, prompts: list[str], negative_prompt: str = "") -> Condition:
+        """Text-encode prompts (and the negative prompt for CFG) with no gradient."""
+
+    @abc.abstractmethod
+    def schedule(self, num_steps: int) -> Schedule:
+        """The N-step schedule exactly as the family's diffusers pipeline would set it."""
+
+    @abc.abstractmethod
+    def initial_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Initial latents [B, *S] (unpacked), drawn like the diffusers pipeline draws them."""
+
+    @abc.abstractmethod
+    def predict(self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Condition, guidance_scale: float) -> torch.Tensor:
+        """Model output at (x_t [B, *S], timestep [B]) with classifier-free guidance folded in."""
+
+    @abc.abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, *S] -> images [B, 3, H, W] float32 in [0, 1]."""
+
+    @abc.abstractmethod
+    def pipeline(self):
+        """The stock diffusers pipeline built from this policy's own components (no copies)."""
+
+    # ---- shared by every family -------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self._base_denoiser().parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self._base_denoiser().parameters()).dtype
+
+    def _base_denoiser(self) -> nn.Module:
+        """The denoiser with any DDP/FSDP/compile wrapper removed."""
+        net = self.denoiser
+        while hasattr(net, "module") and isinstance(net.module, nn.Module):
+            net = net.module
+        return getattr(net, "_orig_mod", net)
+
+    def add_lora(self, rank: int, alpha: float, target_modules: list[str] | None = None, dropout: float = 0.0) -> None:
+        """Attach a peft LoRA adapter named "default" to the denoiser; base weights are frozen."""
+        from peft import LoraConfig
+
+        net = self._base_denoiser()
+        net.requires_grad_(False)
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            init_lora_weights="gaussian",
+            target_modules=target_modules or self.default_lora_targets(),
+        )
+        net.add_adapter(config)
+
+    def default_lora_targets(self) -> list[str]:
+        return ["to_q", "to_k", "to_v", "to_out.0"]
+
+    def save_lora(self, directory) -> None:
+        """Write the LoRA adapter as diffusers LoRA weights: `pipe.load_lora_weights(directory)` loads it.
+
+        The adapter's peft config goes along as metadata; without it diffusers drops `lora_alpha`
+        when alpha != rank and the reloaded model differs.
+        """
+        from peft.utils import get_peft_model_state_dict
+
+        if not self.has_lora:
+            raise RuntimeError(f"{type(self).__name__}.save_lora() needs a LoRA adapter; call add_lora() first")
+        net = self._base_denoiser()
+        c = self.lora_component
+        type(self.pipeline()).save_lora_weights(
+            str(directory),
+            **{
+                f"{c}_lora_layers": get_peft_model_state_dict(net),
+                f"{c}_lora_adapter_metadata": net.peft_config["default"].to_dict(),
+            },
+        )
+
+    def load_lora(self, directory) -> None:
+        """Load LoRA weights saved by `save_lora` (or any diffusers LoRA for this family) as the
+        trainable "default" adapter, replacing an existing one; base weights stay frozen."""
+        net = self._base_denoiser()
+        if self.has_lora and "default" in net.peft_config:
+            net.delete_adapters("default")
+        self.pipeline().load_lora_weights(str(directory), adapter_name="default")
+        net.requires_grad_(False)
+        for name, p in net.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                p.requires_grad_(True)
+
+    @property
+    def has_lora(self) -> bool:
+        return bool(getattr(self._base_denoiser(), "_hf_peft_config_loaded", False))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self._base_denoiser().parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """The frozen base model: the same network with the LoRA adapter disabled (no second copy)."""
+        if not self.has_lora:
+            raise RuntimeError(
+                f"{type(self).__name__}.reference() needs a LoRA adapter: a full fine-tune has no frozen reference "
+                "in memory. Add LoRA (policy.lora_rank > 0) or set the KL coefficient to 0."
+            )
+        net = self._base_denoiser()
+        net.disable_adapters()
+        try:
+            yield
+        finally:
+            net.enable_adapters()
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        net = self._base_denoiser()
+        if enabled:
+            net.enable_gradient_checkpointing()
+        else:
+            net.disable_gradient_checkpointing()
+
+    def set_attention_backend(self, backend: str = "sdpa") -> None:
+        """"sdpa" (PyTorch scaled_dot_product_attention, the default), "xformers" (CUDA only), or a
+        diffusers attention-dispatcher backend name ("flash", "_native_flash", ...)."""
+        net = self._base_denoiser()
+        if backend == "sdpa":
+            if hasattr(net, "reset_attention_backend"):
+                net.reset_attention_backend()
+            return
+        if backend == "xformers":
+            import importlib.util
+
+            if importlib.util.find_spec("xformers") is None or not torch.cuda.is_available():
+                raise RuntimeError(
+                    "attention_backend 'xformers' needs CUDA and the xformers package "
+                    "(pip install 'diffrl[xformers]'); use 'sdpa' on this machine."
+                )
+            net.enable_xformers_memory_efficient_attention()
+            return
+        if not hasattr(net, "set_attention_backend"):
+            raise RuntimeError(f"this diffusers version has no attention-backend API; cannot use {backend!r}")
+        net.set_attention_backend(backend)
