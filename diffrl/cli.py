@@ -20,6 +20,8 @@ def _options_help() -> str:
 
 
 def _train(args) -> int:
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides, args.config = [args.config, *args.overrides], None  # no recipe: all overrides
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
