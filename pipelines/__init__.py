@@ -1,3 +1,26 @@
-"""Model adapters over diffusers pipelines (installed as `diffrl.pipelines`)."""
+"""Model adapters over diffusers pipelines (installed as `diffrl.pipelines`).
+
+Family classes import diffusers pipelines; get them through `load_policy` / `policy_class`
+(lazy) or import `diffrl.pipelines.sd3` / `.flux` / `.sd` directly.
+"""
 
 from diffrl.pipelines.base import Condition, Policy
+from diffrl.pipelines.registry import (
+    POLICY_FAMILIES,
+    TINY_MODELS,
+    load_policy,
+    policy_class,
+    resolve_family,
+    resolve_model_dir,
+)
+
+__all__ = [
+    "POLICY_FAMILIES",
+    "TINY_MODELS",
+    "Condition",
+    "Policy",
+    "load_policy",
+    "policy_class",
+    "resolve_family",
+    "resolve_model_dir",
+]

@@ -131,8 +131,10 @@ class Policy(abc.ABC):
         if not self.has_lora:
             raise RuntimeError(f"{type(self).__name__}.save_lora() needs a LoRA adapter; call add_lora() first")
         net = self._base_denoiser()
-        c = self.lora_component
-        type(self.pipeline()).save_lora_weights(
+        pipe = self.pipeline()
+        names = [name for name, module in pipe.components.items() if module is net]  # "unet" | "transformer"
+        c = names[0] if names else self.lora_component
+        type(pipe).save_lora_weights(
             str(directory),
             **{
                 f"{c}_lora_layers": get_peft_model_state_dict(net),

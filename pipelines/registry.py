@@ -1,0 +1,170 @@
+"""Model families by name: `load_policy("tiny-sd3")`, a local diffusers folder, or a cached hub id.
+
+Imports are lazy (strings) so that `resolve_family` can validate a config without loading torch
+models or weights.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+POLICY_FAMILIES = {
+    "sd": "diffrl.pipelines.sd:StableDiffusionPolicy",
+    "sd3": "diffrl.pipelines.sd3:SD3Policy",
+    "flux": "diffrl.pipelines.flux:FluxPolicy",
+}
+TINY_MODELS = {"tiny-sd", "tiny-sd3", "tiny-flux"}
+
+# diffusers pipeline `_class_name` (model_index.json) -> family
+PIPELINE_CLASSES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
+
+
+def policy_class(family: str):
+    """The Policy subclass of a family, imported on demand."""
+    if family not in POLICY_FAMILIES:
+        raise ValueError(f"unknown policy family {family!r}; valid families: {', '.join(sorted(POLICY_FAMILIES))}")
+    module, name = POLICY_FAMILIES[family].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    parts = model.split("/")
+    return len(parts) == 2 and all(parts) and not model.startswith((".", "~", "/")) and "\\" not in model
+
+
+def hub_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local diffusers folder (with model_index.json) for `model`: a path, or a hub id found in the
+    local Hugging Face cache. Never downloads; raises FileNotFoundError saying what was looked for,
+    where, and how to fix it."""
+    path = Path(os.path.expanduser(model))
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"{path} is a folder but not a diffusers pipeline: no model_index.json in it. "
+                "Point at a folder written by `pipe.save_pretrained(...)` or a hub snapshot."
+            )
+        return path
+    if not _looks_like_hub_id(model):
+        raise FileNotFoundError(
+            f"model folder {str(path)!r} does not exist (looked for {path.resolve()}/model_index.json). "
+            "Pass an existing diffusers folder, a hub id already in the local HF cache, or one of "
+            f"{', '.join(sorted(TINY_MODELS))}."
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        snap = Path(snapshot_download(model, local_files_only=True))
+    except Exception as err:  # LocalEntryNotFoundError, RepositoryNotFoundError, ...
+        raise FileNotFoundError(
+            f"model {model!r} is neither a local folder nor a snapshot in the Hugging Face cache "
+            f"({hub_cache_dir()}; set HF_HUB_CACHE / HF_HOME to use another). Fix: on a machine with network, "
+            f"`huggingface-cli download {model}` (then copy the cache here), or pass the local folder path."
+        ) from err
+    if not (snap / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"cached snapshot of {model!r} at {snap} has no model_index.json: it is not a diffusers pipeline "
+            "or only part of it was downloaded."
+        )
+    return snap
+
+
+def _family_of_dir(folder: Path) -> str:
+    name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+    if name in PIPELINE_CLASSES:
+        return PIPELINE_CLASSES[name]
+    raise ValueError(
+        f"{folder} holds a {name or 'unnamed'} pipeline; supported pipelines: "
+        + ", ".join(f"{k} ({v})" for k, v in PIPELINE_CLASSES.items())
+    )
+
+
+def _unknown(model: str) -> ValueError:
+    names = sorted(TINY_MODELS)
+    close = difflib.get_close_matches(model, names, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ValueError(
+        f"unknown model {model!r}.{hint} Valid names: {', '.join(names)}, a local diffusers folder "
+        "(with model_index.json), or a hub id present in the local Hugging Face cache."
+    )
+
+
+def resolve_family(model: str, family: str | None = None) -> str:
+    """The policy family of `model` without loading any weights (reads model_index.json at most)."""
+    if family is not None:
+        if family not in POLICY_FAMILIES:
+            raise ValueError(f"unknown policy family {family!r}; valid families: {', '.join(sorted(POLICY_FAMILIES))}")
+        return family
+    if model in TINY_MODELS:
+        return model.removeprefix("tiny-")
+    if model.startswith("tiny-") or not (Path(os.path.expanduser(model)).exists() or _looks_like_hub_id(model)):
+        raise _unknown(model)
+    return _family_of_dir(resolve_model_dir(model))
+
+
+def load_policy(
+    model: str,
+    *,
+    family: str | None = None,
+    torch_dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    resolution: int | None = None,
+    seed: int = 0,
+):
+    """Build the Policy for `model`: "tiny-<family>" (random tiny weights), a local diffusers
+    folder, or a hub id in the local HF cache. `resolution` sets height = width (None: the
+    pipeline's default; 32 for the tiny models)."""
+    fam = resolve_family(model, family)
+    cls = policy_class(fam)
+    if model in TINY_MODELS:
+        policy = cls.tiny(seed=seed, dtype=torch_dtype, resolution=resolution or 32)
+        policy.pipeline().to(device)
+        return policy
+    return cls.from_pretrained(model, torch_dtype=torch_dtype, device=device, height=resolution, width=resolution)
+
+
+def freeze_for_sampling(pipe):
+    """Every module of `pipe` in eval mode (no dropout) with gradients off; adapters add LoRA later."""
+    pipe.set_progress_bar_config(disable=True)
+    for name in pipe.components:
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+            module.requires_grad_(False)
+    return pipe
+
+
+def _dtype_kwarg(torch_dtype: torch.dtype) -> dict:
+    """diffusers renamed `torch_dtype` to `dtype` (the old name warns); older versions know only `torch_dtype`."""
+    try:
+        from diffusers.utils import deprecation_utils
+
+        renamed = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
+    except ImportError:
+        renamed = False
+    return {"dtype": torch_dtype} if renamed else {"torch_dtype": torch_dtype}
+
+
+def load_pipeline(pipeline_cls, model: str, *, torch_dtype: torch.dtype = torch.float32, device="cpu"):
+    """`pipeline_cls.from_pretrained` on a local folder or cached hub snapshot, offline, frozen."""
+    folder = resolve_model_dir(model)
+    found = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    if found and found != pipeline_cls.__name__:
+        raise ValueError(f"{folder} holds a {found}, not a {pipeline_cls.__name__}; use load_policy({model!r}) to pick the family")
+    pipe = pipeline_cls.from_pretrained(str(folder), **_dtype_kwarg(torch_dtype), local_files_only=True)
+    return freeze_for_sampling(pipe.to(device))
