@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from diffrl.checkpoint import load_checkpoint, save_checkpoint
@@ -57,9 +57,12 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         log_with = None if cfg.logging.log_with == "none" else cfg.logging.log_with
         self.accelerator = accelerator or Accelerator(
-            mixed_precision=cfg.train.mixed_precision, log_with=log_with, project_dir=str(self.out)
+            mixed_precision=cfg.train.mixed_precision, log_with=log_with, project_dir=str(self.out),
+            # without cpu=True accelerate ignores torchrun's WORLD_SIZE on a machine with no GPU
+            cpu=not torch.cuda.is_available(),
         )
         acc = self.accelerator
+        set_seed(cfg.seed)  # LoRA initialisation; every later draw uses derive_generator
         self.rank, self.world = acc.process_index, acc.num_processes
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
