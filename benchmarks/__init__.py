@@ -1,0 +1,1 @@
+"""Evaluation harness and speed / memory benchmarks (installed as `diffrl.benchmarks`)."""
