@@ -99,3 +99,16 @@ def test_nonfinite_rewards_are_reported_and_excluded(tmp_path):
     assert batch.advantages[1] == 0 and batch.advantages[4] == 0
     finite = batch.rewards[batch.valid]
     assert row["reward_mean"] == pytest.approx(finite.mean().item())
+
+
+def test_ema_tracks_the_weights_and_is_checkpointed(tmp_path):
+    trainer = make_trainer(tmp_path, "max_iterations=1", "train.ema=true", "train.ema_decay=0.75", "train.learning_rate=1e-3")
+    before = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
+    trainer.train()
+    after = trainer.policy.trainable_parameters()
+    for e, p0, p1 in zip(trainer.ema, before, after):
+        torch.testing.assert_close(e, 0.75 * p0 + 0.25 * p1.detach(), rtol=0, atol=1e-7)
+    resumed = make_trainer(tmp_path / "r", "max_iterations=2", "train.ema=true", "train.ema_decay=0.75",
+                           f"resume={tmp_path}")
+    for a, b in zip(trainer.ema, resumed.ema):
+        assert torch.equal(a, b)

@@ -191,7 +191,7 @@ class Trainer:
         if acc.is_main_process:
             from diffrl.visual import save_grid
 
-            save_grid(images, [f"{p}\n{cfg.reward}={r:.3f}" for p, r in zip(prompts, rewards.tolist())],
+            save_grid(images, [f"{p}\nreward {r:.3f}" for p, r in zip(prompts, rewards.tolist())],
                       self.out / "images" / f"{tag}.png")
         finite = rewards[torch.isfinite(rewards)]
         return {"eval_reward_mean": finite.mean().item() if len(finite) else math.nan}
