@@ -112,8 +112,9 @@ def resolve_family(model: str, family: str | None = None) -> str:
         return family
     if model in TINY_MODELS:
         return model.removeprefix("tiny-")
-    if model.startswith("tiny-") or not (Path(os.path.expanduser(model)).exists() or _looks_like_hub_id(model)):
-        raise _unknown(model)
+    path_like = "/" in model or os.sep in model or model.startswith((".", "~"))
+    if model.startswith("tiny-") or not (path_like or Path(model).exists()):
+        raise _unknown(model)  # a bare unknown name; paths and hub ids get FileNotFoundError below
     return _family_of_dir(resolve_model_dir(model))
 
 

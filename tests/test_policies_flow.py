@@ -282,3 +282,10 @@ def test_registry_names_and_suggestions():
     policy = load_policy("tiny-flux", torch_dtype=torch.float64, resolution=16)
     assert isinstance(policy, FluxPolicy) and policy.dtype == torch.float64 and policy.height == 16
     assert noise_for(policy).shape == (2, 4, 8, 8)
+
+
+def test_registry_missing_path_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        resolve_family(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="Valid names"):
+        resolve_family("stable-diffusion")
