@@ -222,14 +222,8 @@ def test_float64_policy_samples_and_backpropagates(policies, family):
     assert all(p.grad is not None and p.grad.dtype == torch.float64 for p in p64.trainable_parameters())
 
 
-def test_tiny_models_sample_fast_and_are_seeded(policies):
-    import time
-
+def test_tiny_models_are_seeded(policies):
     for family, policy in policies.items():
-        noise = noise_for(policy)
-        t0 = time.perf_counter()
-        run_policy(policy, noise, GUIDANCE[family])
-        assert time.perf_counter() - t0 < 5.0  # milliseconds with one thread; generous for loaded machines
         again = FAMILIES[family].tiny(seed=0)
         other = FAMILIES[family].tiny(seed=1)
         a, b, c = (dict(m._base_denoiser().named_parameters()) for m in (policy, again, other))

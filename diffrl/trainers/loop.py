@@ -72,8 +72,8 @@ class Trainer:
 
         p = cfg.policy
         self.policy = load_policy(
-            cfg.model, family=p.family, torch_dtype=DTYPES[p.dtype], device=acc.device, resolution=p.resolution, seed=cfg.seed
-        )
+            cfg.model, family=p.family, torch_dtype=DTYPES[p.dtype], device=acc.device, resolution=p.resolution
+        )  # tiny models are built with a fixed weight seed: the run seed must not change the base model
         if p.lora_rank > 0:
             self.policy.add_lora(p.lora_rank, p.lora_alpha, p.lora_targets)
         else:
@@ -177,7 +177,8 @@ class Trainer:
         metadata = [self.eval_prompts.metadata[i] for i in range(n) for _ in range(cfg.data.eval_images_per_prompt)]
         with self._ema_weights():
             cond = self.policy.encode_prompt(prompts, cfg.sampling.negative_prompt)
-            noise = self.policy.initial_noise(len(prompts), generator=derive_generator(cfg.seed, 7_777)).to(acc.device)
+            # fixed eval seeds, independent of the run seed, so runs are compared on the same noise
+            noise = self.policy.initial_noise(len(prompts), generator=derive_generator(7_777)).to(acc.device)
             schedule = self.policy.schedule(cfg.sampling.eval_num_steps)
             images = []
             for start in range(0, len(prompts), cfg.train.rollout_batch_size):
