@@ -84,7 +84,7 @@ class TrainConfig:
     rollout_batch_size: int = 8
     """Samples per denoiser batch while sampling (memory knob only)."""
     train_batch_size: int = 8
-    """Samples per gradient step; must divide prompts_per_iteration * group_size (Flow-GRPO: 8 per GPU... per step)."""
+    """Samples per gradient step; must divide prompts_per_iteration * group_size (Flow-GRPO: 8 per GPU)."""
     num_inner_epochs: int = 1
     """Passes over each iteration's samples (Flow-GRPO: 1)."""
     learning_rate: float = 3e-4

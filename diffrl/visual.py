@@ -31,3 +31,41 @@ def save_grid(images: torch.Tensor, captions: list[str], path: str | Path, cols:
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path:
+    """Training curves from metrics.jsonl: reward (mean +- std, and eval), loss, KL / clip fraction."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    it = [r["iteration"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    mean = [r["reward_mean"] for r in rows]
+    std = [r["reward_std"] for r in rows]
+    axes[0].plot(it, mean, label="train reward (mean)")
+    axes[0].fill_between(it, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+    ev = [(r["iteration"], r["eval_reward_mean"]) for r in rows if "eval_reward_mean" in r]
+    if ev:
+        axes[0].plot(*zip(*ev), "o-", label="eval reward (fixed seeds)")
+    axes[0].set_title("reward")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(it, [r["loss"] for r in rows])
+    axes[1].set_title("loss")
+    for key in ("kl", "clip_frac", "zero_std_frac"):
+        if key in rows[0]:
+            axes[2].plot(it, [r.get(key, float("nan")) for r in rows], label=key)
+    axes[2].set_title("diagnostics")
+    axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path

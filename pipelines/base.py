@@ -116,6 +116,11 @@ class Policy(abc.ABC):
             target_modules=target_modules or self.default_lora_targets(),
         )
         net.add_adapter(config)
+        # trainable LoRA weights in float32 whatever the base dtype: optimizer updates at lr * 1e-3
+        # scale vanish in bf16; peft casts activations to the adapter dtype and back
+        for param in self.trainable_parameters():
+            if param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
 
     def default_lora_targets(self) -> list[str]:
         return ["to_q", "to_k", "to_v", "to_out.0"]

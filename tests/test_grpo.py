@@ -71,6 +71,7 @@ def test_two_iterations_change_every_lora_tensor_and_nothing_frozen(tmp_path):
         assert key in rows[-1]
     assert (tmp_path / "config.yaml").is_file()
     assert (tmp_path / "images" / "iter_000002.png").is_file()
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
 def test_resume_continues_bit_identically(tmp_path):
@@ -138,3 +139,13 @@ def test_trained_checkpoint_loads_into_a_stock_diffusers_pipeline(tmp_path):
     out = pipe(prompt=prompts, latents=noise, num_inference_steps=3, guidance_scale=4.5, height=32, width=32,
                max_sequence_length=policy.max_sequence_length, output_type="latent").images
     torch.testing.assert_close(out, trained, rtol=0, atol=1e-5)
+
+
+def test_bf16_base_trains_float32_lora(tmp_path):
+    trainer = make_trainer(tmp_path, "max_iterations=1", "policy.dtype=bfloat16", "train.learning_rate=1e-3")
+    assert trainer.policy.dtype == torch.bfloat16
+    assert {p.dtype for p in trainer.policy.trainable_parameters()} == {torch.float32}
+    before = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
+    row = trainer.train()[0]
+    assert torch.isfinite(torch.tensor(row["loss"]))
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.trainable_parameters()))

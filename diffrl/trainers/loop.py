@@ -296,6 +296,10 @@ class Trainer:
             rows.append(row)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.2e}")
             bar.update(1)
+            if "eval_reward_mean" in row and acc.is_main_process:
+                from diffrl.visual import plot_metrics
+
+                plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
             if last or (lg.save_every and self.iteration % lg.save_every == 0):
                 self.save()
         bar.close()
