@@ -114,6 +114,7 @@ class FluxPolicy(Policy):
         return FluxPipeline._unpack_latents(tokens, h * f, w * f, f)  # [B, C, h, w]
 
     def predict(self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Condition, guidance_scale: float) -> torch.Tensor:
+        x_t = x_t.to(self.dtype)  # trajectories are kept in float32 or wider; the model runs in its own dtype
         b, _, h, w = x_t.shape
         net = self.denoiser
         guidance = None

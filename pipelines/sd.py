@@ -133,6 +133,7 @@ class StableDiffusionPolicy(Policy):
 
     def predict(self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Condition, guidance_scale: float) -> torch.Tensor:
         """UNet output (epsilon or v) with CFG `uncond + g (text - uncond)` when g > 1, batched [uncond, cond]."""
+        x_t = x_t.to(self.dtype)  # trajectories are kept in float32 or wider; the model runs in its own dtype
         text = cond.cond["encoder_hidden_states"]  # [B, L, D]
         timestep = timestep.to(x_t.device)  # [B]
         if guidance_scale > 1:

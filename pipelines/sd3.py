@@ -104,6 +104,7 @@ class SD3Policy(Policy):
         return randn_tensor((batch_size, *self.latent_shape()), generator=generator, device=self.device, dtype=self.dtype)
 
     def predict(self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Condition, guidance_scale: float) -> torch.Tensor:
+        x_t = x_t.to(self.dtype)  # trajectories are kept in float32 or wider; the model runs in its own dtype
         c = cond.cond
         if guidance_scale > 1:  # CFG exactly as the pipeline: batch [uncond, cond]
             if cond.uncond is None:

@@ -141,8 +141,9 @@ def test_trained_checkpoint_loads_into_a_stock_diffusers_pipeline(tmp_path):
     torch.testing.assert_close(out, trained, rtol=0, atol=1e-5)
 
 
-def test_bf16_base_trains_float32_lora(tmp_path):
-    trainer = make_trainer(tmp_path, "max_iterations=1", "policy.dtype=bfloat16", "train.learning_rate=1e-3")
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sd3", "tiny-flux"])
+def test_bf16_base_trains_float32_lora(tmp_path, model):
+    trainer = make_trainer(tmp_path, "max_iterations=1", "policy.dtype=bfloat16", "train.learning_rate=1e-3", model=model)
     assert trainer.policy.dtype == torch.bfloat16
     assert {p.dtype for p in trainer.policy.trainable_parameters()} == {torch.float32}
     before = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
