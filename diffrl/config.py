@@ -309,6 +309,11 @@ def validate(cfg: RunConfig) -> None:
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"'train.ema_decay' must be in [0, 1), got {t.ema_decay}")
     _one_of(lg.log_with, ("tensorboard", "wandb", "none"), "logging.log_with")
+    import importlib.util
+
+    if lg.log_with != "none" and importlib.util.find_spec(lg.log_with) is None:
+        extra = ' (pip install "diffrl[wandb]")' if lg.log_with == "wandb" else ""
+        raise ConfigError(f"'logging.log_with' is {lg.log_with!r} but that package is not installed{extra}; or use 'none'")
     _positive(lg.eval_every, "logging.eval_every", allow_zero=True)
     _positive(lg.save_every, "logging.save_every", allow_zero=True)
     _positive(cfg.max_iterations, "max_iterations")

@@ -1,6 +1,7 @@
 """Config and CLI: bad input fails before any model loads, naming the field; help lists every option."""
 
 import dataclasses
+import importlib.util
 
 import pytest
 
@@ -51,6 +52,8 @@ def test_defaults_and_overrides_are_typed(tmp_path):
         ("", ["train.learning_rate=-1"], "train.learning_rate"),
         ("", ["grpo.kl_convention=approx"], "grpo.kl_convention"),
         ("", ["notakeyvalue"], "key=value"),
+        pytest.param("", ["logging.log_with=wandb"], "diffrl[wandb]",
+                     marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb installed")),
     ],
 )
 def test_invalid_configs_name_the_field(tmp_path, no_model_loading, text, overrides, expected):
