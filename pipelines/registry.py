@@ -161,11 +161,12 @@ def _dtype_kwarg(torch_dtype: torch.dtype) -> dict:
     return {"dtype": torch_dtype} if renamed else {"torch_dtype": torch_dtype}
 
 
-def load_pipeline(pipeline_cls, model: str, *, torch_dtype: torch.dtype = torch.float32, device="cpu"):
-    """`pipeline_cls.from_pretrained` on a local folder or cached hub snapshot, offline, frozen."""
+def load_pipeline(pipeline_cls, model: str, *, torch_dtype: torch.dtype = torch.float32, device="cpu", **kwargs):
+    """`pipeline_cls.from_pretrained` on a local folder or cached hub snapshot, offline, frozen.
+    `kwargs` go to `from_pretrained` (e.g. safety_checker=None)."""
     folder = resolve_model_dir(model)
     found = json.loads((folder / "model_index.json").read_text()).get("_class_name")
     if found and found != pipeline_cls.__name__:
         raise ValueError(f"{folder} holds a {found}, not a {pipeline_cls.__name__}; use load_policy({model!r}) to pick the family")
-    pipe = pipeline_cls.from_pretrained(str(folder), **_dtype_kwarg(torch_dtype), local_files_only=True)
+    pipe = pipeline_cls.from_pretrained(str(folder), **_dtype_kwarg(torch_dtype), local_files_only=True, **kwargs)
     return freeze_for_sampling(pipe.to(device))

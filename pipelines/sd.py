@@ -9,7 +9,6 @@ the deterministic DDIM path (`make_sampler("ddim", eta=0.0)`) reproduces
 from __future__ import annotations
 
 import os
-import pathlib
 from typing import ClassVar
 
 import torch
@@ -177,17 +176,12 @@ class StableDiffusionPolicy(Policy):
         """
         from diffusers import StableDiffusionPipeline
 
-        folder = _resolve_local(path_or_hub_id)
-        pipe = StableDiffusionPipeline.from_pretrained(
-            folder,
-            dtype=torch_dtype,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            local_files_only=True,
+        from diffrl.pipelines.registry import load_pipeline
+
+        pipe = load_pipeline(
+            StableDiffusionPipeline, str(path_or_hub_id), torch_dtype=torch_dtype, device=device,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
-        pipe.set_progress_bar_config(disable=True)
-        pipe.to(device)
         default = pipe.unet.config.sample_size * pipe.vae_scale_factor
         return cls(pipe, height or default, width or default)
 
@@ -277,34 +271,3 @@ class StableDiffusionPolicy(Policy):
         )
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, resolution, resolution)
-
-
-def _resolve_local(path_or_hub_id: str | os.PathLike) -> str:
-    """A local diffusers folder: the path itself, or the cached snapshot of a hub id (offline)."""
-    path = pathlib.Path(path_or_hub_id).expanduser()
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(
-                f"{path} is a folder but has no model_index.json: not a diffusers pipeline folder. "
-                "Pass the folder written by `StableDiffusionPipeline.save_pretrained` (or a hub snapshot)."
-            )
-        return str(path)
-    name = str(path_or_hub_id)
-    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and os.sep + os.sep not in name
-    cache = None
-    if looks_like_hub_id:
-        from huggingface_hub import constants, snapshot_download
-
-        cache = constants.HF_HUB_CACHE
-        try:
-            return snapshot_download(name, local_files_only=True)
-        except Exception:  # LocalEntryNotFoundError and friends: not in the cache
-            pass
-    where = f"no folder at {path.resolve()}"
-    if cache is not None:
-        where += f" and no snapshot of hub id {name!r} in the Hugging Face cache {cache}"
-    raise FileNotFoundError(
-        f"Stable Diffusion weights {name!r} not found: {where} (offline; nothing is downloaded). "
-        f"Fix: on a connected machine run `huggingface-cli download {name}` (then copy the HF cache here), "
-        "or pass a local diffusers folder (one with model_index.json)."
-    )

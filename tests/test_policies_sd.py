@@ -289,7 +289,7 @@ def test_from_pretrained_missing_folder_names_it(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         StableDiffusionPolicy.from_pretrained(missing)
     msg = str(err.value)
-    assert str(missing) in msg and "huggingface-cli" in msg
+    assert str(missing) in msg and "diffusers folder" in msg
 
 
 def test_from_pretrained_missing_hub_id_names_cache():
