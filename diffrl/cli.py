@@ -1,4 +1,4 @@
-"""`diffrl train|sample`: YAML recipe + key=value overrides, validated before any model loads."""
+"""`diffrl train|sample|eval`: YAML recipe + key=value overrides, validated before any model loads."""
 
 from __future__ import annotations
 
@@ -36,11 +36,8 @@ def _train(args) -> int:
 def _sample(args) -> int:
     import torch
 
+    from diffrl.benchmarks.evaluate import generate, image_seed, save_png
     from diffrl.data import load_prompts
-    from diffrl.pipelines.registry import load_policy
-    from diffrl.rollout import sample
-    from diffrl.sampling import make_sampler
-    from diffrl.trainers.loop import DTYPES, derive_generator
     from diffrl.visual import save_grid
 
     if args.prompt:
@@ -53,30 +50,20 @@ def _sample(args) -> int:
     if args.lora and not Path(args.lora).is_dir():
         print(f"diffrl sample: --lora folder not found: {args.lora}", file=sys.stderr)
         return 2
-    try:
-        policy = load_policy(args.model, torch_dtype=DTYPES[args.dtype], device=args.device, resolution=args.resolution, seed=args.model_seed)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"diffrl sample: {exc}", file=sys.stderr)
+    policy = _load_policy(args, "sample")
+    if policy is None:
         return 2
-    if args.lora:
-        policy.load_lora(args.lora)
-    flow = policy.prediction_type == "flow"
-    sampler = make_sampler("flow_ode" if flow else "ddim", eta=0.0)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     records, all_images = [], []
-    schedule = policy.schedule(args.steps)
     for i, prompt in enumerate(prompts):
-        seeds = [args.seed + i * args.num_images + j for j in range(args.num_images)]
-        noise = torch.cat([policy.initial_noise(1, generator=derive_generator(s)) for s in seeds]).to(policy.device)
-        cond = policy.encode_prompt([prompt] * args.num_images, args.negative_prompt)
-        with torch.no_grad():
-            traj = sample(policy, cond, sampler, schedule, args.guidance_scale, latents=noise, record=False)
-            images = policy.decode(traj.final)
+        seeds = [image_seed(args.seed, i, args.num_images, j) for j in range(args.num_images)]
+        images = generate(policy, [prompt] * args.num_images, seeds, steps=args.steps,
+                          guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt)
         all_images.append(images)
         for j, (s, img) in enumerate(zip(seeds, images)):
             name = f"{i:04d}_{j:02d}.png"
-            _save_png(img, out / name)
+            save_png(img, out / name)
             records.append({"file": name, "prompt": prompt, "seed": s})
     (out / "samples.json").write_text(json.dumps({"model": args.model, "lora": args.lora, "steps": args.steps,
                                                    "guidance_scale": args.guidance_scale, "samples": records}, indent=1))
@@ -85,11 +72,72 @@ def _sample(args) -> int:
     return 0
 
 
-def _save_png(image, path: Path) -> None:
-    from PIL import Image
+def _load_policy(args, command: str):
+    """The policy of --model (--dtype, --device, --resolution, --model-seed) with --lora applied; None
+    after printing the reason when the model cannot be found."""
+    from diffrl.pipelines.registry import load_policy
+    from diffrl.trainers.loop import DTYPES
 
-    arr = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    Image.fromarray(arr).save(path)
+    try:
+        policy = load_policy(args.model, torch_dtype=DTYPES[args.dtype], device=args.device, resolution=args.resolution, seed=args.model_seed)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"diffrl {command}: {exc}", file=sys.stderr)
+        return None
+    if args.lora:
+        policy.load_lora(args.lora)
+    return policy
+
+
+def _eval(args) -> int:
+    from diffrl.data import load_prompts
+    from diffrl.rewards import build_reward, list_rewards
+
+    # everything that can be checked without a model is checked first
+    for name in args.rewards:
+        if name not in list_rewards():
+            try:
+                build_reward(name)  # raises with the valid names and the closest match
+            except ValueError as exc:
+                print(f"diffrl eval: {exc}", file=sys.stderr)
+                return 2
+    for flag, value in (("--images-per-prompt", args.images_per_prompt), ("--steps", args.steps),
+                        ("--batch-size", args.batch_size), ("--num-prompts", args.num_prompts or 1)):
+        if value < 1:
+            print(f"diffrl eval: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    try:
+        prompt_set = load_prompts(args.prompts)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"diffrl eval: {exc}", file=sys.stderr)
+        return 2
+    if args.num_prompts is not None:
+        prompt_set = type(prompt_set)(prompt_set.prompts[: args.num_prompts], prompt_set.metadata[: args.num_prompts])
+    if args.lora and not Path(args.lora).is_dir():
+        print(f"diffrl eval: --lora folder not found: {args.lora}", file=sys.stderr)
+        return 2
+    if args.run_dir and not (Path(args.run_dir) / "metrics.jsonl").is_file():
+        print(f"diffrl eval: --run-dir has no metrics.jsonl: {args.run_dir}", file=sys.stderr)
+        return 2
+    policy = _load_policy(args, "eval")
+    if policy is None:
+        return 2
+    from diffrl.benchmarks.evaluate import evaluate
+
+    settings = {"model": args.model, "lora": args.lora, "resolution": args.resolution, "dtype": args.dtype,
+                "model_seed": args.model_seed}
+    try:
+        metrics = evaluate(policy, prompt_set, args.rewards, images_per_prompt=args.images_per_prompt, steps=args.steps,
+                           guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
+                           output_dir=args.output_dir, negative_prompt=args.negative_prompt, run_dir=args.run_dir,
+                           settings=settings)
+    except ValueError as exc:  # e.g. resuming into a folder made with other settings
+        print(f"diffrl eval: {exc}", file=sys.stderr)
+        return 2
+    for name, m in metrics["rewards"].items():
+        lo, hi = m["ci95"]
+        print(f"{name}: {m['mean']:.4f} (95% CI {lo:.4f} .. {hi:.4f}, {m['n']} images)")
+    print(f"diffrl: wrote scores.jsonl, metrics.json, report.md and plots to {args.output_dir}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="diffrl",
         description="Reward fine-tuning and inference-time steering for diffusion and flow-matching generators.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,eval}")
     train = sub.add_parser(
         "train", help="fine-tune a model against a reward",
         description="Train with a YAML recipe; any option can be overridden as key=value "
@@ -124,6 +172,31 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--device", default="cuda" if _cuda() else "cpu")
     smp.add_argument("--output-dir", default="outputs/samples")
     smp.set_defaults(func=_sample)
+
+    ev = sub.add_parser(
+        "eval", help="score fixed-seed samples of a prompt set with rewards; resumable; report.md + plots",
+        description="Sample every prompt with fixed seeds and the deterministic sampler, score each image with "
+                    "every reward, and write scores.jsonl, metrics.json (mean, std, 95% CI, per tag), report.md, "
+                    "grid.png and reward_hist.png. Images already in OUTPUT_DIR/images are loaded, not resampled.",
+    )
+    ev.add_argument("--model", default="tiny-sd3", help="tiny-sd | tiny-sd3 | tiny-flux | local diffusers folder | cached hub id")
+    ev.add_argument("--lora", default=None, help="LoRA folder written by training (checkpoints/iter_*/lora)")
+    ev.add_argument("--prompts", required=True, help="a prompt file (.txt / GenEval-style .jsonl with metadata) or builtin:<name>")
+    ev.add_argument("--num-prompts", type=int, default=None, help="evaluate only the first N prompts")
+    ev.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt")
+    ev.add_argument("--rewards", nargs="+", required=True, metavar="NAME", help="reward names (diffrl.rewards.list_rewards())")
+    ev.add_argument("--steps", type=int, default=40, help="denoising steps (deterministic ODE / DDIM)")
+    ev.add_argument("--guidance-scale", type=float, default=4.5, help="classifier-free guidance scale")
+    ev.add_argument("--negative-prompt", default="", help="negative prompt for CFG")
+    ev.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
+    ev.add_argument("--seed", type=int, default=0, help="first seed; image j of prompt i uses seed + i * images_per_prompt + j")
+    ev.add_argument("--batch-size", type=int, default=8, help="images per denoiser batch (across prompts)")
+    ev.add_argument("--run-dir", default=None, help="a training output_dir: also plot its metrics.jsonl")
+    ev.add_argument("--model-seed", type=int, default=0, help="weights seed of the built-in tiny models")
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    ev.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    ev.add_argument("--output-dir", required=True)
+    ev.set_defaults(func=_eval)
     return parser
 
 

@@ -1,0 +1,254 @@
+"""Evaluation harness (`diffrl eval`): fixed-seed deterministic samples of a prompt set, scored by rewards.
+
+    from diffrl.benchmarks.evaluate import evaluate
+    metrics = evaluate(policy, load_prompts("prompts.jsonl"), ["brightness"], images_per_prompt=4,
+                       steps=40, guidance_scale=4.5, seed=0, batch_size=8, output_dir="outputs/eval")
+
+Image j of prompt i starts from noise seeded by `seed + i * images_per_prompt + j` (the `diffrl sample`
+convention, so both commands draw the same image for the same prompt, seed and settings) and is
+sampled with the deterministic sampler (flow ODE / DDIM eta 0). Images are PNGs under
+`output_dir/images/`; a re-run loads the PNGs already there instead of sampling them again and
+re-scores everything. Rewards always score the saved 8-bit pixels (generated images are rounded to
+uint8 first), so a resumed run gives exactly the metrics of an uninterrupted one.
+
+Statistics (`summarize`): `std` is the sample standard deviation over images (ddof 1); `stderr` is the
+standard error of the mean over *prompts* (std of the per-prompt means / sqrt(#prompts), ddof 1),
+because images of one prompt are correlated and the prompt set is the sample that would change in a
+re-run; `ci95` is mean +- t(0.975, #prompts - 1) * stderr. With one prompt it falls back to images.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from diffrl.data import PromptSet
+from diffrl.rewards import Reward, build_reward
+from diffrl.rollout import sample
+from diffrl.sampling import make_sampler
+from diffrl.trainers.loop import derive_generator
+
+GRID_IMAGES = 32
+"""How many images (the first ones, in prompt order) go into grid.png."""
+_SETTINGS_FILE = "eval_settings.json"
+
+
+# ---- sampling pieces shared with `diffrl sample` ------------------------------------------------
+def image_seed(seed: int, prompt_index: int, images_per_prompt: int, image_index: int) -> int:
+    """The noise seed of image `image_index` of prompt `prompt_index` (the `diffrl sample` convention)."""
+    return seed + prompt_index * images_per_prompt + image_index
+
+
+def deterministic_sampler(policy):
+    """Flow ODE (Euler) for flow models, DDIM with eta 0 for epsilon / v-prediction models."""
+    return make_sampler("flow_ode" if policy.prediction_type == "flow" else "ddim", eta=0.0)
+
+
+@torch.no_grad()
+def generate(policy, prompts: list[str], seeds: list[int], *, steps: int, guidance_scale: float,
+             negative_prompt: str = "") -> torch.Tensor:
+    """One denoiser batch: image b from prompts[b] and noise seeded by seeds[b] -> [B, 3, H, W] in [0, 1].
+
+    Each image's noise is drawn alone from its own seed, so an image does not depend on its batch-mates.
+    """
+    noise = torch.cat([policy.initial_noise(1, generator=derive_generator(s)) for s in seeds]).to(policy.device)  # [B, *S]
+    cond = policy.encode_prompt(list(prompts), negative_prompt)
+    traj = sample(policy, cond, deterministic_sampler(policy), policy.schedule(steps), guidance_scale,
+                  latents=noise, record=False)
+    return policy.decode(traj.final)  # [B, 3, H, W]
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] floats in [0, 1] -> uint8 [B, 3, H, W] on the CPU (round(x * 255), clamped)."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+def save_png(image: torch.Tensor, path: str | Path) -> None:
+    """Write one image [3, H, W] (float in [0, 1] or uint8) as a PNG, atomically (temporary file + rename),
+    so a killed run never leaves a truncated PNG that a resume would trust."""
+    from PIL import Image
+
+    pixels = image if image.dtype == torch.uint8 else to_uint8(image[None])[0]
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy()).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def load_png(path: str | Path) -> torch.Tensor:
+    """A PNG -> uint8 [3, H, W]."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        arr = np.asarray(img.convert("RGB")).copy()
+    return torch.from_numpy(arr).permute(2, 0, 1)  # [3, H, W]
+
+
+# ---- statistics ----------------------------------------------------------------------------------
+# two-sided 95 % Student t quantiles t(0.975, df) for df = 1..30
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t975(df: int) -> float:
+    """t(0.975, df): a table up to 30 degrees of freedom, a Cornish-Fisher expansion (error < 1e-3) above."""
+    if df < 1:
+        return math.nan
+    if df <= 30:
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def _std(xs: list[float]) -> float:
+    """Sample standard deviation (ddof 1); nan for fewer than two values."""
+    if len(xs) < 2:
+        return math.nan
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def summarize(values: list[float], groups: list[int]) -> dict:
+    """mean / std / n over the finite `values`; stderr and ci95 clustered by `groups` (prompt indices)."""
+    pairs = [(v, g) for v, g in zip(values, groups) if math.isfinite(v)]
+    xs = [v for v, _ in pairs]
+    n = len(xs)
+    mean = sum(xs) / n if n else math.nan
+    by_group: dict[int, list[float]] = {}
+    for v, g in pairs:
+        by_group.setdefault(g, []).append(v)
+    units = [sum(v) / len(v) for v in by_group.values()] if len(by_group) > 1 else xs  # one prompt: images
+    stderr = _std(units) / math.sqrt(len(units)) if len(units) > 1 else math.nan
+    half = t975(len(units) - 1) * stderr
+    return {"mean": mean, "std": _std(xs), "n": n, "n_prompts": len(by_group), "stderr": stderr,
+            "ci95": [mean - half, mean + half], "nonfinite": len(values) - n}
+
+
+def compute_metrics(rows: list[dict], reward_names: list[str]) -> dict:
+    """Per reward: overall `summarize`, and when any row has a tag, the same per tag plus `mean_over_tags`
+    (the unweighted mean of the per-tag means: GenEval's overall score)."""
+    tags = sorted({r["tag"] for r in rows if r["tag"] is not None})
+    out = {}
+    for name in reward_names:
+        entry = summarize([r[name] for r in rows], [r["prompt_index"] for r in rows])
+        if tags:
+            entry["tags"] = {}
+            for tag in tags + (["untagged"] if any(r["tag"] is None for r in rows) else []):
+                sel = [r for r in rows if (r["tag"] or "untagged") == tag]
+                entry["tags"][tag] = summarize([r[name] for r in sel], [r["prompt_index"] for r in sel])
+            tag_means = [t["mean"] for t in entry["tags"].values()]
+            entry["mean_over_tags"] = sum(tag_means) / len(tag_means)
+        out[name] = entry
+    return out
+
+
+# ---- the harness ---------------------------------------------------------------------------------
+def _check_settings(out: Path, settings: dict, prompts: list[str]) -> None:
+    """Refuse to resume into a folder whose images were made with other settings or prompts."""
+    path = out / _SETTINGS_FILE
+    if not path.is_file() or not any((out / "images").glob("*.png")):
+        return
+    old = json.loads(path.read_text())
+    diff = [f"{k}: {old['settings'].get(k)!r} then, {v!r} now" for k, v in settings.items() if old["settings"].get(k) != v]
+    diff += [f"prompt {i}: {a!r} then, {b!r} now" for i, (a, b) in enumerate(zip(old["prompts"], prompts)) if a != b][:3]
+    if diff:
+        raise ValueError(f"{out} holds images made with other settings ({'; '.join(diff)}); "
+                         "use a fresh output dir or delete its images/ folder")
+
+
+def evaluate(
+    policy,
+    prompt_set: PromptSet,
+    rewards: Sequence[str | Reward],
+    *,
+    images_per_prompt: int,
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+    batch_size: int,
+    output_dir: str | Path,
+    negative_prompt: str = "",
+    run_dir: str | Path | None = None,
+    settings: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Sample (or load) every image of `prompt_set`, score it with every reward, write the outputs.
+
+    Writes under `output_dir`: images/PPPP_JJ.png, scores.jsonl (one row per image), metrics.json (the
+    returned dict), grid.png, reward_hist.png, report.md, and training_curves.png when `run_dir` (a
+    training output_dir) holds metrics.jsonl. `batch_size` images (across prompts) go through the
+    denoiser at once. `settings` (e.g. model name, LoRA) is recorded and must match on a resume.
+    """
+    from tqdm.auto import tqdm
+
+    from diffrl.benchmarks.report import write_report
+
+    if images_per_prompt < 1 or batch_size < 1 or steps < 1:
+        raise ValueError(f"images_per_prompt, batch_size and steps must be >= 1, got {images_per_prompt}, {batch_size}, {steps}")
+    reward_fns = [build_reward(r) if isinstance(r, str) else r for r in rewards]
+    names = [r.name for r in reward_fns]
+    clash = set(names) & {"prompt_index", "image_index", "prompt", "tag", "seed", "file"}
+    if clash or len(set(names)) != len(names):
+        raise ValueError(f"reward names must be distinct and not clash with score columns: {names}")
+    device = policy.device
+    reward_fns = [r.to(device) for r in reward_fns]
+
+    out = Path(output_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    full = {"steps": steps, "guidance_scale": guidance_scale, "seed": seed, "images_per_prompt": images_per_prompt,
+            "negative_prompt": negative_prompt, **(settings or {})}
+    _check_settings(out, full, prompt_set.prompts)
+    (out / _SETTINGS_FILE).write_text(json.dumps({"settings": full, "prompts": prompt_set.prompts}, indent=1))
+
+    K = images_per_prompt
+    items = [(i, j) for i in range(len(prompt_set)) for j in range(K)]
+    rows, grid_images = [], []
+    n_generated = 0
+    bar = tqdm(total=len(items), desc="eval", unit="img", disable=not progress)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        files = [f"images/{i:04d}_{j:02d}.png" for i, j in chunk]
+        seeds = [image_seed(seed, i, K, j) for i, j in chunk]
+        missing = [b for b, f in enumerate(files) if not (out / f).is_file()]
+        pixels: list[torch.Tensor | None] = [None] * len(chunk)  # uint8 [3, H, W] each
+        if missing:
+            made = to_uint8(generate(policy, [prompt_set.prompts[chunk[b][0]] for b in missing], [seeds[b] for b in missing],
+                                     steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt))
+            for b, img in zip(missing, made):
+                save_png(img, out / files[b])
+                pixels[b] = img
+            n_generated += len(missing)
+        for b, f in enumerate(files):
+            if pixels[b] is None:
+                pixels[b] = load_png(out / f)
+        images = torch.stack(pixels).float().div(255)  # [b, 3, H, W] in [0, 1], exactly the saved pixels
+        prompts = [prompt_set.prompts[i] for i, _ in chunk]
+        metadata = [prompt_set.metadata[i] for i, _ in chunk]
+        scores = {r.name: r(images.to(device), prompts, metadata).tolist() for r in reward_fns}
+        for b, (i, j) in enumerate(chunk):
+            rows.append({"prompt_index": i, "image_index": j, "prompt": prompts[b], "tag": metadata[b].get("tag"),
+                         "seed": seeds[b], "file": files[b], **{n: scores[n][b] for n in names}})
+        grid_images.extend(images[: max(0, GRID_IMAGES - len(grid_images))])
+        bar.set_postfix(generated=n_generated, loaded=len(rows) - n_generated, refresh=False)
+        bar.update(len(chunk))
+    bar.close()
+
+    with open(out / "scores.jsonl", "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    metrics = {
+        "num_prompts": len(prompt_set),
+        "images_per_prompt": K,
+        "num_images": len(rows),
+        "settings": full,
+        "rewards": compute_metrics(rows, names),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_report(out, metrics, rows, names, grid_images=torch.stack(grid_images), run_dir=run_dir)
+    return metrics

@@ -1,0 +1,95 @@
+"""The evaluation report: report.md (a table per reward, per tag and overall), grid.png, reward_hist.png,
+training_curves.png. Everything is written from the rows and metrics `evaluate` computed."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from diffrl.visual import plot_metrics, save_grid
+
+
+def _fmt(x: float) -> str:
+    return "nan" if not math.isfinite(x) else f"{x:.4g}"
+
+
+def _row(label: str, s: dict) -> str:
+    lo, hi = s["ci95"]
+    half = (hi - lo) / 2
+    return f"| {label} | {s['n']} | {s['n_prompts']} | {_fmt(s['mean'])} | {_fmt(s['std'])} | ±{_fmt(half)} | {_fmt(s['stderr'])} |"
+
+
+def reward_table(name: str, entry: dict) -> list[str]:
+    """Markdown lines: one row per tag (when the prompts have tags), then the overall row."""
+    lines = [f"### {name}", "", "| tag | images | prompts | mean | std | 95% CI | stderr |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for tag, s in entry.get("tags", {}).items():
+        lines.append(_row(tag, s))
+    lines.append(_row("**overall**", entry))
+    if "mean_over_tags" in entry:
+        lines += ["", f"Mean over tags (unweighted, GenEval's overall score): {_fmt(entry['mean_over_tags'])}"]
+    if entry["nonfinite"]:
+        lines += ["", f"{entry['nonfinite']} non-finite scores were left out."]
+    return lines + [""]
+
+
+def plot_reward_hist(rows: list[dict], names: list[str], path: Path) -> Path:
+    """One histogram panel per reward over all images, the mean marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        xs = [r[name] for r in rows if math.isfinite(r[name])]
+        if xs:
+            ax.hist(xs, bins=min(30, max(5, len(xs) // 2)), color="tab:blue", alpha=0.8)
+            mean = sum(xs) / len(xs)
+            ax.axvline(mean, color="black", linestyle="--", label=f"mean {mean:.4g}")
+            ax.legend(fontsize=8)
+        ax.set_title(name)
+        ax.set_xlabel("reward")
+        ax.set_ylabel("images")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, metrics: dict, rows: list[dict], names: list[str], *, grid_images: torch.Tensor,
+                 run_dir: str | Path | None = None) -> Path:
+    """grid.png (first images, captioned with prompt and rewards), reward_hist.png, training_curves.png
+    (when `run_dir` has metrics.jsonl) and report.md linking them. Returns report.md's path."""
+    out = Path(out)
+    captions = [r["prompt"] + "\n" + " ".join(f"{n[:10]} {r[n]:.3g}" for n in names) for r in rows[: len(grid_images)]]
+    save_grid(grid_images, captions, out / "grid.png")
+    plot_reward_hist(rows, names, out / "reward_hist.png")
+    curves = None
+    if run_dir is not None:
+        src = Path(run_dir) / "metrics.jsonl"
+        if not src.is_file():
+            raise FileNotFoundError(f"no metrics.jsonl in run dir {run_dir}")
+        curves = plot_metrics(src, out / "training_curves.png")
+
+    s = metrics["settings"]
+    lines = ["# Evaluation", "",
+             f"{metrics['num_prompts']} prompts x {metrics['images_per_prompt']} images = {metrics['num_images']} images; "
+             + ", ".join(f"{k} {v}" for k, v in s.items() if v not in (None, "")), "",
+             "Per reward: mean and sample std (ddof 1) over images; stderr over prompts (std of per-prompt "
+             "means / sqrt(prompts); over images for a single prompt); 95% CI = t(0.975, units - 1) x stderr.", "",
+             "## Rewards", ""]
+    for name in names:
+        lines += reward_table(name, metrics["rewards"][name])
+    lines += ["## Images", "", f"First {len(grid_images)} images (prompt order): [grid.png](grid.png)", "",
+              "![samples](grid.png)", "", "## Reward distributions", "", "[reward_hist.png](reward_hist.png)", "",
+              "![reward distributions](reward_hist.png)", ""]
+    if curves is not None:
+        lines += ["## Training curves", "", f"From `{Path(run_dir) / 'metrics.jsonl'}`: [training_curves.png](training_curves.png)",
+                  "", "![training curves](training_curves.png)", ""]
+    lines += ["Per-image scores: [scores.jsonl](scores.jsonl); summary: [metrics.json](metrics.json).", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,214 @@
+"""`diffrl eval`: the same images as `diffrl sample`, metrics that agree with the per-image scores,
+resume without resampling, a report whose links resolve, and validation before any model loads."""
+
+import json
+import math
+import os
+import re
+import statistics
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffrl import cli
+from diffrl.benchmarks.evaluate import evaluate, summarize
+from diffrl.data import load_prompts
+from diffrl.pipelines.registry import load_policy
+from diffrl.rewards import list_rewards
+
+STEPS = 2
+GENEVAL = [
+    {"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"},
+    {"tag": "counting", "include": [{"class": "dog", "count": 2}], "prompt": "a photo of two dogs"},
+    {"tag": "single_object", "include": [{"class": "horse", "count": 1}], "prompt": "a photo of a horse"},
+    {"tag": "counting", "include": [{"class": "bird", "count": 3}], "prompt": "a photo of three birds"},
+]
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return load_policy("tiny-sd3", resolution=32)
+
+
+@pytest.fixture
+def geneval(tmp_path):
+    path = tmp_path / "geneval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in GENEVAL))
+    return load_prompts(str(path))
+
+
+def _count_predicts(monkeypatch, policy) -> list[int]:
+    calls = [0]
+    original = policy.predict
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(policy, "predict", counted)
+    return calls
+
+
+def _run(policy, prompt_set, out, **kw):
+    args = dict(images_per_prompt=2, steps=STEPS, guidance_scale=4.5, seed=3, batch_size=3, output_dir=out, progress=False)
+    return evaluate(policy, prompt_set, ["brightness", "jpeg_compressibility"], **{**args, **kw})
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+
+
+def test_eval_images_equal_diffrl_sample(tmp_path):
+    (tmp_path / "two.txt").write_text("a photo of a cat\na photo of a dog\n")
+    (tmp_path / "three.txt").write_text("a photo of a cat\na photo of a dog\na photo of a horse\n")
+    common = ["--model", "tiny-sd3", "--steps", str(STEPS), "--resolution", "32", "--device", "cpu", "--seed", "5"]
+    assert cli.main(["sample", *common, "--prompts", str(tmp_path / "two.txt"), "--num-images", "2",
+                     "--output-dir", str(tmp_path / "s")]) == 0
+    # --num-prompts 2 keeps the first two; batch size 3: the second denoiser batch mixes the two prompts
+    assert cli.main(["eval", *common, "--prompts", str(tmp_path / "three.txt"), "--num-prompts", "2",
+                     "--images-per-prompt", "2", "--batch-size", "3", "--rewards", "brightness",
+                     "--output-dir", str(tmp_path / "e")]) == 0
+    samples = json.loads((tmp_path / "s" / "samples.json").read_text())["samples"]
+    rows = _rows(tmp_path / "e")
+    assert [r["seed"] for r in rows] == [s["seed"] for s in samples] == [5, 6, 7, 8]
+    for s, r in zip(samples, rows):
+        assert s["prompt"] == r["prompt"]
+        a = np.asarray(Image.open(tmp_path / "s" / s["file"])).astype(int)
+        b = np.asarray(Image.open(tmp_path / "e" / r["file"])).astype(int)
+        assert a.shape == b.shape == (32, 32, 3)
+        assert np.abs(a - b).max() <= 1
+
+
+def test_metrics_agree_with_scores_and_tags(policy, geneval, tmp_path):
+    out = tmp_path / "e"
+    metrics = _run(policy, geneval, out)
+    rows = _rows(out)
+    assert len(rows) == len(GENEVAL) * 2 and metrics["num_images"] == len(rows)
+    assert {r["tag"] for r in rows} == {"single_object", "counting"}
+    for r in rows:  # each row's score is the score of the PNG it names (brightness = mean pixel / 255)
+        pixels = np.asarray(Image.open(out / r["file"])).astype(np.float64) / 255
+        assert r["brightness"] == pytest.approx(pixels.mean(), abs=1e-6)
+        assert r["seed"] == 3 + r["prompt_index"] * 2 + r["image_index"]
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    for name in ("brightness", "jpeg_compressibility"):
+        m = metrics["rewards"][name]
+        values = [r[name] for r in rows]
+        assert m["mean"] == pytest.approx(statistics.fmean(values), abs=1e-12)
+        assert m["std"] == pytest.approx(statistics.stdev(values), abs=1e-12)
+        assert m["n"] == 8 and m["n_prompts"] == 4
+        prompt_means = [statistics.fmean(values[2 * i : 2 * i + 2]) for i in range(4)]
+        assert m["stderr"] == pytest.approx(statistics.stdev(prompt_means) / 2, abs=1e-12)
+        assert m["ci95"] == pytest.approx([m["mean"] - 3.182 * m["stderr"], m["mean"] + 3.182 * m["stderr"]])
+        for tag in ("single_object", "counting"):
+            sel = [r[name] for r in rows if r["tag"] == tag]
+            assert m["tags"][tag]["mean"] == pytest.approx(statistics.fmean(sel), abs=1e-12)
+            assert m["tags"][tag]["n"] == 4
+        assert m["mean_over_tags"] == pytest.approx(statistics.fmean([m["tags"][t]["mean"] for t in m["tags"]]))
+
+
+def test_summarize_by_hand():
+    # prompts 0 and 1, two images each: prompt means 1 and 3 -> stderr = stdev([1, 3]) / sqrt(2) = 1
+    s = summarize([0.0, 2.0, 3.0, 3.0, math.nan], [0, 0, 1, 1, 1])
+    assert s["mean"] == 2.0 and s["n"] == 4 and s["nonfinite"] == 1 and s["n_prompts"] == 2
+    assert s["std"] == pytest.approx(math.sqrt(2.0))  # deviations -2, 0, 1, 1 -> 6 / 3
+    assert s["stderr"] == pytest.approx(1.0)
+    assert s["ci95"] == pytest.approx([2.0 - 12.706, 2.0 + 12.706])
+
+
+def test_resume_loads_existing_images(policy, geneval, tmp_path, monkeypatch):
+    out = tmp_path / "e"
+    calls = _count_predicts(monkeypatch, policy)
+    first = _run(policy, geneval, out)
+    assert calls[0] == STEPS * 3  # 8 images in batches of 3
+    pngs = sorted((out / "images").glob("*.png"))
+    assert len(pngs) == 8
+    mtimes = {p.name: p.stat().st_mtime_ns for p in pngs}
+
+    calls[0] = 0
+    second = _run(policy, geneval, out)
+    assert calls[0] == 0  # nothing resampled
+    assert second == first
+    assert {p.name: p.stat().st_mtime_ns for p in pngs} == mtimes
+
+    before = np.asarray(Image.open(out / "images" / "0002_01.png")).astype(int)
+    (out / "images" / "0002_01.png").unlink()
+    third = _run(policy, geneval, out)
+    assert calls[0] == STEPS  # one batch holding only the missing image
+    after = np.asarray(Image.open(out / "images" / "0002_01.png")).astype(int)
+    assert np.abs(after - before).max() <= 1
+    assert {p.name: p.stat().st_mtime_ns for p in pngs if p.name != "0002_01.png"} == \
+        {k: v for k, v in mtimes.items() if k != "0002_01.png"}
+    assert third["rewards"]["brightness"]["mean"] == pytest.approx(first["rewards"]["brightness"]["mean"], abs=1 / 255)
+
+
+def test_resume_refuses_other_settings(policy, geneval, tmp_path, monkeypatch):
+    out = tmp_path / "e"
+    _run(policy, geneval, out)
+    calls = _count_predicts(monkeypatch, policy)
+    with pytest.raises(ValueError, match="steps"):
+        _run(policy, geneval, out, steps=STEPS + 1)
+    assert calls[0] == 0
+
+
+def test_report_has_a_row_per_tag_and_links_existing_files(policy, geneval, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    run.joinpath("metrics.jsonl").write_text("".join(
+        json.dumps({"iteration": i, "reward_mean": 0.1 * i, "reward_std": 0.05, "loss": 1.0 / (i + 1), "kl": 0.01 * i}) + "\n"
+        for i in range(1, 5)))
+    out = tmp_path / "e"
+    _run(policy, geneval, out, run_dir=run)
+    report = (out / "report.md").read_text()
+    for reward in ("brightness", "jpeg_compressibility"):
+        section = report.split(f"### {reward}")[1].split("###")[0]
+        table = [line for line in section.splitlines() if line.startswith("| ")]
+        assert [line.split("|")[1].strip() for line in table[1:]] == ["counting", "single_object", "**overall**"]
+    links = re.findall(r"\]\(([^)]+)\)", report)
+    for name in ("grid.png", "reward_hist.png", "training_curves.png"):
+        assert name in links
+    for link in links:
+        assert (out / link).is_file(), link
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size[0] > 0
+
+
+def test_toyworld_accuracy_is_a_rate(policy, geneval, tmp_path):
+    try:
+        import diffrl.toyworld  # noqa: F401  (registers the toyworld rewards where it exists)
+    except ImportError:
+        pass
+    if "toyworld_accuracy" not in list_rewards():
+        pytest.skip("toyworld_accuracy reward not registered")
+    out = tmp_path / "e"
+    metrics = evaluate(policy, geneval, ["toyworld_accuracy"], images_per_prompt=1, steps=STEPS, guidance_scale=4.5,
+                       seed=0, batch_size=4, output_dir=out, progress=False)
+    values = [r["toyworld_accuracy"] for r in _rows(out)]
+    assert set(values) <= {0.0, 1.0}
+    assert metrics["rewards"]["toyworld_accuracy"]["mean"] == pytest.approx(statistics.fmean(values))
+
+
+def test_cli_unknown_reward_fails_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    import diffrl.pipelines.registry as registry
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(registry, "load_policy", no_load)
+    code = cli.main(["eval", "--model", "tiny-sd3", "--prompts", "builtin:animals", "--rewards", "brightness", "brightnes",
+                     "--output-dir", str(tmp_path / "e")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Did you mean 'brightness'" in err and "jpeg_compressibility" in err
+    assert not (tmp_path / "e").exists()
+
+
+def test_cli_missing_run_dir_metrics_fails_early(tmp_path, capsys, monkeypatch):
+    import diffrl.pipelines.registry as registry
+
+    monkeypatch.setattr(registry, "load_policy", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    code = cli.main(["eval", "--prompts", "builtin:animals", "--rewards", "brightness", "--run-dir", str(tmp_path),
+                     "--output-dir", str(tmp_path / "e")])
+    assert code == 2 and "metrics.jsonl" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "e")
