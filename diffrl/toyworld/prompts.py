@@ -5,7 +5,8 @@ name. Captions follow GenEval's templates with "a photo of" dropped ("an" before
 
     single_object  "a circle"                       include [{circle, 1}]
     colors         "a red circle"                   include [{circle, 1, red}]
-    two_object     "a circle and a square"          include [{circle, 1}, {square, 1}]  (shapes differ)
+    two_object     "a circle and a square"          include [{circle, 1}, {square, 1}]
+                                                    (shapes differ)
     counting       "three triangles"                include [{triangle, 3}], exclude [{triangle, 4}]
                                                     (counts 2-4, no colour, as GenEval)
     position       "a circle right of a square"     include [{square, 1}, {circle, 1, position:

@@ -32,7 +32,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (130, 30, 190),
     "orange": (240, 120, 0),
 }
-"""The six palette colours (saturated, pairwise RGB distance >= 106), named as GenEval names them."""
+"""Six saturated palette colours (pairwise RGB distance >= 106), named as GenEval names them."""
 
 BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 """Plain white background."""
@@ -76,7 +76,7 @@ class SceneObject:
     color: str
     cx: float
     cy: float
-    area: int
+    area: float
     bbox: tuple[int, int, int, int]
 
 
@@ -116,7 +116,7 @@ def relations(
     dims_b: tuple[float, float],
     margin: float = POSITION_MARGIN,
 ) -> set[str]:
-    """The relations A has to B, a subset of RELATIONS (GenEval's rule; see the module docstring)."""
+    """The relations A has to B, a subset of RELATIONS (GenEval's rule: module docstring)."""
     nx, ny = _normalized_offset(center_a, dims_a, center_b, dims_b, margin)
     found = set()
     if nx < -0.5:
