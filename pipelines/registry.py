@@ -165,7 +165,12 @@ def load_pipeline(pipeline_cls, model: str, *, torch_dtype: torch.dtype = torch.
     """`pipeline_cls.from_pretrained` on a local folder or cached hub snapshot, offline, frozen.
     `kwargs` go to `from_pretrained` (e.g. safety_checker=None)."""
     folder = resolve_model_dir(model)
-    found = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    index = json.loads((folder / "model_index.json").read_text())
+    found = index.get("_class_name")
+    # components saved as absent ([null, null], e.g. an SD3 without T5) must be passed as None to load
+    for name, entry in index.items():
+        if isinstance(entry, list) and entry == [None, None]:
+            kwargs.setdefault(name, None)
     if found and found != pipeline_cls.__name__:
         raise ValueError(f"{folder} holds a {found}, not a {pipeline_cls.__name__}; use load_policy({model!r}) to pick the family")
     pipe = pipeline_cls.from_pretrained(str(folder), **_dtype_kwarg(torch_dtype), local_files_only=True, **kwargs)

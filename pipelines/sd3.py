@@ -22,7 +22,7 @@ class SD3Policy(Policy):
         pipe: StableDiffusion3Pipeline,
         height: int | None = None,
         width: int | None = None,
-        max_sequence_length: int = 256,
+        max_sequence_length: int | None = None,
     ):
         self.pipe = pipe
         self.denoiser = pipe.transformer
@@ -30,6 +30,10 @@ class SD3Policy(Policy):
         default = pipe.default_sample_size * pipe.vae_scale_factor  # as the pipeline's __call__
         self.height = int(height or default)
         self.width = int(width or default)
+        if max_sequence_length is None:
+            # without a T5 encoder diffusers feeds max_sequence_length all-zero tokens: one is enough
+            # (a stock pipeline reproduces our samples when given the same max_sequence_length)
+            max_sequence_length = 256 if pipe.text_encoder_3 is not None else 1
         self.max_sequence_length = max_sequence_length  # T5 tokens, passed to pipe.encode_prompt
 
     # ---- construction ----------------------------------------------------------------------
@@ -41,7 +45,7 @@ class SD3Policy(Policy):
         device: str | torch.device = "cpu",
         height: int | None = None,
         width: int | None = None,
-        max_sequence_length: int = 256,
+        max_sequence_length: int | None = None,
     ) -> "SD3Policy":
         pipe = load_pipeline(StableDiffusion3Pipeline, path_or_hub_id, torch_dtype=torch_dtype, device=device)
         return cls(pipe, height=height, width=width, max_sequence_length=max_sequence_length)
