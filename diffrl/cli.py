@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="diffrl",
         description="Reward fine-tuning and inference-time steering for diffusion and flow-matching generators.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,pretrain-toy}")
     train = sub.add_parser(
         "train", help="fine-tune a model against a reward",
         description="Train with a YAML recipe; any option can be overridden as key=value "
@@ -197,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ev.add_argument("--output-dir", required=True)
     ev.set_defaults(func=_eval)
+
+    from diffrl.toyworld.pretrain import build_parser as pretrain_parser
+
+    pre = sub.add_parser("pretrain-toy", help="train a SynthShapes toy base model from scratch (sd3 flow or sd UNet)")
+    pretrain_parser(pre)
+    pre.set_defaults(func=_pretrain_toy)
     return parser
 
 
@@ -207,6 +213,13 @@ def _cuda() -> bool:
         return torch.cuda.is_available()
     except Exception:
         return False
+
+
+def _pretrain_toy(args) -> int:
+    from diffrl.toyworld.pretrain import pretrain
+
+    pretrain(args)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

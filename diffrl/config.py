@@ -73,6 +73,8 @@ class DataConfig:
     """How many evaluation prompts to sample (fixed seeds) at each evaluation."""
     eval_images_per_prompt: int = 1
     """Images per evaluation prompt."""
+    eval_reward: Optional[str] = None
+    """Reward reported at evaluation (e.g. toyworld_accuracy while training on toyworld); None: the training reward."""
 
 
 @dataclass
@@ -273,6 +275,8 @@ def validate(cfg: RunConfig) -> None:
 
     _one_of(cfg.algorithm, ALGORITHMS.names(), "algorithm")
     _one_of(cfg.reward, list_rewards(), "reward")
+    if cfg.data.eval_reward is not None:
+        _one_of(cfg.data.eval_reward, list_rewards(), "data.eval_reward")
     try:
         family = cfg.policy.family or resolve_family(cfg.model)
     except (ValueError, FileNotFoundError) as exc:

@@ -20,6 +20,19 @@ POLICY_FAMILIES = {
     "flux": "diffrl.pipelines.flux:FluxPolicy",
 }
 TINY_MODELS = {"tiny-sd", "tiny-sd3", "tiny-flux"}
+# trained SynthShapes toy base models shipped in assets/toy/ (diffrl pretrain-toy)
+SHIPPED_MODELS = {"toy-sd3": "sd3", "toy-sd": "sd"}
+
+
+def shipped_model_dir(model: str) -> Path:
+    """The installed folder of a shipped toy model ("toy-sd3" -> .../diffrl/assets/toy/sd3)."""
+    import importlib.resources
+
+    path = Path(str(importlib.resources.files("diffrl.assets") / "toy" / SHIPPED_MODELS[model]))
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"shipped model {model!r} is missing from {path}: reinstall diffrl, or rebuild it with "
+                                f"`diffrl pretrain-toy --family {SHIPPED_MODELS[model]} --output-dir {path}`")
+    return path
 
 # diffusers pipeline `_class_name` (model_index.json) -> family
 PIPELINE_CLASSES = {
@@ -95,7 +108,7 @@ def _family_of_dir(folder: Path) -> str:
 
 
 def _unknown(model: str) -> ValueError:
-    names = sorted(TINY_MODELS)
+    names = sorted(TINY_MODELS | set(SHIPPED_MODELS))
     close = difflib.get_close_matches(model, names, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return ValueError(
@@ -112,6 +125,8 @@ def resolve_family(model: str, family: str | None = None) -> str:
         return family
     if model in TINY_MODELS:
         return model.removeprefix("tiny-")
+    if model in SHIPPED_MODELS:
+        return SHIPPED_MODELS[model]
     path_like = "/" in model or os.sep in model or model.startswith((".", "~"))
     if model.startswith("tiny-") or not (path_like or Path(model).exists()):
         raise _unknown(model)  # a bare unknown name; paths and hub ids get FileNotFoundError below
@@ -136,6 +151,8 @@ def load_policy(
         policy = cls.tiny(seed=seed, dtype=torch_dtype, resolution=resolution or 32)
         policy.pipeline().to(device)
         return policy
+    if model in SHIPPED_MODELS:
+        model = str(shipped_model_dir(model))
     return cls.from_pretrained(model, torch_dtype=torch_dtype, device=device, height=resolution, width=resolution)
 
 

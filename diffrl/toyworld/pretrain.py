@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,33 @@ LATENT_CHANNELS = 4
 
 
 # ---- data --------------------------------------------------------------------------------------
+def toy_prompt_sets(eval_prompts: int = 300) -> tuple[list[dict], list[dict]]:
+    """(train, eval) prompt sets of the shipped toy models (assets/prompts/toy_{train,eval}.jsonl).
+
+    train (for reward fine-tuning): 300 prompts spread evenly over the 6 tags, using only the
+    colour-shape pairs of the training split (the captions pretraining saw). eval: `eval_prompts`
+    prompts spread evenly over the tags from the whole grammar, so some use the held-out pairs
+    ("seen_in_pretraining": false).
+    """
+    from diffrl.toyworld import TAGS, compositional_split, enumerate_metadata, make_prompt_set
+
+    train_pairs, _ = compositional_split(seed=0)
+    seen = {m["prompt"] for tag in TAGS for m in enumerate_metadata(tag, allowed_pairs=train_pairs)}
+    train = make_prompt_set(300, seed=1, allowed_pairs=train_pairs, unique=False)
+    evaluation = make_prompt_set(eval_prompts, seed=10_000, allowed_pairs=None, unique=False)
+    for m in evaluation:
+        m["seen_in_pretraining"] = m["prompt"] in seen
+    return train, evaluation
+
+
+def write_builtin_prompt_sets(folder: str | Path) -> None:
+    from diffrl.toyworld import write_jsonl
+
+    train, evaluation = toy_prompt_sets()
+    write_jsonl(train, Path(folder) / "toy_train.jsonl")
+    write_jsonl(evaluation, Path(folder) / "toy_eval.jsonl")
+
+
 @dataclass
 class SceneData:
     prompts: list[str]
@@ -236,7 +262,7 @@ def evaluate_accuracy(pipe, family: str, metadata: list[dict], steps: int = 20, 
 
 
 def pretrain(args) -> Path:
-    from diffrl.toyworld import compositional_split, make_prompt_set
+    from diffrl.toyworld import compositional_split
 
     torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
@@ -246,10 +272,8 @@ def pretrain(args) -> Path:
     train_pairs, heldout_pairs = compositional_split(seed=0)
     data = render_dataset(args.num_scenes, seed=args.seed, allowed_pairs=train_pairs)
     # evaluation: prompts spread evenly over tags; some use colour-shape pairs never seen in pretraining
-    heldout = make_prompt_set(args.eval_prompts, seed=10_000, allowed_pairs=None, unique=False)  # even tags
+    heldout = toy_prompt_sets(args.eval_prompts)[1]
     seen = set(data.prompts)
-    for m in heldout:
-        m["seen_in_pretraining"] = m["prompt"] in seen
     log(f"[pretrain-toy] {len(data.prompts)} scenes ({len(seen)} distinct captions); {len(heldout)} evaluation prompts, "
         f"{sum(not m['seen_in_pretraining'] for m in heldout)} never seen in pretraining")
 

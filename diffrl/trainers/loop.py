@@ -88,6 +88,8 @@ class Trainer:
         self.sampler = make_sampler(kind, noise_level=s.noise_level, eta=s.eta, reduction=s.logprob_reduction)
         self.eval_sampler = make_sampler("flow_ode" if flow else "ddim", eta=0.0)
         self.reward = build_reward(cfg.reward, **cfg.reward_kwargs).to(acc.device)
+        self.eval_reward_name = cfg.data.eval_reward or cfg.reward
+        self.eval_reward = self.reward if cfg.data.eval_reward is None else build_reward(cfg.data.eval_reward).to(acc.device)
         self.prompts = load_prompts(cfg.data.prompts)
         self.eval_prompts = load_prompts(cfg.data.eval_prompts) if cfg.data.eval_prompts else self.prompts
 
@@ -188,7 +190,7 @@ class Trainer:
                                   cfg.sampling.guidance_scale, latents=noise[sl], record=False)
                     images.append(self.policy.decode(traj.final).float())
         images = torch.cat(images)
-        rewards = self.reward(images, prompts, metadata).float()
+        rewards = self.eval_reward(images, prompts, metadata).float()
         if acc.is_main_process:
             from diffrl.visual import save_grid
 
@@ -284,7 +286,7 @@ class Trainer:
             first = self.evaluate(f"iter_{0:06d}")
             self.initial_eval = first["eval_reward_mean"]
             if acc.is_main_process:
-                tqdm.write(f"[diffrl] eval reward before training: {first['eval_reward_mean']:.4f}")
+                tqdm.write(f"[diffrl] eval {self.eval_reward_name} before training: {first['eval_reward_mean']:.4f}")
         bar = tqdm(total=cfg.max_iterations, initial=self.iteration, desc=f"{cfg.algorithm} {cfg.model}",
                    disable=not (lg.progress and acc.is_main_process), dynamic_ncols=True)
         while self.iteration < cfg.max_iterations:
@@ -305,7 +307,7 @@ class Trainer:
         bar.close()
         if acc.is_main_process and rows and "eval_reward_mean" in rows[-1]:
             before = getattr(self, "initial_eval", float("nan"))
-            tqdm.write(f"[diffrl] eval reward after {self.iteration} iterations: {rows[-1]['eval_reward_mean']:.4f}"
+            tqdm.write(f"[diffrl] eval {self.eval_reward_name} after {self.iteration} iterations: {rows[-1]['eval_reward_mean']:.4f}"
                        f" (before: {before:.4f})")
         acc.end_training()
         return rows
