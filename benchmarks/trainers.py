@@ -1,0 +1,461 @@
+"""Trainer benchmark on the SynthShapes toy world: every trainer in `diffrl.trainers.ALGORITHMS`
+fine-tunes the same toy base model with the same sample budget, then every checkpoint is scored on a
+held-out prompt set with the exact scorer.
+
+    python -m diffrl.benchmarks.trainers --model toy-sd3 --sample-budget 2048 --output-dir outputs/bench
+    python -m diffrl.benchmarks.trainers --algorithms grpo --set train.learning_rate=3e-4 ...
+
+Protocol:
+- Training prompts: the recipe's data.prompts (builtin:toy_train, the shipped set: 300 prompts over
+  the training side of `compositional_split(seed=0)`, the pairs the toy bases were pretrained on).
+  Held-out prompts: `make_prompt_set(--eval-prompts, --eval-prompt-seed, unique=False)` over all pairs
+  (even tag counts; seed 10000 with 300 prompts is the shipped builtin:toy_eval), written to
+  prompts/heldout.jsonl. Two subsets are scored apart: "novel" prompts (absent from the training
+  prompts) and "held-out pairs" prompts (a colour-shape pair never seen in pretraining).
+- The proxy reward toy_proxy is optional: not registered, --no-proxy, or its weights missing
+  (FileNotFoundError) -> the gap is "n/a" and the reason is written in results.md.
+- Equal sample budget: a method's samples per iteration are prompts_per_iteration * group_size of its
+  resolved config; max_iterations = budget / that, and a budget that some method cannot hit exactly is
+  an error (the message gives the least common multiple). samples_seen is read back from each run's
+  metrics.jsonl and checked against the budget.
+- Each trainer runs as its own subprocess (`python -m diffrl.cli train`); its wall clock and peak RSS
+  (`os.wait4`, that child alone) are recorded, plus the summed per-iteration `seconds` and, on CUDA, the
+  largest `peak_memory_mb` (torch.cuda.max_memory_allocated) of its metrics.jsonl.
+- Evaluation (this process): `benchmarks.evaluate.evaluate` with the deterministic sampler and fixed
+  seeds on the base model (no LoRA) and on every checkpoint's LoRA (`--curve-points` of them per method
+  plus the final one), rewards toyworld_accuracy (exact 0/1), toyworld (exact partial credit) and, when
+  registered, the learned proxy toy_proxy. proxy - exact gap = mean toy_proxy - mean toyworld on the
+  same images: a gap that grows with training is reward hacking of the proxy.
+
+Outputs in --output-dir: results.md, results.json, accuracy_vs_samples.png, prompts/heldout.jsonl, runs/<method>/
+(the trainer's output_dir, train.log, benchmark_run.json) and eval/<base|method/iter_N>/ (evaluate's
+folders). A finished run whose command and training prompts are unchanged is reused on a re-run;
+--overwrite retrains everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy_trainers.yaml"
+EXACT, PARTIAL, PROXY = "toyworld_accuracy", "toyworld", "toy_proxy"
+
+ALGORITHM_OVERRIDES: dict[str, tuple[str, ...]] = {
+    # key=value options applied to one algorithm after the base YAML and before --set; an algorithm
+    # missing here runs with the base recipe alone.
+    "grpo": ("grpo.clip_range=1.0e-2", "grpo.kl_beta=0.0"),  # a short run needs a wider clip than 1e-4
+}
+"""Per-algorithm settings of the benchmark (sampler, method hyper-parameters, batch shape)."""
+
+_OWNED_KEYS = ("algorithm", "output_dir", "max_iterations", "logging.save_every", "resume")
+
+
+# ---- planning ------------------------------------------------------------------------------------
+@dataclass
+class RunPlan:
+    algorithm: str
+    overrides: list[str]  # everything after the YAML, max_iterations and save_every included
+    samples_per_iteration: int
+    max_iterations: int
+    run_dir: Path
+
+
+def samples_per_iteration(cfg) -> int:
+    """Samples one iteration of the shared loop draws (one process): prompts x group size."""
+    return cfg.train.prompts_per_iteration * cfg.train.group_size
+
+
+def plan_runs(config: str | Path, algorithms: list[str], sample_budget: int, common: list[str],
+              runs_dir: Path, curve_points: int) -> list[RunPlan]:
+    """Resolve and validate every method's config (no model loads) and size it to the sample budget."""
+    from diffrl.config import load_config
+    from diffrl.trainers import ALGORITHMS
+
+    for item in common:
+        if item.split("=", 1)[0].strip() in _OWNED_KEYS:
+            raise ValueError(f"--set {item}: the benchmark sets {', '.join(_OWNED_KEYS)} itself "
+                             "(use --sample-budget and --curve-points)")
+    if sample_budget < 1 or curve_points < 1:
+        raise ValueError(f"--sample-budget and --curve-points must be >= 1, got {sample_budget}, {curve_points}")
+    plans = []
+    for name in algorithms:
+        ALGORITHMS.get(name)  # unknown names fail with the valid ones
+        base = [f"algorithm={name}", *ALGORITHM_OVERRIDES.get(name, ()), *common, f"output_dir={runs_dir / name}"]
+        per_iter = samples_per_iteration(load_config(config, base))
+        plans.append(RunPlan(name, base, per_iter, 0, runs_dir / name))
+    uneven = [p for p in plans if sample_budget % p.samples_per_iteration]
+    if uneven:
+        lcm = math.lcm(*(p.samples_per_iteration for p in plans))
+        per = ", ".join(f"{p.algorithm} {p.samples_per_iteration}" for p in plans)
+        raise ValueError(f"--sample-budget {sample_budget} is not a whole number of iterations for every method "
+                         f"(samples per iteration: {per}); use a multiple of {lcm}")
+    for p in plans:
+        p.max_iterations = sample_budget // p.samples_per_iteration
+        save_every = max(1, math.ceil(p.max_iterations / curve_points))
+        p.overrides += [f"max_iterations={p.max_iterations}", f"logging.save_every={save_every}"]
+        load_config(config, p.overrides)  # the final config must validate too
+    return plans
+
+
+# ---- prompt sets ---------------------------------------------------------------------------------
+def write_heldout_prompts(path: Path, n: int, seed: int, train_prompts: list[str]) -> Path:
+    """`n` held-out prompts (even tags, all colour-shape pairs) with two flags: "in_training_set" (the
+    prompt is one of `train_prompts`) and "seen_in_pretraining" (only pairs of the pretraining split)."""
+    from diffrl.toyworld import TAGS, compositional_split, enumerate_metadata, make_prompt_set, write_jsonl
+
+    train_pairs, _ = compositional_split(seed=0)
+    pretraining = {m["prompt"] for tag in TAGS for m in enumerate_metadata(tag, allowed_pairs=train_pairs)}
+    train = set(train_prompts)
+    rows = [{**m, "in_training_set": m["prompt"] in train, "seen_in_pretraining": m["prompt"] in pretraining}
+            for m in make_prompt_set(n, seed=seed, unique=False)]
+    write_jsonl(rows, path)
+    return path
+
+
+# ---- training in a subprocess --------------------------------------------------------------------
+def _maxrss_mb(ru_maxrss: int) -> float:
+    return ru_maxrss / 2**20 if sys.platform == "darwin" else ru_maxrss / 1024  # bytes on macOS, KiB on Linux
+
+
+def train_command(config: str | Path, plan: RunPlan) -> list[str]:
+    return [sys.executable, "-m", "diffrl.cli", "train", str(config), *plan.overrides]
+
+
+def run_trainer(config: str | Path, plan: RunPlan, threads: int | None) -> dict:
+    """`python -m diffrl.cli train` for one plan; wall seconds and that child's peak RSS."""
+    cmd = train_command(config, plan)
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    log = plan.run_dir / "train.log"
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child alone (RUSAGE_CHILDREN is a max over all)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-20:])
+        raise RuntimeError(f"training {plan.algorithm} failed (exit {proc.returncode}); {log}:\n{tail}")
+    return {"command": cmd, "wall_seconds": wall, "peak_rss_mb": _maxrss_mb(usage.ru_maxrss)}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, int, Path]]:
+    """(iteration, samples_seen, lora folder) of every checkpoint, in order."""
+    out = []
+    for folder in sorted((Path(run_dir) / "checkpoints").glob("iter_*")):
+        state = json.loads((folder / "state.json").read_text())
+        out.append((state["iteration"], state["samples_seen"], folder / "lora"))
+    return out
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+def _stat(s: dict) -> dict:
+    """mean, stderr (None when undefined: one prompt and one image) and image count of a summary."""
+    return {"mean": s["mean"], "stderr": s["stderr"] if math.isfinite(s["stderr"]) else None, "n": s["n"]}
+
+
+def evaluate_one(policy, lora: Path | None, prompt_set, rewards: list, out_dir: Path, eval_kw: dict,
+                 settings: dict) -> dict:
+    """Held-out scores of the base (lora None) or of one LoRA: exact accuracy overall / per tag / on
+    novel prompts / on held-out pairs, exact partial credit, the proxy's mean and the proxy - exact gap."""
+    from diffrl.benchmarks.evaluate import evaluate
+
+    if lora is not None:
+        from diffusers.utils import logging as diffusers_logging
+
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # a denoiser-only LoRA warns once per text encoder
+        try:
+            policy.load_lora(lora)
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+    metrics = evaluate(policy, prompt_set, rewards, output_dir=out_dir, progress=False,
+                       settings={**settings, "lora": None if lora is None else str(lora)}, **eval_kw)
+    r = metrics["rewards"]
+    rows = [json.loads(line) for line in (out_dir / "scores.jsonl").read_text().splitlines()]
+    meta = prompt_set.metadata
+
+    def subset(keep) -> float | None:
+        xs = [row[EXACT] for row in rows if keep(meta[row["prompt_index"]])]
+        return sum(xs) / len(xs) if xs else None
+
+    proxy = r[PROXY]["mean"] if PROXY in r else None
+    return {
+        "eval_dir": str(out_dir),
+        "accuracy": _stat(r[EXACT]),
+        "accuracy_by_tag": {tag: _stat(s) for tag, s in r[EXACT].get("tags", {}).items()},
+        "accuracy_novel": subset(lambda m: not m["in_training_set"]),
+        "accuracy_heldout_pairs": subset(lambda m: not m["seen_in_pretraining"]),
+        "partial": r[PARTIAL]["mean"],
+        "proxy": proxy,
+        "gap": None if proxy is None else proxy - r[PARTIAL]["mean"],
+    }
+
+
+# ---- report --------------------------------------------------------------------------------------
+def _num(x, fmt=".1f") -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
+
+
+def _acc(s: dict | None) -> str:
+    if s is None:
+        return "–"
+    return f"{s['mean']:.3f} ± " + _num(s["stderr"], ".3f")
+
+
+def results_table(results: dict) -> list[str]:
+    tags = sorted(results["base"]["accuracy_by_tag"])
+    head = ["method", "samples", "train s", "wall s", "peak RSS MB", "peak CUDA MB", "accuracy", "novel acc",
+            "held-out pairs acc", *tags, "partial credit", "proxy − exact"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+
+    def row(name, samples, run, ev):
+        gap = "n/a" if ev["gap"] is None else f"{ev['gap']:+.3f}"
+        cells = [name, str(samples), _num(run.get("train_seconds")), _num(run.get("wall_seconds")),
+                 _num(run.get("peak_rss_mb"), ".0f"), _num(run.get("peak_cuda_mb"), ".0f"), _acc(ev["accuracy"]),
+                 _num(ev["accuracy_novel"], ".3f"), _num(ev["accuracy_heldout_pairs"], ".3f"),
+                 *(_acc(ev["accuracy_by_tag"].get(t)) for t in tags),
+                 f"{ev['partial']:.3f}", gap]
+        lines.append("| " + " | ".join(cells) + " |")
+
+    row("base", 0, {}, results["base"])
+    for name, m in results["methods"].items():
+        row(name, m["samples_seen"], m, m["final"])
+    return lines
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    s = results["settings"]
+    lines = [
+        "# Trainer benchmark (SynthShapes toy world)", "",
+        f"Model `{s['model']}`, equal sample budget {s['sample_budget']} samples per method; held-out set "
+        f"{s['eval_prompts']} prompts x {s['images_per_prompt']} images ({s['eval_steps']} deterministic steps, "
+        f"CFG {s['guidance_scale']}, seed {s['eval_seed']}).", "",
+        *results_table(results), "",
+        "accuracy: exact GenEval-rule accuracy (toyworld_accuracy) ± standard error over prompts; per-tag columns the "
+        "same per tag (– when a tag has one prompt and one image). novel acc: accuracy on held-out prompts absent from "
+        "the training prompts; held-out pairs acc: on prompts with a colour-shape pair never seen in pretraining. partial credit: mean exact partial credit (toyworld). train s: summed per-iteration time of the trainer (rollout + update); wall s: the whole "
+        "training subprocess (start-up, model load, its own evaluations, checkpoints). peak RSS: that subprocess's "
+        "maximum resident memory; peak CUDA: torch.cuda.max_memory_allocated from its metrics.jsonl. "
+        f"proxy − exact: mean {PROXY} minus mean exact partial credit (toyworld) on the same images"
+        + ("" if s["proxy"] else f" (n/a: {s['proxy_note']})") + ".", "",
+        "## Accuracy against samples seen", "",
+        "| method | samples | accuracy | proxy − exact |", "|---|---:|---:|---:|",
+        f"| base | 0 | {_acc(results['base']['accuracy'])} | {_num(results['base']['gap'], '+.3f')} |",
+    ]
+    for name, m in results["methods"].items():
+        for point in m["curve"]:
+            lines.append(f"| {name} | {point['samples_seen']} | {_acc(point['accuracy'])} | {_num(point['gap'], '+.3f')} |")
+    lines += ["", "![accuracy against samples seen](accuracy_vs_samples.png)", ""]
+    path.write_text("\n".join(lines))
+
+
+def plot_curves(results: dict, path: Path) -> Path:
+    """Held-out accuracy against samples seen, one line per method (from the base at 0), the base as a
+    dashed horizontal line; a second panel with the proxy - exact gap when the proxy is available."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_gap = results["base"]["gap"] is not None
+    fig, axes = plt.subplots(1, 2 if with_gap else 1, figsize=(11 if with_gap else 6, 4), squeeze=False)
+    base = results["base"]
+    panels = [("accuracy", lambda e: e["accuracy"]["mean"], lambda e: e["accuracy"]["stderr"], "held-out exact accuracy")]
+    if with_gap:
+        panels.append(("gap", lambda e: e["gap"], lambda e: None, f"{PROXY} − toyworld"))
+    for ax, (_, value, err, label) in zip(axes[0], panels):
+        ax.axhline(value(base), color="black", linestyle="--", label="base")
+        for name, m in results["methods"].items():
+            points = [(0, base)] + [(p["samples_seen"], p) for p in m["curve"]]
+            xs, ys = [x for x, _ in points], [value(e) for _, e in points]
+            es = [err(e) or 0.0 for _, e in points]
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
+        ax.set_xlabel("samples seen")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_title(f"{results['settings']['model']}: equal budget {results['settings']['sample_budget']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---- the benchmark -------------------------------------------------------------------------------
+def run_benchmark(args) -> dict:
+    import torch
+
+    from diffrl.config import load_config
+    from diffrl.data import load_prompts
+    from diffrl.pipelines.registry import load_policy
+    from diffrl.rewards import build_reward, list_rewards
+    from diffrl.trainers import ALGORITHMS
+    from diffrl.trainers.loop import DTYPES
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.output_dir)
+    if args.eval_prompts < 1 or args.images_per_prompt < 1:
+        raise ValueError("--eval-prompts and --images-per-prompt must be >= 1")
+    if args.overwrite:
+        for sub in ("runs", "eval"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()] if args.algorithms else ALGORITHMS.names()
+    eval_path = out / "prompts" / "heldout.jsonl"
+    common = [f"data.eval_prompts={eval_path}", *([f"model={args.model}"] if args.model else []), *args.set]
+    plans = plan_runs(args.config, algorithms, args.sample_budget, common, out / "runs", args.curve_points)
+    base_cfg = load_config(args.config, common)  # evaluation settings shared by every method
+    train_prompts = load_prompts(base_cfg.data.prompts)
+    write_heldout_prompts(eval_path, args.eval_prompts, args.eval_prompt_seed, train_prompts.prompts)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # loaded before training so that a missing model fails at once; the trainers load their own copy
+    policy = load_policy(base_cfg.model, family=base_cfg.policy.family, torch_dtype=DTYPES[base_cfg.policy.dtype],
+                         device=device, resolution=base_cfg.policy.resolution)
+
+    proxy_note = ""
+    rewards = [build_reward(EXACT), build_reward(PARTIAL)]
+    if args.no_proxy:
+        proxy_note = "--no-proxy"
+    elif PROXY not in list_rewards():
+        proxy_note = f"reward '{PROXY}' is not registered"
+    else:
+        try:
+            rewards.append(build_reward(PROXY, **json.loads(args.proxy_kwargs)))
+        except FileNotFoundError as exc:  # registered, weights not trained / shipped yet
+            proxy_note = f"{PROXY} unavailable: {exc}"
+    if proxy_note:
+        print(f"[bench] proxy - exact gap: n/a ({proxy_note})")
+
+    # ---- train (one subprocess each) ---------------------------------------------------------------
+    train_sha = hashlib.sha256("\n".join(train_prompts.prompts).encode()).hexdigest()
+    runs = {}
+    for plan in plans:
+        record_path = plan.run_dir / "benchmark_run.json"
+        cmd = train_command(args.config, plan)
+        record = json.loads(record_path.read_text()) if record_path.is_file() else None
+        if record and record["command"][1:] == cmd[1:] and record["train_prompts_sha256"] == train_sha:
+            print(f"[bench] {plan.algorithm}: reusing the finished run in {plan.run_dir}")
+        else:
+            if plan.run_dir.exists() and any(plan.run_dir.iterdir()):
+                raise FileExistsError(f"{plan.run_dir} holds a run made with other settings (or unfinished); "
+                                      "pass --overwrite or another --output-dir")
+            shutil.rmtree(out / "eval" / plan.algorithm, ignore_errors=True)  # images of an older run
+            print(f"[bench] {plan.algorithm}: {plan.max_iterations} iterations x {plan.samples_per_iteration} samples "
+                  f"-> {plan.run_dir}", flush=True)
+            record = {**run_trainer(args.config, plan, args.threads), "train_prompts_sha256": train_sha}
+            record_path.write_text(json.dumps(record, indent=1))
+        rows = read_metrics(plan.run_dir)
+        samples = rows[-1]["samples_seen"]
+        if samples != args.sample_budget:
+            raise RuntimeError(f"{plan.algorithm} saw {samples} samples, not the budget {args.sample_budget}")
+        runs[plan.algorithm] = {
+            "samples_per_iteration": plan.samples_per_iteration, "max_iterations": plan.max_iterations,
+            "samples_seen": samples, "train_seconds": sum(r["seconds"] for r in rows),
+            "wall_seconds": record["wall_seconds"], "peak_rss_mb": record["peak_rss_mb"],
+            "peak_cuda_mb": max(r["peak_memory_mb"] for r in rows) if torch.cuda.is_available() else None,
+            "run_dir": str(plan.run_dir), "overrides": plan.overrides,
+        }
+
+    # ---- evaluate: the base, then every checkpoint ------------------------------------------------
+    prompt_set = load_prompts(str(eval_path))
+    steps = args.eval_steps or base_cfg.sampling.eval_num_steps
+    eval_kw = dict(images_per_prompt=args.images_per_prompt, steps=steps, guidance_scale=base_cfg.sampling.guidance_scale,
+                   seed=args.eval_seed, batch_size=args.eval_batch_size, negative_prompt=base_cfg.sampling.negative_prompt)
+    settings = {"model": base_cfg.model, "resolution": base_cfg.policy.resolution, "dtype": base_cfg.policy.dtype}
+    print(f"[bench] evaluating the base model on {len(prompt_set)} held-out prompts", flush=True)
+    base = evaluate_one(policy, None, prompt_set, rewards, out / "eval" / "base", eval_kw, settings)
+    for name, run in runs.items():
+        curve = []
+        for iteration, samples, lora in checkpoints(Path(run["run_dir"])):
+            print(f"[bench] evaluating {name} at {samples} samples", flush=True)
+            ev = evaluate_one(policy, lora, prompt_set, rewards, out / "eval" / name / f"iter_{iteration:06d}",
+                              eval_kw, settings)
+            curve.append({"iteration": iteration, "samples_seen": samples, **ev})
+        if not curve or curve[-1]["samples_seen"] != run["samples_seen"]:
+            raise RuntimeError(f"{name}: no final checkpoint in {run['run_dir']}/checkpoints")
+        run["curve"], run["final"] = curve, curve[-1]
+
+    results = {
+        "settings": {
+            "model": base_cfg.model, "config": str(args.config), "set": list(args.set), "algorithms": algorithms,
+            "sample_budget": args.sample_budget, "eval_prompts": args.eval_prompts,
+            "images_per_prompt": args.images_per_prompt, "eval_steps": steps,
+            "guidance_scale": base_cfg.sampling.guidance_scale, "eval_seed": args.eval_seed,
+            "eval_prompt_seed": args.eval_prompt_seed, "train_prompts": base_cfg.data.prompts, "heldout_prompts": str(eval_path),
+            "device": device, "proxy": not proxy_note, "proxy_note": proxy_note,
+        },
+        "base": base,
+        "methods": runs,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_markdown(results, out / "results.md")
+    plot_curves(results, out / "accuracy_vs_samples.png")
+    print("\n".join(results_table(results)))
+    print(f"[bench] wrote results.md, results.json and accuracy_vs_samples.png to {out}")
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m diffrl.benchmarks.trainers",
+        description="Fine-tune a toy model with every trainer at an equal sample budget; report held-out exact "
+                    "accuracy (overall, per tag, against samples seen), the proxy - exact gap, time and memory.",
+    )
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="base YAML recipe (default: benchmarks/configs/toy_trainers.yaml)")
+    p.add_argument("--model", default=None, help="model for every trainer and the base row (default: the YAML's), e.g. toy-sd3")
+    p.add_argument("--algorithms", default=None, help="comma-separated subset of diffrl.trainers.ALGORITHMS (default: all)")
+    p.add_argument("--sample-budget", type=int, default=1024, help="samples each method sees in training")
+    p.add_argument("--curve-points", type=int, default=4, help="checkpoints evaluated per method (the final one included)")
+    p.add_argument("--eval-prompts", type=int, default=300, help="held-out prompts, spread evenly over the tags")
+    p.add_argument("--eval-prompt-seed", type=int, default=10_000,
+                   help="seed of the held-out prompt set (10000 with 300 prompts: builtin:toy_eval)")
+    p.add_argument("--images-per-prompt", type=int, default=1, help="held-out images per prompt")
+    p.add_argument("--eval-steps", type=int, default=None, help="deterministic sampling steps (default: sampling.eval_num_steps)")
+    p.add_argument("--eval-seed", type=int, default=0, help="first noise seed of the held-out images")
+    p.add_argument("--eval-batch-size", type=int, default=32, help="images per denoiser batch in evaluation")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every trainer (repeatable)")
+    p.add_argument("--proxy-kwargs", default="{}", help=f"JSON keyword arguments for the {PROXY} reward")
+    p.add_argument("--no-proxy", action="store_true", help=f"skip {PROXY} even when it is registered")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for training subprocesses and evaluation")
+    p.add_argument("--device", default=None, help="evaluation device (default: cuda when available)")
+    p.add_argument("--output-dir", default="outputs/bench_trainers")
+    p.add_argument("--overwrite", action="store_true", help="retrain and re-evaluate instead of reusing finished runs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run_benchmark(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        print(f"diffrl benchmark: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The trainer benchmark end to end on tiny-sd3: one run per algorithm at an equal sample budget, the
+base row equal to an independent `evaluate`, the proxy - exact gap, time / memory, reuse of finished
+runs, and budget / option validation before any training."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from diffrl.benchmarks import trainers as bench
+from diffrl.benchmarks.evaluate import evaluate
+from diffrl.data import load_prompts
+from diffrl.pipelines.registry import load_policy
+from diffrl.rewards import Reward, registry
+
+BUDGET = 8  # 2 iterations of 2 prompts x 2 samples
+PROXY_VALUE = 0.75
+TINY = [
+    "--model", "tiny-sd3", "--sample-budget", str(BUDGET), "--curve-points", "2", "--eval-prompts", "6", "--images-per-prompt", "1", "--eval-steps", "2", "--eval-batch-size", "3",
+    "--threads", "1",
+    "--set", "train.prompts_per_iteration=2", "--set", "train.group_size=2", "--set", "train.train_batch_size=4",
+    "--set", "train.rollout_batch_size=4", "--set", "sampling.num_steps=2", "--set", "sampling.eval_num_steps=2",
+    "--set", "data.num_eval_prompts=2", "--set", "policy.lora_rank=4", "--set", "policy.lora_alpha=8",
+]
+
+
+class ConstantProxy(Reward):
+    """A stand-in for the learned proxy: PROXY_VALUE for every image, so the gap is known exactly."""
+
+    def score(self, samples, prompts, metadata):
+        return torch.full((len(samples),), PROXY_VALUE)
+
+
+class MissingProxy(Reward):
+    """A registered proxy whose weights are not there (as before they are trained)."""
+
+    def __init__(self):
+        raise FileNotFoundError("toy proxy weights not found")
+
+    def score(self, samples, prompts, metadata):
+        raise AssertionError("never built")
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(registry._REGISTRY, bench.PROXY, ConstantProxy)
+        mp.setattr(ConstantProxy, "name", bench.PROXY, raising=False)
+        assert bench.main([*TINY, "--output-dir", str(out)]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_outputs_and_table_rows(bench_run):
+    out, results = bench_run
+    assert (out / "accuracy_vs_samples.png").stat().st_size > 0
+    md = (out / "results.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    header = rows[0].split(" | ")
+    assert "accuracy" in header and "proxy − exact |" in header[-1]
+    for tag in ("single_object", "two_object", "counting", "colors", "position", "color_attr"):
+        assert tag in header
+    names = [r.split(" | ")[0].removeprefix("| ") for r in rows[1:]]
+    assert names[:2] == ["base", "grpo"]  # the main table; the accuracy-vs-samples table follows
+    assert set(results["methods"]) == {"grpo"} and (out / "runs" / "grpo" / "metrics.jsonl").is_file()
+
+
+def test_equal_sample_budget_read_back_from_metrics(bench_run):
+    out, results = bench_run
+    seen = {}
+    for name, m in results["methods"].items():
+        rows = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        seen[name] = rows[-1]["samples_seen"]
+        assert m["samples_seen"] == seen[name] and m["max_iterations"] == len(rows) == BUDGET // m["samples_per_iteration"]
+        # --curve-points 2: a checkpoint half way and the final one, each evaluated
+        assert [p["samples_seen"] for p in m["curve"]] == [BUDGET // 2, BUDGET]
+    assert set(seen.values()) == {BUDGET}
+
+
+def test_base_row_equals_an_independent_evaluation(bench_run, tmp_path):
+    out, results = bench_run
+    prompts = load_prompts(str(out / "prompts" / "heldout.jsonl"))
+    assert len(prompts) == 6 and len({m["tag"] for m in prompts.metadata}) == 6  # one prompt per tag
+    policy = load_policy("tiny-sd3", resolution=32)
+    metrics = evaluate(policy, prompts, ["toyworld_accuracy", "toyworld"], images_per_prompt=1, steps=2,
+                       guidance_scale=4.5, seed=0, batch_size=3, output_dir=tmp_path / "eval", progress=False)
+    base = results["base"]
+    acc = metrics["rewards"]["toyworld_accuracy"]
+    assert base["accuracy"]["mean"] == acc["mean"]
+    assert base["partial"] == metrics["rewards"]["toyworld"]["mean"]
+    assert {t: s["mean"] for t, s in base["accuracy_by_tag"].items()} == {t: s["mean"] for t, s in acc["tags"].items()}
+
+
+def test_proxy_gap_is_proxy_minus_exact_partial_credit(bench_run):
+    _, results = bench_run
+    assert results["settings"]["proxy"] is True
+    for ev in [results["base"], *results["methods"]["grpo"]["curve"]]:
+        assert ev["proxy"] == pytest.approx(PROXY_VALUE)
+        assert ev["gap"] == pytest.approx(PROXY_VALUE - ev["partial"])
+        assert 0.0 <= ev["partial"] <= 1.0
+
+
+def test_time_and_memory_are_positive(bench_run):
+    _, results = bench_run
+    for m in results["methods"].values():
+        for key in ("train_seconds", "wall_seconds", "peak_rss_mb"):
+            assert isinstance(m[key], float) and math.isfinite(m[key]) and m[key] > 0, key
+        assert m["wall_seconds"] > m["train_seconds"]  # the subprocess also loads the model and evaluates
+        assert (m["peak_cuda_mb"] is None) == (not torch.cuda.is_available())
+
+
+def test_heldout_flags_and_the_shipped_eval_set(bench_run, tmp_path):
+    out, results = bench_run
+    train = set(load_prompts("builtin:toy_train").prompts)
+    rows = load_prompts(str(out / "prompts" / "heldout.jsonl")).metadata
+    assert all(r["in_training_set"] == (r["prompt"] in train) for r in rows)
+    # seed 10000 with 300 prompts is the shipped builtin:toy_eval, flags included
+    path = bench.write_heldout_prompts(tmp_path / "h.jsonl", 300, 10_000, sorted(train))
+    ours, shipped = load_prompts(str(path)).metadata, load_prompts("builtin:toy_eval").metadata
+    assert [(m["prompt"], m["seen_in_pretraining"]) for m in ours] == [(m["prompt"], m["seen_in_pretraining"]) for m in shipped]
+    assert any(not m["seen_in_pretraining"] for m in ours) and any(not m["in_training_set"] for m in ours)
+    for ev in [results["base"], results["methods"]["grpo"]["final"]]:
+        assert 0.0 <= ev["accuracy_novel"] <= 1.0
+
+
+@pytest.mark.parametrize("proxy, flag, note", [(MissingProxy, [], "toy_proxy unavailable: toy proxy weights not found"),
+                                               (ConstantProxy, ["--no-proxy"], "--no-proxy")])
+def test_rerun_reuses_finished_runs_and_reports_na_without_proxy(bench_run, capsys, monkeypatch, proxy, flag, note):
+    out, _ = bench_run
+    monkeypatch.setitem(registry._REGISTRY, bench.PROXY, proxy)
+    log = out / "runs" / "grpo" / "train.log"
+    before = log.stat().st_mtime_ns
+    assert bench.main([*TINY, "--output-dir", str(out), *flag]) == 0
+    assert "reusing the finished run" in capsys.readouterr().out
+    assert log.stat().st_mtime_ns == before
+    results = json.loads((out / "results.json").read_text())
+    assert results["base"]["gap"] is None and results["settings"]["proxy_note"] == note
+    md = (out / "results.md").read_text()
+    grpo_row = next(r for r in md.splitlines() if r.startswith("| grpo | 8 |"))
+    assert grpo_row.rstrip(" |").endswith("n/a") and note in md
+
+
+def test_budget_and_options_are_checked_before_training(tmp_path, capsys):
+    common = ["train.prompts_per_iteration=2", "train.group_size=2", "train.train_batch_size=4"]
+    with pytest.raises(ValueError, match="multiple of 4"):
+        bench.plan_runs(bench.DEFAULT_CONFIG, ["grpo"], 6, common, tmp_path, 2)
+    plans = bench.plan_runs(bench.DEFAULT_CONFIG, ["grpo"], 12, common, tmp_path, 2)
+    assert plans[0].max_iterations == 3 and "logging.save_every=2" in plans[0].overrides
+    assert all(o in plans[0].overrides for o in bench.ALGORITHM_OVERRIDES["grpo"])
+    with pytest.raises(ValueError, match="Valid names: grpo"):
+        bench.plan_runs(bench.DEFAULT_CONFIG, ["grpoo"], 12, common, tmp_path, 2)
+    assert bench.main(["--output-dir", str(tmp_path / "b"), "--set", "max_iterations=5"]) == 2
+    assert "--sample-budget" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "runs").exists()
