@@ -7,6 +7,7 @@
 
 from . import color, jpeg  # noqa: F401  (importing registers the built-in rewards)
 from . import toyworld  # noqa: F401  (SynthShapes: toyworld, toyworld_accuracy)
+from . import toy_proxy  # noqa: F401  (SynthShapes learned proxy: toy_proxy)
 from .base import Reward
 from .registry import build_reward, list_rewards, register_reward
 
