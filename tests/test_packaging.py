@@ -19,7 +19,9 @@ def test_wheel_install_imports_namespaced_packages(tmp_path):
         "from diffrl.pipelines.tiny import tokenizer_path;"
         "from diffrl.data import load_prompts;"
         "print(diffrl.pipelines.__file__); print(diffrl.rewards.__file__); print(tokenizer_path('clip'));"
-        "print(len(load_prompts('builtin:animals')))"
+        "print(len(load_prompts('builtin:animals')));"
+        "print(len(load_prompts('builtin:toy_eval')));"
+        "from diffrl.rewards import build_reward; build_reward('toy_proxy'); print('proxy-ok')"
     )
     # the target dir first on the path, run from elsewhere: the editable checkout must not be what is imported
     env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
@@ -31,3 +33,5 @@ def test_wheel_install_imports_namespaced_packages(tmp_path):
     assert lines[2].startswith(str(site / "diffrl" / "assets" / "tokenizers"))
     assert (Path(lines[2]) / "tokenizer_config.json").is_file() or any(Path(lines[2]).iterdir())
     assert int(lines[3]) == 52
+    assert int(lines[4]) == 300  # jsonl prompt sets ship in the wheel
+    assert lines[5] == "proxy-ok"  # and the proxy reward's weights
