@@ -82,9 +82,24 @@ class Policy(abc.ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, *S] -> images [B, 3, H, W] float32 in [0, 1]."""
 
-    @abc.abstractmethod
+    # ---- construction shared by every family ------------------------------------------------
+    pipeline_class: ClassVar[type]  # the stock diffusers pipeline this adapter wraps
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id, torch_dtype: torch.dtype = torch.float32, device="cpu",
+                        height: int | None = None, width: int | None = None, **init_kwargs):
+        """A local diffusers folder or a hub id already in the local HF cache (offline; never downloads).
+        `init_kwargs` go to the adapter's constructor."""
+        from diffrl.pipelines.registry import load_pipeline
+
+        pipe = load_pipeline(cls.pipeline_class, str(path_or_hub_id), torch_dtype=torch_dtype, device=device)
+        return cls(pipe, height=height, width=width, **init_kwargs)
+
     def pipeline(self):
-        """The stock diffusers pipeline built from this policy's own components (no copies)."""
+        """The stock diffusers pipeline built from this policy's own components (no copies), holding the
+        unwrapped denoiser (training may have replaced `self.denoiser` with a DDP/FSDP wrapper)."""
+        setattr(self.pipe, self.lora_component, self._base_denoiser())
+        return self.pipe
 
     # ---- shared by every family -------------------------------------------------------------
     @property
@@ -137,8 +152,7 @@ class Policy(abc.ABC):
             raise RuntimeError(f"{type(self).__name__}.save_lora() needs a LoRA adapter; call add_lora() first")
         net = self._base_denoiser()
         pipe = self.pipeline()
-        names = [name for name, module in pipe.components.items() if module is net]  # "unet" | "transformer"
-        c = names[0] if names else self.lora_component
+        c = self.lora_component  # "unet" | "transformer"
         type(pipe).save_lora_weights(
             str(directory),
             **{

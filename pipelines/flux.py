@@ -13,7 +13,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffrl.pipelines.base import Condition, Policy
-from diffrl.pipelines.registry import freeze_for_sampling, load_pipeline
+from diffrl.pipelines.registry import freeze_for_sampling
 from diffrl.sampling import Schedule
 
 
@@ -21,6 +21,7 @@ class FluxPolicy(Policy):
     """FLUX transformer with the distilled guidance embedding (no true CFG: `Condition.uncond` is None)."""
 
     family = "flux"
+    pipeline_class = FluxPipeline
     default_guidance_scale = 3.5
 
     def __init__(
@@ -40,29 +41,12 @@ class FluxPolicy(Policy):
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
-    def from_pretrained(
-        cls,
-        path_or_hub_id: str,
-        torch_dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        height: int | None = None,
-        width: int | None = None,
-        max_sequence_length: int = 512,
-    ) -> "FluxPolicy":
-        pipe = load_pipeline(FluxPipeline, path_or_hub_id, torch_dtype=torch_dtype, device=device)
-        return cls(pipe, height=height, width=width, max_sequence_length=max_sequence_length)
-
-    @classmethod
     def tiny(cls, seed: int = 0, dtype: torch.dtype = torch.float32, resolution: int = 32) -> "FluxPolicy":
         """Random tiny FLUX (diffusers' test sizes): ~0.1 M parameters, milliseconds per step on a CPU."""
         from diffrl.pipelines.tiny import tiny_flux_pipeline
 
         pipe = freeze_for_sampling(tiny_flux_pipeline(seed=seed, dtype=dtype, resolution=resolution))
         return cls(pipe, height=resolution, width=resolution, max_sequence_length=32)
-
-    def pipeline(self) -> FluxPipeline:
-        self.pipe.transformer = self._base_denoiser()
-        return self.pipe
 
     # ---- the interface ---------------------------------------------------------------------
     @torch.no_grad()

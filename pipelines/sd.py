@@ -53,6 +53,7 @@ class StableDiffusionPolicy(Policy):
     """
 
     family: ClassVar[str] = "sd"
+    lora_component: ClassVar[str] = "unet"  # the pipeline's name for its denoiser
 
     def __init__(self, pipe, height: int, width: int):
         if pipe.unet.config.time_cond_proj_dim is not None:
@@ -79,13 +80,6 @@ class StableDiffusionPolicy(Policy):
     def vae(self):
         return self.pipe.vae
 
-    def pipeline(self):
-        """The stock pipeline with the (unwrapped) UNet this policy trains and its DDIM scheduler."""
-        self.pipe.unet = self._base_denoiser()
-        return self.pipe
-
-    # ---- the Policy interface ---------------------------------------------------------------
-    @torch.no_grad()
     def encode_prompt(self, prompts: list[str], negative_prompt: str = "") -> Condition:
         """CLIP text embeddings via the pipeline's own `encode_prompt`: cond and the negative prompt."""
         if isinstance(prompts, str):

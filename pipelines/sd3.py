@@ -8,7 +8,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffrl.pipelines.base import Condition, Policy
-from diffrl.pipelines.registry import freeze_for_sampling, load_pipeline
+from diffrl.pipelines.registry import freeze_for_sampling
 from diffrl.sampling import Schedule
 
 
@@ -16,6 +16,7 @@ class SD3Policy(Policy):
     """SD3 transformer with CFG over two CLIP encoders + T5; latents [B, C, H/f, W/f], velocity output."""
 
     family = "sd3"
+    pipeline_class = StableDiffusion3Pipeline
 
     def __init__(
         self,
@@ -38,29 +39,12 @@ class SD3Policy(Policy):
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
-    def from_pretrained(
-        cls,
-        path_or_hub_id: str,
-        torch_dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        height: int | None = None,
-        width: int | None = None,
-        max_sequence_length: int | None = None,
-    ) -> "SD3Policy":
-        pipe = load_pipeline(StableDiffusion3Pipeline, path_or_hub_id, torch_dtype=torch_dtype, device=device)
-        return cls(pipe, height=height, width=width, max_sequence_length=max_sequence_length)
-
-    @classmethod
     def tiny(cls, seed: int = 0, dtype: torch.dtype = torch.float32, resolution: int = 32) -> "SD3Policy":
         """Random tiny SD3 (diffusers' test sizes): ~0.1 M parameters, milliseconds per step on a CPU."""
         from diffrl.pipelines.tiny import tiny_sd3_pipeline
 
         pipe = freeze_for_sampling(tiny_sd3_pipeline(seed=seed, dtype=dtype, resolution=resolution))
         return cls(pipe, height=resolution, width=resolution, max_sequence_length=32)
-
-    def pipeline(self) -> StableDiffusion3Pipeline:
-        self.pipe.transformer = self._base_denoiser()
-        return self.pipe
 
     # ---- the interface ---------------------------------------------------------------------
     @torch.no_grad()
