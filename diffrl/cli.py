@@ -50,6 +50,8 @@ def _sample(args) -> int:
     if args.lora and not Path(args.lora).is_dir():
         print(f"diffrl sample: --lora folder not found: {args.lora}", file=sys.stderr)
         return 2
+    if _rlg_error(args, "sample"):
+        return 2
     policy = _load_policy(args, "sample")
     if policy is None:
         return 2
@@ -66,7 +68,8 @@ def _sample(args) -> int:
             save_png(img, out / name)
             records.append({"file": name, "prompt": prompt, "seed": s})
     (out / "samples.json").write_text(json.dumps({"model": args.model, "lora": args.lora, "steps": args.steps,
-                                                   "guidance_scale": args.guidance_scale, "samples": records}, indent=1))
+                                                   "guidance_scale": args.guidance_scale, **_rlg_settings(args),
+                                                   "samples": records}, indent=1))
     save_grid(torch.cat(all_images), [r["prompt"] for r in records], out / "grid.png")
     print(f"diffrl: wrote {len(records)} images, samples.json and grid.png to {out}")
     return 0
@@ -85,7 +88,56 @@ def _load_policy(args, command: str):
         return None
     if args.lora:
         policy.load_lora(args.lora)
+    schedule = _rlg_schedule(args)
+    if schedule is not None:
+        from diffrl.guidance import RLGuidedPolicy
+
+        policy = RLGuidedPolicy(policy, schedule)  # base = the same denoiser with the LoRA off
     return policy
+
+
+def _add_rlg_options(parser) -> None:
+    parser.add_argument("--rlg-scale", type=float, default=None, metavar="W",
+                        help="RL guidance weight w mixing base (0) and --lora model (1); > 1 extrapolates")
+    parser.add_argument("--rlg-start-scale", type=float, default=None, metavar="W0",
+                        help="ramp w linearly from W0 at the first guided step to --rlg-scale at the last")
+    parser.add_argument("--rlg-skip-steps", type=int, default=0, metavar="N",
+                        help="sample the first N steps with the base model alone (w = 0)")
+
+
+def _rlg_schedule(args):
+    """The RL guidance schedule of --rlg-* (None when --rlg-scale is not given)."""
+    if args.rlg_scale is None:
+        return None
+    from diffrl.guidance import GuidanceSchedule
+
+    return GuidanceSchedule(scale=args.rlg_scale, start_scale=args.rlg_start_scale, skip_steps=args.rlg_skip_steps)
+
+
+def _rlg_error(args, command: str) -> bool:
+    """Print why the --rlg-* options cannot be used and return True; False when they are fine."""
+    if args.rlg_scale is None:
+        if args.rlg_start_scale is not None or args.rlg_skip_steps:
+            print(f"diffrl {command}: --rlg-start-scale / --rlg-skip-steps need --rlg-scale", file=sys.stderr)
+            return True
+        return False
+    if not args.lora:
+        print(f"diffrl {command}: --rlg-scale needs --lora (RL guidance mixes the LoRA model with its base)",
+              file=sys.stderr)
+        return True
+    try:
+        _rlg_schedule(args)
+    except ValueError as exc:
+        print(f"diffrl {command}: {exc}", file=sys.stderr)
+        return True
+    return False
+
+
+def _rlg_settings(args) -> dict:
+    """The RL guidance options as recorded in samples.json / eval settings (empty without --rlg-scale)."""
+    if args.rlg_scale is None:
+        return {}
+    return {"rlg_scale": args.rlg_scale, "rlg_start_scale": args.rlg_start_scale, "rlg_skip_steps": args.rlg_skip_steps}
 
 
 def _eval(args) -> int:
@@ -118,13 +170,15 @@ def _eval(args) -> int:
     if args.run_dir and not (Path(args.run_dir) / "metrics.jsonl").is_file():
         print(f"diffrl eval: --run-dir has no metrics.jsonl: {args.run_dir}", file=sys.stderr)
         return 2
+    if _rlg_error(args, "eval"):
+        return 2
     policy = _load_policy(args, "eval")
     if policy is None:
         return 2
     from diffrl.benchmarks.evaluate import evaluate
 
     settings = {"model": args.model, "lora": args.lora, "resolution": args.resolution, "dtype": args.dtype,
-                "model_seed": args.model_seed}
+                "model_seed": args.model_seed, **_rlg_settings(args)}
     try:
         metrics = evaluate(policy, prompt_set, args.rewards, images_per_prompt=args.images_per_prompt, steps=args.steps,
                            guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
@@ -171,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     smp.add_argument("--device", default="cuda" if _cuda() else "cpu")
     smp.add_argument("--output-dir", default="outputs/samples")
+    _add_rlg_options(smp)
     smp.set_defaults(func=_sample)
 
     ev = sub.add_parser(
@@ -196,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     ev.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ev.add_argument("--output-dir", required=True)
+    _add_rlg_options(ev)
     ev.set_defaults(func=_eval)
 
     from diffrl.toyworld.pretrain import build_parser as pretrain_parser
