@@ -194,6 +194,20 @@ def build_sd(vae, tokenizer, latents: torch.Tensor, seed: int = 0):
 
 
 # ---- denoiser training ---------------------------------------------------------------------------
+def _load_pipeline(folder, family: str):
+    """A saved toy pipeline folder (as written by `pretrain`), ready to train further."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    cls = StableDiffusion3Pipeline if family == "sd3" else StableDiffusionPipeline
+    if not (Path(folder) / "model_index.json").is_file():
+        raise FileNotFoundError(f"--init-from {folder}: no model_index.json there; pass a folder written by pretrain-toy")
+    kwargs = {} if family == "sd3" else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = cls.from_pretrained(folder, **kwargs)
+    for m in _trainable(pipe, family):
+        m.train().requires_grad_(True)
+    return pipe
+
+
 def _trainable(pipe, family: str) -> list[torch.nn.Module]:
     if family == "sd3":
         return [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
@@ -277,21 +291,31 @@ def pretrain(args) -> Path:
     log(f"[pretrain-toy] {len(data.prompts)} scenes ({len(seen)} distinct captions); {len(heldout)} evaluation prompts, "
         f"{sum(not m['seen_in_pretraining'] for m in heldout)} never seen in pretraining")
 
-    token_lengths = [len(ids) for ids in toy_tokenizer(77)(data.prompts[:2000] + [m["prompt"] for m in heldout]).input_ids]
-    tokenizer = toy_tokenizer(max(token_lengths) + 2)
-    log(f"[pretrain-toy] longest caption {max(token_lengths)} tokens; text context {tokenizer.model_max_length}")
-
-    vae_dir = Path(args.vae) if args.vae else None
-    if vae_dir and (vae_dir / "config.json").is_file():
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
+    steps_before = 0
+    if args.init_from:
+        # continue a saved model: its autoencoder, tokenizer and latent scaling are kept as they are
+        pipe = _load_pipeline(args.init_from, args.family)
+        vae = pipe.vae.eval().requires_grad_(False)
+        raw = encode_latents(vae, data.images)  # [N, C, h, w]
+        previous = Path(args.init_from) / "toy_pretrain.json"
+        steps_before = json.loads(previous.read_text())["step"] if previous.is_file() else 0
+        log(f"[pretrain-toy] continuing {args.init_from} after {steps_before} steps")
     else:
-        vae = train_vae(data, args.vae_steps, seed=args.seed, log=log)
-        if vae_dir:
-            vae.save_pretrained(vae_dir)
-    raw = encode_latents(vae, data.images)  # [N, C, h, w]
-    pipe = (build_sd3 if args.family == "sd3" else build_sd)(vae, tokenizer, raw, seed=args.seed)
+        token_lengths = [len(ids) for ids in toy_tokenizer(77)(data.prompts[:2000] + [m["prompt"] for m in heldout]).input_ids]
+        tokenizer = toy_tokenizer(max(token_lengths) + 2)
+        log(f"[pretrain-toy] longest caption {max(token_lengths)} tokens; text context {tokenizer.model_max_length}")
+
+        vae_dir = Path(args.vae) if args.vae else None
+        if vae_dir and (vae_dir / "config.json").is_file():
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
+        else:
+            vae = train_vae(data, args.vae_steps, seed=args.seed, log=log)
+            if vae_dir:
+                vae.save_pretrained(vae_dir)
+        raw = encode_latents(vae, data.images)  # [N, C, h, w]
+        pipe = (build_sd3 if args.family == "sd3" else build_sd)(vae, tokenizer, raw, seed=args.seed)
     pipe.set_progress_bar_config(disable=True)
     latents = scale_latents(pipe, args.family, raw)
     params = [p for m in _trainable(pipe, args.family) for p in m.parameters()]
@@ -316,7 +340,7 @@ def pretrain(args) -> Path:
         done = step == args.max_steps or minutes > args.max_minutes
         if step % args.eval_every == 0 or done:
             acc = evaluate_accuracy(pipe, args.family, heldout, steps=args.eval_steps)
-            row = {"step": step, "minutes": round(minutes, 2), "loss": loss.item(), **acc}
+            row = {"step": steps_before + step, "minutes": round(minutes, 2), "loss": loss.item(), **acc}
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             log(f"[pretrain-toy] step {step} ({minutes:.1f} min): held-out accuracy {acc['overall']:.3f} "
@@ -336,6 +360,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p = parser or argparse.ArgumentParser(prog="diffrl pretrain-toy")
     p.add_argument("--family", choices=["sd3", "sd"], default="sd3", help="flow transformer (sd3) or UNet DDPM (sd)")
     p.add_argument("--output-dir", required=True, help="where the diffusers pipeline folder is saved (at each evaluation)")
+    p.add_argument("--init-from", default=None,
+                   help="continue training this saved toy pipeline folder (keeps its autoencoder and tokenizer)")
     p.add_argument("--vae", default=None, help="autoencoder folder: loaded if present, else trained and saved there")
     p.add_argument("--num-scenes", type=int, default=20000, help="pre-rendered training scenes")
     p.add_argument("--vae-steps", type=int, default=1500, help="autoencoder training steps")
