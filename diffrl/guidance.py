@@ -104,33 +104,29 @@ def as_schedule(scale: float | GuidanceSchedule) -> GuidanceSchedule:
 
 
 # ---- one guided denoiser call ---------------------------------------------------------------------
-def _lora_layers(net: nn.Module) -> list[nn.Module]:
-    from peft.tuners.lora import LoraLayer
-
-    return [m for m in net.modules() if isinstance(m, LoraLayer)]
-
-
 def _tuner_layers(net: nn.Module) -> list[nn.Module]:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [m for m in net.modules() if isinstance(m, BaseTunerLayer)]
 
 
-def batchable_adapter(net: nn.Module) -> str | None:
-    """The one active LoRA adapter of `net` when tuned and base rows can share a peft mixed-adapter batch;
-    None when they cannot (no LoRA, other peft tuners, several active adapters, DoRA, merged weights)."""
-    tuners = _tuner_layers(net)
-    lora = _lora_layers(net)
-    if not lora or len(lora) != len(tuners):
+def batchable_adapter(net: nn.Module) -> tuple[str, list[nn.Module]] | None:
+    """(the one active LoRA adapter, the LoRA layers) of `net` when tuned and base rows can share a peft
+    mixed-adapter batch; None when they cannot (no LoRA, other peft tuners, several active adapters,
+    DoRA, merged weights). Read at every call: adapters may be switched between pipeline calls."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = _tuner_layers(net)
+    if not layers or not all(isinstance(layer, LoraLayer) for layer in layers):
         return None
-    active = {tuple(layer.active_adapters) for layer in lora}
+    active = {tuple(layer.active_adapters) for layer in layers}
     if len(active) != 1 or len(next(iter(active))) != 1:
         return None
     (name,) = next(iter(active))
-    for layer in lora:
+    for layer in layers:
         if layer.merged or layer.disable_adapters or layer.use_dora.get(name, False):
             return None
-    return name
+    return name, layers
 
 
 @contextlib.contextmanager
@@ -226,8 +222,8 @@ class GuidedCall:
         if self.base is not None:
             base = self.base(*args, **kwargs)
             return base if w == 0.0 else mix(base, forward(*args, **kwargs), w)
-        adapter = batchable_adapter(self.net) if self.batched else None
-        if adapter is None:  # two forwards: adapter off, then on
+        batchable = batchable_adapter(self.net) if self.batched else None
+        if batchable is None:  # two forwards: adapter off, then on
             with adapters_disabled(self.net):
                 base = forward(*args, **kwargs)
             return base if w == 0.0 else mix(base, forward(*args, **kwargs), w)
@@ -235,7 +231,7 @@ class GuidedCall:
         params = list(bound.arguments)
         x = bound.arguments[params[1]]  # the main input (hidden_states / sample) [N, ...]
         n = x.shape[0]
-        layers = _lora_layers(self.net)
+        adapter, layers = batchable
         if w == 0.0:  # every row without the adapter: exactly the base network, one forward of N rows
             with _row_adapters(layers, [BASE_ADAPTER] * n):
                 return forward(*args, **kwargs)
@@ -335,7 +331,7 @@ class RLGuidance:
 
     The pipeline's denoiser (its `transformer` or `unet`) computes the guided mix on every call; the
     scheduler's `set_timesteps` / `step` are followed to know the step index for `GuidanceSchedule`s.
-    `remove()` (or leaving the `with` block) restores both. `scale` may be changed between calls.
+    `remove()` (or leaving the `with` block) restores both. Assign `schedule` to change w between calls.
     """
 
     def __init__(self, pipe, scale: float | GuidanceSchedule = 1.0, *, base: nn.Module | None = None,
