@@ -45,10 +45,13 @@ def sample(
     x = latents
     chain = [x]
     log_probs = []
+    history = None  # the previous step's (x_t, model output), for multistep solvers (flow_dpm2)
     for i in range(len(schedule)):
         t = schedule.timesteps[i].expand(x.shape[0])  # [B]
         out = policy.predict(x, t, cond, guidance_scale)  # [B, *S]
-        step = sampler.step(schedule, i, x, out, generator=generator, prediction_type=policy.prediction_type)
+        step = sampler.step(schedule, i, x, out, generator=generator, prediction_type=policy.prediction_type,
+                            history=history)
+        history = (x, out)
         x = step.prev_sample
         if record or i == len(schedule) - 1:
             chain.append(x)

@@ -288,4 +288,4 @@ def test_sampler_validation():
         Sampler("ddim", eta=1.5)
     with pytest.raises(ValueError, match="reduction"):
         Sampler("flow_sde", reduction="max")
-    assert set(SAMPLERS) == {"flow_sde", "flow_ode", "ddim"}
+    assert set(SAMPLERS) == {"flow_sde", "flow_ode", "ddim", "flow_dpm2"}

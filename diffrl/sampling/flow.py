@@ -1,4 +1,5 @@
-"""Rectified-flow steps: the Euler ODE step and Flow-GRPO's SDE step with its exact log-probability.
+"""Rectified-flow steps: the Euler ODE step, the second-order multistep DPM-Solver++(2M) ODE step, and
+Flow-GRPO's SDE step with its exact log-probability.
 
 Convention: x_t = (1 - sigma) x0 + sigma eps, the model predicts the velocity v = eps - x0, and a
 step goes from `sigma` to `sigma_prev` < sigma (dt = sigma_prev - sigma < 0).
@@ -31,6 +32,48 @@ def flow_ode_step(sample: torch.Tensor, velocity: torch.Tensor, sigma, sigma_pre
     dt = s_prev - s  # [] or [B, 1, ..]
     prev = (x + dt * velocity).to(velocity.dtype)  # [B, *S]
     zeros = torch.zeros(x.shape[0], device=x.device, dtype=torch.float32)  # [B]
+    return StepOutput(prev_sample=prev, mean=prev, std=zeros, log_prob=None, sde_std=None)
+
+
+def flow_dpm2_step(
+    sample: torch.Tensor,
+    velocity: torch.Tensor,
+    sigma,
+    sigma_prev,
+    *,
+    last_sample: torch.Tensor | None = None,
+    last_velocity: torch.Tensor | None = None,
+    sigma_last=None,
+) -> StepOutput:
+    """Multistep DPM-Solver++(2M) step (Lu et al. 2022) for rectified flow, deterministic; DiffusionNFT's "dpm2".
+
+    Data prediction x0 = x - sigma v with alpha = 1 - sigma and lambda(s) = log((1 - s) / s). The 2M update
+    x_prev = (sigma_prev / sigma) x - alpha_prev (e^-h - 1) (D0 + D1 / 2), D0 = x0, D1 = (x0 - x0_last) h / h_last,
+    h = lambda(sigma_prev) - lambda(sigma), h_last = lambda(sigma) - lambda(sigma_last), is written here in the
+    equivalent form of an Euler step on an extrapolated x0 (since -alpha_prev (e^-h - 1) = 1 - sigma_prev / sigma):
+    x_prev = x + (sigma_prev / sigma - 1) (x - x0_eff), x0_eff = x0 + (h / (2 h_last)) (x0 - x0_last).
+
+    First order (the Euler / DDIM step) without a previous step (`last_*` None, the first step), into
+    sigma_prev == 0 (the last step: diffusers' lower_order_final) and after sigma_last == 1 (h_last = inf).
+    `last_sample`, `last_velocity`: the previous step's input x and model output, at `sigma_last`.
+    Schedule values: python float, 0-d tensor or Tensor[B]. Computed (and returned) in at least float32, with
+    the step coefficients in float64.
+    """
+    dtype = torch.promote_types(sample.dtype, torch.float32)
+    x = sample.to(dtype)  # [B, *S]
+    x0 = x - per_sample(sigma, x, dtype) * velocity.to(dtype)  # [B, *S]
+    s = per_sample(sigma, x, torch.float64)  # [] or [B, 1, ..]
+    s_prev = per_sample(sigma_prev, x, torch.float64)  # [] or [B, 1, ..]
+    ratio = (s_prev / s).to(dtype)  # [] or [B, 1, ..]
+    if last_sample is not None and last_velocity is not None and sigma_last is not None:
+        s_last = per_sample(sigma_last, x, torch.float64)  # [] or [B, 1, ..]
+        lam = lambda v: torch.log1p(-v) - torch.log(v)  # noqa: E731  log-SNR of rectified flow
+        h, h_last = lam(s_prev) - lam(s), lam(s) - lam(s_last)  # [] or [B, 1, ..]; h = inf at s_prev == 0
+        coef = torch.where(s_prev > 0, h / (2 * h_last), torch.zeros_like(h)).to(dtype)  # 0 after s_last == 1
+        x0_last = last_sample.to(dtype) - per_sample(sigma_last, x, dtype) * last_velocity.to(dtype)  # [B, *S]
+        x0 = x0 + coef * (x0 - x0_last)  # [B, *S]
+    prev = x + (ratio - 1) * (x - x0)  # [B, *S]
+    zeros = torch.zeros(x.shape[0], device=x.device, dtype=dtype)  # [B]
     return StepOutput(prev_sample=prev, mean=prev, std=zeros, log_prob=None, sde_std=None)
 
 

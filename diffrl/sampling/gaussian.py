@@ -37,7 +37,8 @@ def per_sample(value, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     Returns a 0-d tensor for scalars and a [B, 1, ..., 1] view for per-sample values, in `dtype` on
     `like.device`.
     """
-    t = torch.as_tensor(value).to(device=like.device, dtype=dtype)
+    # python floats go through float64: torch.as_tensor would round them to float32 first
+    t = (value if torch.is_tensor(value) else torch.tensor(value, dtype=torch.float64)).to(device=like.device, dtype=dtype)
     if t.ndim == 0:
         return t  # []
     if t.ndim != 1 or t.shape[0] != like.shape[0]:

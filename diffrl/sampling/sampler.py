@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import torch
 
 from diffrl.sampling.ddim import PREDICTION_TYPES, ddim_step
-from diffrl.sampling.flow import flow_ode_step, flow_sde_step
+from diffrl.sampling.flow import flow_dpm2_step, flow_ode_step, flow_sde_step
 from diffrl.sampling.gaussian import StepOutput, check_reduction
 from diffrl.sampling.schedule import Schedule
 
-SAMPLERS = ("flow_sde", "flow_ode", "ddim")
-_SCHEDULE_KIND = {"flow_sde": "flow", "flow_ode": "flow", "ddim": "ddim"}
+SAMPLERS = ("flow_sde", "flow_ode", "ddim", "flow_dpm2")
+_SCHEDULE_KIND = {"flow_sde": "flow", "flow_ode": "flow", "ddim": "ddim", "flow_dpm2": "flow"}
 
 
 @dataclass
@@ -20,7 +20,7 @@ class Sampler:
     """A named pure step function with its noise settings; no model calls."""
 
     kind: str
-    """One of SAMPLERS: "flow_sde" (Flow-GRPO), "flow_ode" (Euler), "ddim" (DDPO, eta)."""
+    """One of SAMPLERS: "flow_sde" (Flow-GRPO), "flow_ode" (Euler), "ddim" (DDPO, eta), "flow_dpm2" (DPM-Solver++(2M) ODE)."""
     noise_level: float = 0.7
     """Flow SDE noise level a in std_t = a sqrt(sigma / (1 - sigma)) (Flow-GRPO default 0.7)."""
     eta: float = 1.0
@@ -40,7 +40,7 @@ class Sampler:
     @property
     def stochastic(self) -> bool:
         """Whether steps draw noise (and return log-probs)."""
-        if self.kind == "flow_ode":
+        if self.kind in ("flow_ode", "flow_dpm2"):
             return False
         if self.kind == "flow_sde":
             return self.noise_level > 0
@@ -56,12 +56,15 @@ class Sampler:
         prev_sample: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         prediction_type: str = "flow",
+        history: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> StepOutput:
         """Step i of `schedule` from `sample` [B, *S] given the model output [B, *S].
 
         `index`: an int (all samples at the same step) or LongTensor[B] (per-sample steps, e.g.
         when re-scoring random timesteps of stored trajectories). `prediction_type`: "flow"
-        (velocity) for the flow samplers, "epsilon" or "v_prediction" for ddim.
+        (velocity) for the flow samplers, "epsilon" or "v_prediction" for ddim. `history`: the previous
+        step's (sample, model output), used by the multistep "flow_dpm2" (None at the first step) and
+        ignored by the one-step samplers.
         """
         want = _SCHEDULE_KIND[self.kind]
         if schedule.kind != want:
@@ -79,6 +82,11 @@ class Sampler:
             sigma, sigma_prev = sigmas[index], sigmas[index + 1]  # [] or [B]
             if self.kind == "flow_ode":
                 return flow_ode_step(sample, model_output, sigma, sigma_prev)
+            if self.kind == "flow_dpm2":
+                last_sample, last_velocity = history if history is not None else (None, None)
+                sigma_last = sigmas[index - 1] if history is not None else None  # [] or [B]
+                return flow_dpm2_step(sample, model_output, sigma, sigma_prev, last_sample=last_sample,
+                                      last_velocity=last_velocity, sigma_last=sigma_last)
             return flow_sde_step(
                 sample, model_output, sigma, sigma_prev,
                 noise_level=self.noise_level, sigma_max=sigmas[1], prev_sample=prev_sample,
