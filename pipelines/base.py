@@ -195,6 +195,47 @@ class Policy(abc.ABC):
         finally:
             net.enable_adapters()
 
+    # ---- extra LoRA adapters on the same network (EMA snapshots of the trained weights) -------
+    def add_adapter_copy(self, name: str) -> None:
+        """Another peft LoRA adapter `name` on the same network, with the "default" adapter's config and a
+        float32 copy of its current weights, frozen; "default" stays the active, trainable adapter. The
+        base weights are shared: a snapshot costs one more set of LoRA tensors, never a model copy."""
+        import copy
+        import warnings
+
+        if not self.has_lora:
+            raise RuntimeError(f"{type(self).__name__}.add_adapter_copy() needs the trainable LoRA adapter; call add_lora() first")
+        net = self._base_denoiser()
+        if name in net.peft_config:
+            raise ValueError(f"adapter {name!r} already exists on the {self.lora_component}")
+        with warnings.catch_warnings():  # peft warns whenever a second adapter joins a model
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+            net.add_adapter(copy.deepcopy(net.peft_config["default"]), adapter_name=name)
+        net.set_adapter("default")  # add_adapter activates the new one; peft also moves requires_grad back
+        with torch.no_grad():
+            for src, dst in zip(self.adapter_parameters("default"), self.adapter_parameters(name), strict=True):
+                dst.data = src.detach().float().clone()
+
+    def adapter_parameters(self, name: str = "default") -> list[nn.Parameter]:
+        """The LoRA tensors of adapter `name`, in the same (module) order for every adapter."""
+        net = self._base_denoiser()
+        marks = (f".lora_A.{name}.", f".lora_B.{name}.")
+        params = [p for n, p in net.named_parameters() if any(m in n for m in marks)]
+        if not params:
+            raise KeyError(f"no LoRA adapter named {name!r} on the {self.lora_component}")
+        return params
+
+    @contextlib.contextmanager
+    def use_adapter(self, name: str) -> Iterator[None]:
+        """Run the network with LoRA adapter `name` instead of "default" (use under torch.no_grad(): peft
+        marks the active adapter trainable until "default" is restored on exit)."""
+        net = self._base_denoiser()
+        net.set_adapter(name)
+        try:
+            yield
+        finally:
+            net.set_adapter("default")
+
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         net = self._base_denoiser()
         if enabled:

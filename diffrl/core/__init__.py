@@ -1,4 +1,5 @@
-"""Pure RL core: advantages, surrogate losses, KL estimators, loss aggregation (no models, no I/O)."""
+"""Pure RL core: advantages, surrogate losses, KL estimators, loss aggregation, the forward-process (DiffusionNFT,
+CRD) losses (no models, no I/O)."""
 
 from .advantages import (
     ADVANTAGES,
@@ -9,6 +10,17 @@ from .advantages import (
     zero_std_fraction,
 )
 from .aggregation import AGGREGATIONS, aggregate
+from .forward_process import (
+    adaptive_sq_error,
+    crd_implicit_reward,
+    crd_kl_weight,
+    crd_policy_loss,
+    group_mean,
+    mean_sq,
+    nft_policy_loss,
+    optimality,
+    snapshot_decay,
+)
 from .kl import KL_ESTIMATORS, flow_grpo_kl, gaussian_kl, kl_estimator
 from .losses import LOSSES, clipped_surrogate, log_ratio_to_ratio, policy_gradient
 from .registry import Registry, UnknownNameError
@@ -21,15 +33,24 @@ __all__ = [
     "PerPromptStatTracker",
     "Registry",
     "UnknownNameError",
+    "adaptive_sq_error",
     "aggregate",
     "clipped_surrogate",
     "combine_rewards",
+    "crd_implicit_reward",
+    "crd_kl_weight",
+    "crd_policy_loss",
     "flow_grpo_kl",
     "gaussian_kl",
     "group_advantages",
+    "group_mean",
     "kl_estimator",
     "log_ratio_to_ratio",
+    "mean_sq",
+    "nft_policy_loss",
+    "optimality",
     "policy_gradient",
     "rloo_advantages",
+    "snapshot_decay",
     "zero_std_fraction",
 ]
