@@ -52,7 +52,7 @@ class SamplingConfig:
     guidance_scale: float = 4.5
     """Classifier-free guidance scale during rollouts and training (Flow-GRPO SD3.5: 4.5); FLUX: embedded guidance."""
     sampler: Optional[str] = None
-    """Training sampler: "flow_sde", "ddim" (eta below), "flow_ode"; None picks flow_sde for flow models, ddim for UNets."""
+    """Rollout sampler: "flow_sde", "flow_ode" (Euler), "flow_dpm2" (DPM-Solver++(2M) ODE), "ddim" (eta below); None: flow_sde for grpo and flow_dpm2 for nft/crd (DiffusionNFT) on flow models, ddim on UNets."""
     noise_level: float = 0.7
     """Flow SDE noise level a in std_t = a sqrt(sigma / (1 - sigma)) (Flow-GRPO: 0.7)."""
     eta: float = 1.0
@@ -87,6 +87,8 @@ class TrainConfig:
     """Samples per denoiser batch while sampling (memory knob only)."""
     train_batch_size: int = 8
     """Samples per gradient step; must divide prompts_per_iteration * group_size (Flow-GRPO: 8 per GPU)."""
+    micro_batch_size: Optional[int] = None
+    """nft/crd: samples per forward/backward pass within a train batch (gradients accumulate; memory knob only); None: the whole train batch."""
     num_inner_epochs: int = 1
     """Passes over each iteration's samples (Flow-GRPO: 1)."""
     learning_rate: float = 3e-4
@@ -132,6 +134,52 @@ class GRPOConfig:
 
 
 @dataclass
+class ForwardProcessConfig:
+    """Shared by the forward-process trainers (nft, crd): how final samples are noised for training."""
+
+    timestep_source: str = "schedule"
+    """Training noise levels: "schedule" (the rollout schedule's steps, DiffusionNFT), "uniform" or "logit_normal" t in (0, 1)."""
+    timestep_fraction: float = 0.99
+    """Noise levels trained per sample and inner epoch: max(1, int(fraction * sampling.num_steps)), fresh noise each (DiffusionNFT: 0.99)."""
+    logit_normal_mean: float = 0.0
+    """Mean of the logit-normal timestep density t = sigmoid(m + s z) (SD3, Esser et al. 2024: 0)."""
+    logit_normal_std: float = 1.0
+    """Std of the logit-normal timestep density (SD3, Esser et al. 2024: 1)."""
+    adv_clip_max: float = 5.0
+    """A_max: advantages are clipped to +-A_max and mapped to r = 0.5 + 0.5 A / A_max in [0, 1] (DiffusionNFT, CRD: 5)."""
+
+
+@dataclass
+class NFTConfig(ForwardProcessConfig):
+    beta: float = 1.0
+    """Implicit-policy strength: v+- = sg(v_old) +- beta (v_theta - sg(v_old)) (DiffusionNFT: 1; 0.1 for OCR)."""
+    kl_coef: float = 1e-4
+    """Weight of mean((v_theta - v_ref)^2) against the reference (adapter disabled) (DiffusionNFT: 1e-4)."""
+    old_decay: list[float] = field(default_factory=lambda: [0, 0.0, 0.001, 0.5])
+    """EMA decay of the old (sampling) adapter after each iteration, [start_step, start_value, slope, max]: min(0.001 step, 0.5) (DiffusionNFT decay_type 1)."""
+
+
+@dataclass
+class CRDConfig(ForwardProcessConfig):
+    beta: float = 1.0
+    """Implicit-reward scale: the loss matches beta (r_theta - mean_g r_theta) to a - mean_g a (CRD: 1, Flow-Factory crd_beta)."""
+    loss: str = "mse"
+    """Reward matching: "mse" (A_max / beta) (beta R_c - A_c)^2 (CRD) or "bce" BCE(beta R_c, sigmoid(A_c)) (the authors' variant)."""
+    kl_beta: float = 0.1
+    """KL strength against the CFG-guided reference (adapter disabled): kl_beta (m + a (1 - m)) mean((v_theta - v_ref)^2) (CRD: 0.1)."""
+    kl_floor: float = 1e-4
+    """KL coefficient at a = 0, m = kl_floor / kl_beta, when reward_adaptive_kl (CRD: 1e-4)."""
+    reward_adaptive_kl: bool = True
+    """Scale each sample's KL by m + a (1 - m), weaker for low-reward samples (CRD: on)."""
+    ref_guidance_scale: float = 4.5
+    """CFG scale of the KL reference, the pretrained model as used at inference (CRD: 4.5)."""
+    old_decay: list[float] = field(default_factory=lambda: [0, 0.25, 0.005, 0.999])
+    """EMA decay of the old adapter (v_old of the implicit reward), [start_step, start_value, slope, max]: min(0.25 + 0.005 step, 0.999) (CRD)."""
+    sampling_decay: list[float] = field(default_factory=lambda: [75, 0.0, 0.0075, 0.999])
+    """EMA decay of the sampling adapter (rollouts): 0 before step 75, then min(0.0075 (step - 75), 0.999) (CRD)."""
+
+
+@dataclass
 class LoggingConfig:
     log_with: str = "tensorboard"
     """Experiment tracker through accelerate: "tensorboard", "wandb" or "none"."""
@@ -166,6 +214,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    nft: NFTConfig = field(default_factory=NFTConfig)
+    crd: CRDConfig = field(default_factory=CRDConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -182,13 +232,13 @@ def _section_types(cls) -> dict[str, type]:
 
 # ---- field docstrings ------------------------------------------------------------------------
 def field_docs(cls) -> dict[str, str]:
-    """The one-line docstring written under each field of a config dataclass."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
+    """The one-line docstring written under each field of a config dataclass (and of its dataclass bases)."""
     docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 
 
@@ -294,10 +344,11 @@ def validate(cfg: RunConfig) -> None:
     _positive(s.eval_num_steps, "sampling.eval_num_steps")
     _one_of(s.logprob_reduction, ("mean", "sum"), "sampling.logprob_reduction")
     flow = family in ("sd3", "flux")
-    sampler = s.sampler or ("flow_sde" if flow else "ddim")
-    _one_of(sampler, ("flow_sde", "flow_ode", "ddim"), "sampling.sampler")
+    sampler = resolve_sampler(cfg, flow)
+    _one_of(sampler, ("flow_sde", "flow_ode", "flow_dpm2", "ddim"), "sampling.sampler")
     if flow and sampler == "ddim":
-        raise ConfigError(f"'sampling.sampler' ddim needs a UNet (sd) model; '{cfg.model}' is a flow model ({family}): use flow_sde")
+        raise ConfigError(f"'sampling.sampler' ddim needs a UNet (sd) model; '{cfg.model}' is a flow model ({family}): "
+                          "use flow_sde, flow_ode or flow_dpm2")
     if not flow and sampler.startswith("flow"):
         raise ConfigError(f"'sampling.sampler' {sampler} needs a flow model; '{cfg.model}' is a UNet (sd) model: use ddim")
     for key in ("prompts_per_iteration", "group_size", "rollout_batch_size", "train_batch_size", "num_inner_epochs"):
@@ -310,6 +361,12 @@ def validate(cfg: RunConfig) -> None:
             f"'train.train_batch_size' ({t.train_batch_size}) must divide train.prompts_per_iteration * "
             f"train.group_size ({samples} samples per process per iteration)"
         )
+    if t.micro_batch_size is not None:
+        _positive(t.micro_batch_size, "train.micro_batch_size")
+        if t.train_batch_size % t.micro_batch_size:
+            raise ConfigError(f"'train.micro_batch_size' ({t.micro_batch_size}) must divide train.train_batch_size ({t.train_batch_size})")
+        if cfg.algorithm == "grpo" and t.micro_batch_size != t.train_batch_size:
+            raise ConfigError("'train.micro_batch_size' is used by nft and crd; grpo runs each train batch in one pass: leave it unset")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"'train.ema_decay' must be in [0, 1), got {t.ema_decay}")
     _one_of(lg.log_with, ("tensorboard", "wandb", "none"), "logging.log_with")
@@ -331,10 +388,10 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"'grpo.timestep_fraction' must be in (0, 1], got {g.timestep_fraction}")
         if g.std_ddof not in (0, 1):
             raise ConfigError(f"'grpo.std_ddof' must be 0 or 1, got {g.std_ddof}")
-        if sampler == "flow_ode" or (sampler == "ddim" and s.eta == 0):
+        if sampler in ("flow_ode", "flow_dpm2") or (sampler == "ddim" and s.eta == 0):
             raise ConfigError(
-                "grpo needs a stochastic sampler for its log-probabilities: 'sampling.sampler' flow_ode "
-                "or ddim with 'sampling.eta' 0 gives none"
+                f"grpo needs a stochastic sampler for its log-probabilities: 'sampling.sampler' {sampler} "
+                "(like ddim with 'sampling.eta' 0) gives none"
             )
         if flow and s.noise_level <= 0:
             raise ConfigError("'sampling.noise_level' must be > 0 for grpo: the flow SDE needs noise for log-probs")
@@ -342,6 +399,68 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(
                 "'grpo.kl_beta' > 0 needs a frozen reference, which diffrl takes as the base model with the LoRA "
                 "adapter disabled; with 'policy.lora_rank' 0 there is none. Set policy.lora_rank > 0 or grpo.kl_beta=0"
+            )
+    if cfg.algorithm in ("nft", "crd"):
+        _validate_forward_process(cfg)
+
+
+def resolve_sampler(cfg: RunConfig, flow: bool) -> str:
+    """The rollout sampler's name: sampling.sampler, else the algorithm's default on flow models, ddim on UNets."""
+    from diffrl.trainers import ALGORITHMS
+
+    if cfg.sampling.sampler:
+        return cfg.sampling.sampler
+    return ALGORITHMS.get(cfg.algorithm).default_flow_sampler if flow else "ddim"
+
+
+def _check_decay(schedule, key: str) -> None:
+    if len(schedule) != 4:
+        raise ConfigError(f"'{key}' must be [start_step, start_value, slope, max], got {list(schedule)}")
+    start_step, start_value, slope, max_value = schedule
+    if start_step < 0 or slope < 0 or not 0 <= start_value <= 1 or not 0 <= max_value <= 1:
+        raise ConfigError(
+            f"'{key}' {list(schedule)}: start_step and slope must be >= 0 and start_value, max in [0, 1] "
+            "(a decay of 1 freezes the snapshot, 0 copies the trained weights)"
+        )
+
+
+def _validate_forward_process(cfg: RunConfig) -> None:
+    """nft / crd: LoRA snapshots, timestep draws, and (crd) batches of whole prompt groups."""
+    name = cfg.algorithm
+    f, t = getattr(cfg, name), cfg.train
+    if cfg.policy.lora_rank == 0:
+        raise ConfigError(
+            f"'policy.lora_rank' must be > 0 for {name}: its snapshots of the trained weights are extra LoRA adapters on "
+            "the same network and its reference is that network with the adapters disabled; a full fine-tune "
+            "(lora_rank 0) would need extra copies of the whole model in memory"
+        )
+    _one_of(f.timestep_source, ("schedule", "uniform", "logit_normal"), f"{name}.timestep_source")
+    if not 0 < f.timestep_fraction <= 1:
+        raise ConfigError(f"'{name}.timestep_fraction' must be in (0, 1], got {f.timestep_fraction}")
+    _positive(f.logit_normal_std, f"{name}.logit_normal_std")
+    _positive(f.adv_clip_max, f"{name}.adv_clip_max")
+    _positive(f.beta, f"{name}.beta")
+    _check_decay(f.old_decay, f"{name}.old_decay")
+    if name == "nft":
+        _positive(f.kl_coef, "nft.kl_coef", allow_zero=True)
+        return
+    _one_of(f.loss, ("mse", "bce"), "crd.loss")
+    _positive(f.kl_beta, "crd.kl_beta", allow_zero=True)
+    _positive(f.kl_floor, "crd.kl_floor", allow_zero=True)
+    if f.reward_adaptive_kl and f.kl_beta > 0 and f.kl_floor > f.kl_beta:
+        raise ConfigError(f"'crd.kl_floor' ({f.kl_floor}) must not exceed crd.kl_beta ({f.kl_beta}): it is the KL weight at a = 0")
+    _positive(f.ref_guidance_scale, "crd.ref_guidance_scale")
+    _check_decay(f.sampling_decay, "crd.sampling_decay")
+    K = t.group_size
+    if K < 2:
+        raise ConfigError("'train.group_size' must be >= 2 for crd: rewards are centred within a prompt group, so a group of one carries no signal")
+    # a process draws whole groups (the loop never splits a prompt across processes); its batches must too
+    for key in ("train_batch_size", "micro_batch_size"):
+        size = getattr(t, key)
+        if size is not None and size % K:
+            raise ConfigError(
+                f"'train.{key}' ({size}) must be a multiple of train.group_size ({K}) for crd: it centres rewards "
+                "within a prompt group, so every batch must hold whole groups"
             )
 
 

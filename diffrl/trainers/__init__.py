@@ -6,9 +6,13 @@ ALGORITHMS = Registry("algorithm")
 
 
 def _register_builtin() -> None:
+    from diffrl.trainers.crd import CRD
     from diffrl.trainers.grpo import GRPO
+    from diffrl.trainers.nft import DiffusionNFT
 
     ALGORITHMS.register("grpo")(GRPO)
+    ALGORITHMS.register("nft")(DiffusionNFT)
+    ALGORITHMS.register("crd")(CRD)
 
 
 _register_builtin()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -35,6 +36,8 @@ class Algorithm(abc.ABC):
     name: ClassVar[str]
     record_trajectory: ClassVar[bool] = True
     """True: rollouts keep every x_t and the step log-probs (policy-gradient methods)."""
+    default_flow_sampler: ClassVar[str] = "flow_sde"
+    """Rollout sampler on flow models when sampling.sampler is None (UNets default to ddim)."""
 
     def __init__(self, cfg, policy, sampler, accelerator):
         self.cfg, self.policy, self.sampler, self.accelerator = cfg, policy, sampler, accelerator
@@ -42,6 +45,10 @@ class Algorithm(abc.ABC):
     @abc.abstractmethod
     def update(self, batch: RolloutBatch, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict[str, float]:
         """Gradient steps on one scored batch; returns metrics (must include "loss")."""
+
+    def rollout_context(self) -> contextlib.AbstractContextManager:
+        """Entered around the rollout's sampling: e.g. run a sampling snapshot instead of the trained weights."""
+        return contextlib.nullcontext()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Extra tensors to checkpoint (snapshots, EMAs)."""

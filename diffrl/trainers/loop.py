@@ -19,7 +19,7 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from diffrl.checkpoint import load_checkpoint, save_checkpoint
-from diffrl.config import RunConfig, save_config, to_flat_dict
+from diffrl.config import RunConfig, resolve_sampler, save_config, to_flat_dict
 from diffrl.core import PerPromptStatTracker, zero_std_fraction
 from diffrl.data import draw_prompt_indices, load_prompts
 from diffrl.rollout import sample
@@ -84,7 +84,7 @@ class Trainer:
 
         s = cfg.sampling
         flow = self.policy.prediction_type == "flow"
-        kind = s.sampler or ("flow_sde" if flow else "ddim")
+        kind = resolve_sampler(cfg, flow)
         self.sampler = make_sampler(kind, noise_level=s.noise_level, eta=s.eta, reduction=s.logprob_reduction)
         self.eval_sampler = make_sampler("flow_ode" if flow else "ddim", eta=0.0)
         self.reward = build_reward(cfg.reward, **cfg.reward_kwargs).to(acc.device)
@@ -126,7 +126,7 @@ class Trainer:
         chunks, images = [], []
         for start in range(0, P * K, cfg.train.rollout_batch_size):
             sl = slice(start, start + cfg.train.rollout_batch_size)
-            with acc.autocast():
+            with acc.autocast(), self.algorithm.rollout_context():
                 traj = sample(
                     self.policy, cond.index(sl), self.sampler, schedule, cfg.sampling.guidance_scale,
                     latents=noise[sl], generator=gen, record=self.algorithm.record_trajectory,

@@ -1,0 +1,80 @@
+"""CRD: Centered Reward Distillation (Zhu et al., 2026), a forward-process trainer.
+
+Per iteration: K samples per prompt from a decoupled "sampling" snapshot (CFG-free, any sampler), keeping
+only the final x0; rewards -> group advantages -> a = clamp(clip(A, +-5) / 10 + 0.5, 0, 1). At fresh x_t
+of each x0 the implicit reward of the trained weights against an "old" snapshot is
+r_theta = -(||v_theta - v||^2 / sg(mean|v_theta - v|) - ||v_old - v||^2 / sg(mean|v_old - v|)).
+Centred within each prompt group, R_c = r_theta - sg(mean_g r_theta) and A_c = a - mean_g a, the
+intractable normaliser cancels and the loss (A_max / beta) mean((beta R_c - A_c)^2) distils the reward
+into the model. A reward-adaptive KL, kl_beta mean((m + a (1 - m)) ||v_theta - v_ref||^2) with
+m = 1e-4 / kl_beta, anchors it to the CFG-guided pretrained model (adapters disabled, CFG 4.5). Both
+snapshots are EMAs of the trained weights with their own schedules (old: min(0.25 + 0.005 step, 0.999);
+sampling: 0 before step 75, then min(0.0075 (step - 75), 0.999)). Centring needs whole groups in every
+batch: the loop gives each process whole groups and the config validation keeps batches to multiples
+of the group size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffrl.core import crd_implicit_reward, crd_kl_weight, crd_policy_loss, mean_sq, optimality
+from diffrl.trainers.base import Algorithm, RolloutBatch
+from diffrl.trainers.forward_process import FinalSampleUpdates, LoraSnapshots, NoisedBatch
+
+
+class CRD(Algorithm):
+    name = "crd"
+    record_trajectory = False  # final samples only
+    default_flow_sampler = "flow_dpm2"
+
+    def __init__(self, cfg, policy, sampler, accelerator):
+        super().__init__(cfg, policy, sampler, accelerator)
+        c = cfg.crd
+        self.snapshots = LoraSnapshots(policy, {"old": c.old_decay, "sampling": c.sampling_decay})
+        self.updates = FinalSampleUpdates(cfg, c, policy, accelerator)
+
+    def rollout_context(self):
+        return self.policy.use_adapter("sampling")  # the sampler is decoupled from the moving old snapshot
+
+    def loss(self, nb: NoisedBatch, a: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Per-sample CRD loss at one noise level; nb holds whole groups. a, group_ids: [B]. -> [b]"""
+        c, g = self.cfg.crd, self.cfg.sampling.guidance_scale
+        groups = group_ids[nb.rows]  # [b]
+        _, counts = torch.unique(groups, return_counts=True)
+        if not bool((counts == self.cfg.train.group_size).all()):
+            raise RuntimeError(f"crd batch splits a prompt group (group sizes {counts.tolist()}); centring needs whole groups")
+        with torch.no_grad(), self.policy.use_adapter("old"):
+            v_old = self.updates.predict(nb, g)  # [b, *S]
+        v_theta = self.updates.predict(nb, g)  # [b, *S]
+        r_theta = crd_implicit_reward(v_theta, v_old, nb.target)  # [b]
+        a_rows = a[nb.rows]  # [b]
+        policy_loss = crd_policy_loss(r_theta, a_rows, groups, c.beta, c.adv_clip_max, c.loss, weight=nb.weight)  # [b]
+        kl = torch.zeros_like(policy_loss)  # [b]
+        kl_weight = crd_kl_weight(a_rows, c.kl_beta, c.kl_floor, c.reward_adaptive_kl).to(policy_loss.dtype)  # [b]
+        if c.kl_beta > 0:
+            with torch.no_grad(), self.policy.reference():
+                v_ref = self.updates.predict(nb, c.ref_guidance_scale)  # [b, *S] the CFG-guided base model
+            kl = mean_sq(v_theta, v_ref)  # [b]
+        metrics = {
+            "policy_loss": policy_loss.detach().mean().item(),
+            "kl": kl.detach().mean().item(),
+            "kl_weight_mean": kl_weight.mean().item(),
+            "r_theta_mean": r_theta.detach().mean().item(),
+            "old_deviate": mean_sq(v_theta.detach(), v_old).mean().item(),
+        }
+        return policy_loss + kl_weight * kl, metrics
+
+    def update(self, batch: RolloutBatch, optimizer, generator) -> dict[str, float]:
+        a = optimality(batch.advantages, self.cfg.crd.adv_clip_max)  # [B]
+        metrics = self.updates.run(batch, optimizer, generator, lambda nb: self.loss(nb, a, batch.group_ids),
+                                   whole_groups=True)
+        metrics.update(self.snapshots.update(self.updates.steps))  # after each epoch (iteration)
+        return metrics
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.snapshots.state_tensors("crd"), **self.updates.state_tensors("crd")}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.snapshots.load_state_tensors(tensors, "crd")
+        self.updates.load_state_tensors(tensors, "crd")
