@@ -1,4 +1,5 @@
-"""Run by test_multiprocess.py under torchrun: two GRPO iterations, then dump what each rank holds."""
+"""Run by test_multiprocess.py under torchrun: two iterations (GRPO, or the algorithm given in the extra
+`key=value` arguments after the output folder), then dump what each rank holds."""
 
 import json
 import sys
@@ -13,7 +14,7 @@ cfg = load_config(None, [
     "model=tiny-sd3", f"output_dir={out}", "max_iterations=2", "policy.resolution=32", "policy.lora_rank=4",
     "sampling.num_steps=3", "sampling.eval_num_steps=2", "data.num_eval_prompts=2", "train.prompts_per_iteration=2",
     "train.group_size=3", "train.rollout_batch_size=6", "train.train_batch_size=3", "train.learning_rate=1e-3",
-    "logging.log_with=none", "logging.progress=false", "logging.save_every=0",
+    "logging.log_with=none", "logging.progress=false", "logging.save_every=0", *sys.argv[2:],
 ])
 trainer = Trainer(cfg)
 acc = trainer.accelerator
@@ -21,6 +22,8 @@ batch = trainer.rollout(0)
 trainer.train()
 rank = acc.process_index
 tensors = {f"param.{i}": p.detach().contiguous() for i, p in enumerate(trainer.policy.trainable_parameters())}
+for name in trainer.policy._base_denoiser().peft_config:  # every LoRA adapter, snapshots included
+    tensors.update({f"adapter.{name}.{i}": p.detach().clone() for i, p in enumerate(trainer.policy.adapter_parameters(name))})
 tensors["noise"] = batch.trajectory.latents[:, 0].contiguous()
 tensors["group_ids"] = batch.group_ids
 save_file(tensors, f"{out}/rank{rank}.safetensors")

@@ -11,13 +11,18 @@ import torch
 from safetensors.torch import load_file
 
 
-@pytest.mark.multiprocess
-def test_two_process_grpo(tmp_path):
+def run_two_processes(tmp_path, *overrides):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     worker = Path(__file__).with_name("mp_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker), str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker), str(tmp_path),
+           *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.multiprocess
+def test_two_process_grpo(tmp_path):
+    run_two_processes(tmp_path)
 
     info = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     dumps = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
@@ -46,3 +51,18 @@ def test_two_process_grpo(tmp_path):
     assert any(dumps[0][k].abs().sum() > 0 for k in keys if True)
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["samples_seen"] == 2 * 2 * 2 * 3  # iterations x ranks x prompts x K
+
+
+@pytest.mark.multiprocess
+def test_two_process_crd(tmp_path):
+    """CRD under DDP: each rank centres whole groups of its own, gradients are synchronised, and the EMA
+    snapshot adapters (added after DDP wrapped the network) stay identical on both ranks."""
+    run_two_processes(tmp_path, "algorithm=crd", "sampling.guidance_scale=1.0", "crd.sampling_decay=[0,0.5,0.0,0.5]")
+    dumps = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    g0, g1 = dumps[0]["group_ids"].tolist(), dumps[1]["group_ids"].tolist()
+    assert not set(g0) & set(g1) and all(ids.count(g) == 3 for ids in (g0, g1) for g in set(ids))
+    for name in ("default", "old", "sampling"):
+        keys = [k for k in dumps[0] if k.startswith(f"adapter.{name}.")]
+        assert keys, name
+        assert all(torch.equal(dumps[0][k], dumps[1][k]) for k in keys), name
+    assert any(not torch.equal(dumps[0][f"adapter.old.{i}"], dumps[0][f"adapter.default.{i}"]) for i in range(4))
