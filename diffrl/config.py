@@ -49,8 +49,8 @@ class SamplingConfig:
     """Denoising steps per training rollout (Flow-GRPO: 10)."""
     eval_num_steps: int = 40
     """Denoising steps for evaluation images (Flow-GRPO: 40)."""
-    guidance_scale: float = 4.5
-    """Classifier-free guidance scale during rollouts and training (Flow-GRPO SD3.5: 4.5); FLUX: embedded guidance."""
+    guidance_scale: Optional[float] = None
+    """CFG scale of rollouts, training and evaluation (FLUX: embedded guidance); None: the algorithm's, 4.5 for grpo (Flow-GRPO SD3.5), 1.0 CFG-free for nft/crd (DiffusionNFT, CRD)."""
     sampler: Optional[str] = None
     """Rollout sampler: "flow_sde", "flow_ode" (Euler), "flow_dpm2" (DPM-Solver++(2M) ODE), "ddim" (eta below); None: flow_sde for grpo and flow_dpm2 for nft/crd (DiffusionNFT) on flow models, ddim on UNets."""
     noise_level: float = 0.7
@@ -301,8 +301,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key = getattr(exc, "full_key", None) or "?"
         msg = str(exc).splitlines()[0]
         raise ConfigError(f"invalid value for '{key}': {msg}") from None
+    apply_algorithm_defaults(cfg)
     validate(cfg)
     return cfg
+
+
+def apply_algorithm_defaults(cfg: RunConfig) -> None:
+    """Fill the options whose default depends on the algorithm (sampling.guidance_scale), in place, so the
+    saved config.yaml and every consumer see the value used."""
+    from diffrl.trainers import ALGORITHMS
+
+    if cfg.sampling.guidance_scale is None and cfg.algorithm in ALGORITHMS.names():
+        cfg.sampling.guidance_scale = ALGORITHMS.get(cfg.algorithm).default_guidance_scale
 
 
 def _one_of(value, allowed, key):
@@ -340,6 +350,9 @@ def validate(cfg: RunConfig) -> None:
     if p.resolution % 16:
         raise ConfigError(f"'policy.resolution' must be a multiple of 16 (VAE and patch size), got {p.resolution}")
     _positive(p.lora_rank, "policy.lora_rank", allow_zero=True)
+    if s.guidance_scale is None:
+        raise ConfigError("'sampling.guidance_scale' is unset: build the config with load_config or call apply_algorithm_defaults")
+    _positive(s.guidance_scale, "sampling.guidance_scale")
     _positive(s.num_steps, "sampling.num_steps")
     _positive(s.eval_num_steps, "sampling.eval_num_steps")
     _one_of(s.logprob_reduction, ("mean", "sum"), "sampling.logprob_reduction")

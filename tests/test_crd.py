@@ -19,7 +19,7 @@ from diffrl.trainers.loop import Trainer
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [
     "algorithm=crd", "policy.resolution=32", "policy.lora_rank=4", "policy.lora_alpha=8",
-    "sampling.num_steps=3", "sampling.eval_num_steps=2", "sampling.guidance_scale=1.0", "data.num_eval_prompts=2",
+    "sampling.num_steps=3", "sampling.eval_num_steps=2", "data.num_eval_prompts=2",
     "train.prompts_per_iteration=2", "train.group_size=3", "train.rollout_batch_size=6", "train.train_batch_size=3",
     "train.adam_weight_decay=0", "train.learning_rate=1e-3", "logging.log_with=none", "logging.progress=false",
 ]
@@ -248,7 +248,9 @@ def test_unet_forward_process(tmp_path):
 
 
 def test_crd_defaults_are_the_authors():
-    c = load_config(None, ["algorithm=crd", "train.train_batch_size=24"]).crd
+    cfg = load_config(None, ["algorithm=crd", "train.train_batch_size=24"])
+    c = cfg.crd
+    assert cfg.sampling.guidance_scale == 1.0  # CFG-free rollouts; the KL reference has its own CFG
     assert (c.beta, c.loss, c.kl_beta, c.kl_floor, c.ref_guidance_scale, c.adv_clip_max) == (1.0, "mse", 0.1, 1e-4, 4.5, 5.0)
     assert c.old_decay == [0, 0.25, 0.005, 0.999] and c.sampling_decay == [75, 0.0, 0.0075, 0.999]
 

@@ -57,7 +57,7 @@ def test_two_process_grpo(tmp_path):
 def test_two_process_crd(tmp_path):
     """CRD under DDP: each rank centres whole groups of its own, gradients are synchronised, and the EMA
     snapshot adapters (added after DDP wrapped the network) stay identical on both ranks."""
-    run_two_processes(tmp_path, "algorithm=crd", "sampling.guidance_scale=1.0", "crd.sampling_decay=[0,0.5,0.0,0.5]")
+    run_two_processes(tmp_path, "algorithm=crd", "crd.sampling_decay=[0,0.5,0.0,0.5]")
     dumps = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
     g0, g1 = dumps[0]["group_ids"].tolist(), dumps[1]["group_ids"].tolist()
     assert not set(g0) & set(g1) and all(ids.count(g) == 3 for ids in (g0, g1) for g in set(ids))

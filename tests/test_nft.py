@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffrl.config import ConfigError, load_config
+from diffrl.config import ConfigError, load_config, resolve_sampler
 from diffrl.core import nft_policy_loss
 from diffrl.trainers.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [
     "algorithm=nft", "policy.resolution=32", "policy.lora_rank=4", "policy.lora_alpha=8",
-    "sampling.num_steps=3", "sampling.eval_num_steps=2", "sampling.guidance_scale=1.0", "data.num_eval_prompts=2",
+    "sampling.num_steps=3", "sampling.eval_num_steps=2", "data.num_eval_prompts=2",
     "train.prompts_per_iteration=2", "train.group_size=3", "train.rollout_batch_size=6", "train.train_batch_size=3",
     "train.adam_weight_decay=0", "train.learning_rate=1e-3", "logging.log_with=none", "logging.progress=false",
 ]
@@ -176,6 +176,11 @@ def test_nft_defaults_are_the_authors():
     n = cfg.nft
     assert (n.beta, n.kl_coef, n.adv_clip_max, n.timestep_fraction, n.timestep_source) == (1.0, 1e-4, 5.0, 0.99, "schedule")
     assert n.old_decay == [0, 0.0, 0.001, 0.5]
+    assert cfg.sampling.guidance_scale == 1.0  # CFG-free unless set
+    assert load_config(None, ["algorithm=nft", "sampling.guidance_scale=4.5"]).sampling.guidance_scale == 4.5
+    assert load_config(None, []).sampling.guidance_scale == 4.5  # grpo keeps Flow-GRPO's CFG
+    assert resolve_sampler(cfg, flow=True) == "flow_dpm2" and resolve_sampler(cfg, flow=False) == "ddim"
+    assert resolve_sampler(load_config(None, []), flow=True) == "flow_sde"  # grpo
 
 
 @pytest.mark.parametrize(

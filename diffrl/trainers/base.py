@@ -38,6 +38,8 @@ class Algorithm(abc.ABC):
     """True: rollouts keep every x_t and the step log-probs (policy-gradient methods)."""
     default_flow_sampler: ClassVar[str] = "flow_sde"
     """Rollout sampler on flow models when sampling.sampler is None (UNets default to ddim)."""
+    default_guidance_scale: ClassVar[float] = 4.5
+    """sampling.guidance_scale when the config leaves it None (Flow-GRPO SD3.5: 4.5)."""
 
     def __init__(self, cfg, policy, sampler, accelerator):
         self.cfg, self.policy, self.sampler, self.accelerator = cfg, policy, sampler, accelerator

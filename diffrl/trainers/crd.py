@@ -27,6 +27,7 @@ class CRD(Algorithm):
     name = "crd"
     record_trajectory = False  # final samples only
     default_flow_sampler = "flow_dpm2"
+    default_guidance_scale = 1.0  # CFG-free rollouts and training
 
     def __init__(self, cfg, policy, sampler, accelerator):
         super().__init__(cfg, policy, sampler, accelerator)

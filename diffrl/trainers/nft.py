@@ -26,6 +26,7 @@ class DiffusionNFT(Algorithm):
     name = "nft"
     record_trajectory = False  # final samples only
     default_flow_sampler = "flow_dpm2"  # DiffusionNFT's deterministic "dpm2" solver
+    default_guidance_scale = 1.0  # CFG-free rollouts and training
 
     def __init__(self, cfg, policy, sampler, accelerator):
         super().__init__(cfg, policy, sampler, accelerator)
