@@ -352,7 +352,7 @@ def validate(cfg: RunConfig) -> None:
     _positive(p.lora_rank, "policy.lora_rank", allow_zero=True)
     if s.guidance_scale is None:
         raise ConfigError("'sampling.guidance_scale' is unset: build the config with load_config or call apply_algorithm_defaults")
-    _positive(s.guidance_scale, "sampling.guidance_scale")
+    _positive(s.guidance_scale, "sampling.guidance_scale", allow_zero=True)
     _positive(s.num_steps, "sampling.num_steps")
     _positive(s.eval_num_steps, "sampling.eval_num_steps")
     _one_of(s.logprob_reduction, ("mean", "sum"), "sampling.logprob_reduction")

@@ -13,6 +13,7 @@ from diffrl.benchmarks.evaluate import evaluate
 from diffrl.data import load_prompts
 from diffrl.pipelines.registry import load_policy
 from diffrl.rewards import Reward, registry
+from diffrl.trainers import ALGORITHMS
 
 BUDGET = 8  # 2 iterations of 2 prompts x 2 samples
 PROXY_VALUE = 0.75
@@ -62,8 +63,10 @@ def test_outputs_and_table_rows(bench_run):
     for tag in ("single_object", "two_object", "counting", "colors", "position", "color_attr"):
         assert tag in header
     names = [r.split(" | ")[0].removeprefix("| ") for r in rows[1:]]
-    assert names[:2] == ["base", "grpo"]  # the main table; the accuracy-vs-samples table follows
-    assert set(results["methods"]) == {"grpo"} and (out / "runs" / "grpo" / "metrics.jsonl").is_file()
+    algorithms = sorted(ALGORITHMS.names())  # every registered trainer
+    assert names[: 1 + len(algorithms)] == ["base", *algorithms]  # the main table; the accuracy-vs-samples table follows
+    assert set(results["methods"]) == set(algorithms)
+    assert all((out / "runs" / a / "metrics.jsonl").is_file() for a in algorithms)
 
 
 def test_equal_sample_budget_read_back_from_metrics(bench_run):
@@ -148,7 +151,7 @@ def test_budget_and_options_are_checked_before_training(tmp_path, capsys):
     plans = bench.plan_runs(bench.DEFAULT_CONFIG, ["grpo"], 12, common, tmp_path, 2)
     assert plans[0].max_iterations == 3 and "logging.save_every=2" in plans[0].overrides
     assert all(o in plans[0].overrides for o in bench.ALGORITHM_OVERRIDES["grpo"])
-    with pytest.raises(ValueError, match="Valid names: grpo"):
+    with pytest.raises(ValueError, match="Did you mean .grpo.. Valid names: .*grpo"):
         bench.plan_runs(bench.DEFAULT_CONFIG, ["grpoo"], 12, common, tmp_path, 2)
     assert bench.main(["--output-dir", str(tmp_path / "b"), "--set", "max_iterations=5"]) == 2
     assert "--sample-budget" in capsys.readouterr().err
