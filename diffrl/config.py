@@ -56,7 +56,7 @@ class SamplingConfig:
     noise_level: float = 0.7
     """Flow SDE noise level a in std_t = a sqrt(sigma / (1 - sigma)) (Flow-GRPO: 0.7)."""
     eta: float = 1.0
-    """DDIM eta for UNet rollouts; 1 is DDPM ancestral sampling (DDPO: 1.0)."""
+    """DDIM eta for UNet rollouts; 1 is DDPM ancestral sampling (DDPO: 1.0), 0 the deterministic DDIM ODE (nft/crd take either)."""
     logprob_reduction: str = "mean"
     """How a step's Gaussian log-density is reduced over latent elements: "mean" (Flow-GRPO, DDPO) or "sum" (exact)."""
     negative_prompt: str = ""
