@@ -27,6 +27,10 @@ class Sampler:
     """DDIM noise scale: std = eta * sigma_t; 1.0 = DDPM ancestral sampling (DDPO default)."""
     reduction: str = "mean"
     """Log-prob reduction over latent elements: "mean" (Flow-GRPO / DDPO) or "sum"."""
+    window: tuple[int, int] | None = None
+    """Steps [start, end) that draw noise when stepped with an int index; the others take the
+    deterministic step (Euler / DDIM eta 0) and return no log-prob (MixGRPO, Flow-GRPO-Fast).
+    None: every step. Per-sample tensor indices (re-scoring stored steps) are always stochastic."""
 
     def __post_init__(self) -> None:
         if self.kind not in SAMPLERS:
@@ -36,6 +40,14 @@ class Sampler:
             raise ValueError(f"Sampler.noise_level must be >= 0, got {self.noise_level}")
         if not 0 <= self.eta <= 1:
             raise ValueError(f"Sampler.eta must lie in [0, 1], got {self.eta}")
+        if self.window is not None:
+            start, end = self.window
+            if not 0 <= start < end:
+                raise ValueError(f"Sampler.window must be [start, end) with 0 <= start < end, got {self.window}")
+
+    def in_window(self, index: int) -> bool:
+        """Whether step `index` (an int) is stochastic under `window`."""
+        return self.window is None or self.window[0] <= index < self.window[1]
 
     @property
     def stochastic(self) -> bool:
@@ -71,6 +83,9 @@ class Sampler:
             raise ValueError(f"sampler {self.kind!r} needs a {want!r} schedule, got {schedule.kind!r}")
         if isinstance(index, torch.Tensor):
             index = index.to(torch.long)
+        elif not self.in_window(index):
+            deterministic = Sampler("flow_ode" if want == "flow" else "ddim", eta=0.0, reduction=self.reduction)
+            return deterministic.step(schedule, index, sample, model_output, prediction_type=prediction_type)
         if want == "flow":
             if prediction_type != "flow":
                 raise ValueError(f"sampler {self.kind!r} needs prediction_type 'flow', got {prediction_type!r}")

@@ -2,7 +2,8 @@
 
 Per iteration: K samples per prompt with their step log-probs are scored; group-relative advantages
 (clipped to +-adv_clip_max) weight a PPO-clipped surrogate on the per-step ratio, recomputed for a
-random `timestep_fraction` of the steps, plus beta * KL(step) against the reference (the same
+random `timestep_fraction` of the stochastic steps (all of them, or the SDE window of MixGRPO /
+Flow-GRPO-Fast), plus beta * KL(step) against the reference (the same
 network with the LoRA adapter disabled). Gradients accumulate over those steps; one optimiser step
 per train batch (Flow-GRPO, Liu et al. 2025; DDPO, Black et al. 2023).
 """
@@ -47,7 +48,8 @@ class GRPO(Algorithm):
 
     def update(self, batch: RolloutBatch, optimizer, generator) -> dict[str, float]:
         cfg, g = self.cfg, self.cfg.grpo
-        B, N = batch.trajectory.log_probs.shape
+        B, N = batch.trajectory.log_probs.shape  # N: the stochastic steps (all, or the SDE window)
+        step_index = batch.trajectory.steps  # [N] long: schedule step of each log-prob column
         n_train = max(1, int(N * g.timestep_fraction))
         adv = batch.advantages.clamp(-g.adv_clip_max, g.adv_clip_max)  # [B]
         weight = batch.valid.to(adv.dtype)  # [B]: non-finite rewards contribute nothing
@@ -63,9 +65,10 @@ class GRPO(Algorithm):
             for start in range(0, B, mb):
                 rows = order[start : start + mb].to(adv.device)  # [b]
                 for j in range(n_train):
-                    steps = step_order[rows.cpu(), j].to(adv.device)  # [b]
+                    cols = step_order[rows.cpu(), j].to(adv.device)  # [b]: log-prob columns
+                    steps = step_index.to(adv.device)[cols]  # [b]: their schedule steps
                     step = self.step_log_prob(batch, rows, steps)
-                    old = batch.trajectory.log_probs[rows, steps]  # [b]
+                    old = batch.trajectory.log_probs[rows, cols]  # [b]
                     surrogate, m = clipped_surrogate(
                         step.log_prob, old, adv[rows], clip_low=g.clip_range, clip_high=g.clip_range_high
                     )  # [b]

@@ -8,6 +8,7 @@ resumed run continues exactly and processes never share initial noise.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -120,6 +121,7 @@ class Trainer:
         group_ids = (torch.arange(P) + self.rank * P).repeat_interleave(K)  # [B]
 
         gen = derive_generator(cfg.seed, iteration, self.rank, 1)
+        sampler = self.rollout_sampler(iteration)
         cond = self.policy.encode_prompt(prompts[::K], cfg.sampling.negative_prompt).repeat_interleave(K)
         noise = self.policy.initial_noise(P * K, generator=gen).to(acc.device)  # [B, *S]: one draw per sample
         schedule = self.policy.schedule(cfg.sampling.num_steps)
@@ -128,7 +130,7 @@ class Trainer:
             sl = slice(start, start + cfg.train.rollout_batch_size)
             with acc.autocast(), self.algorithm.rollout_context():
                 traj = sample(
-                    self.policy, cond.index(sl), self.sampler, schedule, cfg.sampling.guidance_scale,
+                    self.policy, cond.index(sl), sampler, schedule, cfg.sampling.guidance_scale,
                     latents=noise[sl], generator=gen, record=self.algorithm.record_trajectory,
                 )
                 images.append(self.policy.decode(traj.final).float())
@@ -136,7 +138,7 @@ class Trainer:
         trajectory = type(chunks[0])(
             latents=torch.cat([c.latents for c in chunks]),
             log_probs=torch.cat([c.log_probs for c in chunks]) if chunks[0].log_probs is not None else None,
-            schedule=schedule,
+            schedule=schedule, log_prob_steps=chunks[0].log_prob_steps,
         )
         images = torch.cat(images)  # [B, 3, H, W]
         rewards = self.reward(images, prompts, metadata).float()  # [B]
@@ -144,6 +146,17 @@ class Trainer:
             prompts=prompts, metadata=metadata, group_ids=group_ids.to(acc.device), cond=cond,
             trajectory=trajectory, images=images, rewards=rewards, valid=torch.isfinite(rewards),
         )
+
+    def rollout_sampler(self, iteration: int):
+        """The training sampler, restricted to this iteration's stochastic window when
+        sampling.sde_window_size > 0 (the same window on every process: drawn from (seed, iteration))."""
+        s = self.cfg.sampling
+        if not s.sde_window_size:
+            return self.sampler
+        lo, hi = s.sde_window_range or (0, s.num_steps)
+        draw = derive_generator(self.cfg.seed, iteration, 3)
+        start = lo + int(torch.randint(0, hi - lo - s.sde_window_size + 1, (1,), generator=draw))
+        return dataclasses.replace(self.sampler, window=(start, start + s.sde_window_size))
 
     def advantages(self, batch: RolloutBatch) -> dict[str, float]:
         """Group-relative advantages on the batch gathered from every process; keeps this process's rows."""
