@@ -415,6 +415,11 @@ def validate(cfg: RunConfig) -> None:
             )
         if flow and s.noise_level <= 0:
             raise ConfigError("'sampling.noise_level' must be > 0 for grpo: the flow SDE needs noise for log-probs")
+        if g.kl_beta > 0 and p.lora_rank == 0:
+            raise ConfigError(
+                "'grpo.kl_beta' > 0 needs a frozen reference, which diffrl takes as the base model with the LoRA "
+                "adapter disabled; with 'policy.lora_rank' 0 there is none. Set policy.lora_rank > 0 or grpo.kl_beta=0"
+            )
     if s.sde_window_size < 0 or s.sde_window_size > s.num_steps:
         raise ConfigError(f"'sampling.sde_window_size' must be in 0..sampling.num_steps ({s.num_steps}), got {s.sde_window_size}")
     if s.sde_window_size and (sampler in ("flow_ode", "flow_dpm2") or (sampler == "ddim" and s.eta == 0)):
@@ -427,11 +432,6 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError("'sampling.sde_window_range' is set but 'sampling.sde_window_size' is 0 (every step stochastic): set a window size")
         if lo_hi[1] - lo_hi[0] < s.sde_window_size:
             raise ConfigError(f"'sampling.sde_window_range' {lo_hi} is shorter than 'sampling.sde_window_size' {s.sde_window_size}")
-        if g.kl_beta > 0 and p.lora_rank == 0:
-            raise ConfigError(
-                "'grpo.kl_beta' > 0 needs a frozen reference, which diffrl takes as the base model with the LoRA "
-                "adapter disabled; with 'policy.lora_rank' 0 there is none. Set policy.lora_rank > 0 or grpo.kl_beta=0"
-            )
     if cfg.algorithm in ("nft", "crd"):
         _validate_forward_process(cfg)
 
