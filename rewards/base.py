@@ -73,6 +73,11 @@ class Reward(abc.ABC):
         """Move any weights to `device`; rewards without weights need nothing. Returns self."""
         return self
 
+    def load(self) -> Reward:
+        """Load any weights now (model rewards otherwise load on first use), so that missing weights
+        fail before a run starts. Rewards without weights need nothing. Returns self."""
+        return self
+
     def _name(self) -> str:
         return getattr(self, "name", type(self).__name__)
 
