@@ -208,6 +208,14 @@ class RunConfig:
     """Reward name, looked up in diffrl.rewards."""
     reward_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for the reward's constructor."""
+    rewards: dict[str, Any] = field(default_factory=dict)
+    """A weighted reward mixture, name -> weight or {weight: w, kwargs: {...}}, e.g. {pickscore: 1.0, ocr: 0.7}; when set it replaces reward / reward_kwargs, and each part is logged (reward_<name>_mean)."""
+    reward_combine: str = "sum_then_normalize"
+    """How a mixture becomes advantages: "sum_then_normalize" (group-normalise the weighted sum; Flow-GRPO) or "normalize_then_sum" (group-normalise each reward, weighted sum, batch-normalise; GDPO / MR-GRPO)."""
+    reward_source_weights: dict[str, Any] = field(default_factory=dict)
+    """Mixture weights per prompt source, {source: {reward: weight}}, for samples whose .jsonl metadata "source" names it (rewards left out weigh 0 there)."""
+    reward_async: bool = False
+    """Score each rollout chunk in a background thread while the next chunk samples (worth it with the remote reward server)."""
     output_dir: str = "outputs/run"
     """Where config.yaml, metrics.jsonl, logs, image grids and checkpoints go."""
     max_iterations: int = 100
@@ -344,6 +352,7 @@ def validate(cfg: RunConfig) -> None:
     _one_of(cfg.reward, list_rewards(), "reward")
     if cfg.data.eval_reward is not None:
         _one_of(cfg.data.eval_reward, list_rewards(), "data.eval_reward")
+    _validate_mixture(cfg)
     try:
         family = cfg.policy.family or resolve_family(cfg.model)
     except (ValueError, FileNotFoundError) as exc:
@@ -434,6 +443,36 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"'sampling.sde_window_range' {lo_hi} is shorter than 'sampling.sde_window_size' {s.sde_window_size}")
     if cfg.algorithm in ("nft", "crd"):
         _validate_forward_process(cfg)
+
+
+def _validate_mixture(cfg: RunConfig) -> None:
+    """rewards / reward_combine / reward_source_weights (a reward mixture)."""
+    from diffrl.rewards import list_rewards
+    from diffrl.rewards.mixture import parse_mixture
+
+    _one_of(cfg.reward_combine, ("sum_then_normalize", "normalize_then_sum"), "reward_combine")
+    if not cfg.rewards:
+        if cfg.reward_source_weights:
+            raise ConfigError("'reward_source_weights' needs a mixture in 'rewards' (e.g. rewards: {pickscore: 1.0, ocr: 0.7})")
+        return
+    if cfg.reward_kwargs:
+        raise ConfigError("'reward_kwargs' belongs to 'reward'; with a mixture in 'rewards' give each reward's "
+                          "kwargs as rewards.NAME: {weight: w, kwargs: {...}}")
+    for name in cfg.rewards:
+        _one_of(name, list_rewards(), f"rewards.{name}")
+    try:
+        parse_mixture(cfg.rewards)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for source, table in cfg.reward_source_weights.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"'reward_source_weights.{source}' must map reward names to weights, got {table!r}")
+        for name, weight in table.items():
+            if name not in cfg.rewards:
+                raise ConfigError(f"'reward_source_weights.{source}.{name}' is not a reward of the mixture "
+                                  f"({', '.join(cfg.rewards)})")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise ConfigError(f"'reward_source_weights.{source}.{name}' must be a number, got {weight!r}")
 
 
 def resolve_sampler(cfg: RunConfig, flow: bool) -> str:

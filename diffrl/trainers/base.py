@@ -25,6 +25,7 @@ class RolloutBatch:
     rewards: torch.Tensor  # [B]; non-finite entries are kept here and masked by `valid`
     valid: torch.Tensor  # [B] bool: reward was finite
     advantages: torch.Tensor | None = None  # [B]
+    reward_components: dict[str, torch.Tensor] | None = None  # a reward mixture's parts, name -> [B]
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from diffrl.checkpoint import load_checkpoint, save_checkpoint
 from diffrl.config import RunConfig, resolve_sampler, save_config, to_flat_dict
 from diffrl.core import PerPromptStatTracker, zero_std_fraction
 from diffrl.data import draw_prompt_indices, load_prompts
+from diffrl.rewards.mixture import RolloutScorer
 from diffrl.rollout import sample
 from diffrl.sampling import make_sampler
 from diffrl.trainers import ALGORITHMS
@@ -53,6 +55,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, accelerator: Accelerator | None = None):
         from diffrl.pipelines.registry import load_policy
         from diffrl.rewards import build_reward
+        from diffrl.rewards.mixture import build_training_reward
 
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
@@ -88,8 +91,11 @@ class Trainer:
         kind = resolve_sampler(cfg, flow)
         self.sampler = make_sampler(kind, noise_level=s.noise_level, eta=s.eta, reduction=s.logprob_reduction)
         self.eval_sampler = make_sampler("flow_ode" if flow else "ddim", eta=0.0)
-        self.reward = build_reward(cfg.reward, **cfg.reward_kwargs).to(acc.device)
-        self.eval_reward_name = cfg.data.eval_reward or cfg.reward
+        # a mixture when cfg.rewards is set; load() now, so that missing reward weights fail before training
+        self.reward = build_training_reward(cfg.reward, cfg.reward_kwargs, cfg.rewards, cfg.reward_combine,
+                                            cfg.reward_source_weights).to(acc.device).load()
+        self.reward_pool = ThreadPoolExecutor(1, thread_name_prefix="diffrl-reward") if cfg.reward_async else None
+        self.eval_reward_name = cfg.data.eval_reward or self.reward._name()  # a mixture names its parts
         self.eval_reward = self.reward if cfg.data.eval_reward is None else build_reward(cfg.data.eval_reward).to(acc.device)
         self.prompts = load_prompts(cfg.data.prompts)
         self.eval_prompts = load_prompts(cfg.data.eval_prompts) if cfg.data.eval_prompts else self.prompts
@@ -126,6 +132,7 @@ class Trainer:
         noise = self.policy.initial_noise(P * K, generator=gen).to(acc.device)  # [B, *S]: one draw per sample
         schedule = self.policy.schedule(cfg.sampling.num_steps)
         chunks, images = [], []
+        scorer = RolloutScorer(self.reward, self.reward_pool)  # scores each chunk (in the background if reward_async)
         for start in range(0, P * K, cfg.train.rollout_batch_size):
             sl = slice(start, start + cfg.train.rollout_batch_size)
             with acc.autocast(), self.algorithm.rollout_context():
@@ -134,6 +141,7 @@ class Trainer:
                     latents=noise[sl], generator=gen, record=self.algorithm.record_trajectory,
                 )
                 images.append(self.policy.decode(traj.final).float())
+            scorer.submit(images[-1], prompts[sl], metadata[sl])
             chunks.append(traj)
         trajectory = type(chunks[0])(
             latents=torch.cat([c.latents for c in chunks]),
@@ -141,10 +149,11 @@ class Trainer:
             schedule=schedule, log_prob_steps=chunks[0].log_prob_steps,
         )
         images = torch.cat(images)  # [B, 3, H, W]
-        rewards = self.reward(images, prompts, metadata).float()  # [B]
+        rewards, components = scorer.collect()  # [B]; a mixture's parts, name -> [B]
         return RolloutBatch(
             prompts=prompts, metadata=metadata, group_ids=group_ids.to(acc.device), cond=cond,
             trajectory=trajectory, images=images, rewards=rewards, valid=torch.isfinite(rewards),
+            reward_components=components,
         )
 
     def rollout_sampler(self, iteration: int):
@@ -167,17 +176,28 @@ class Trainer:
         group_ids = acc.gather(batch.group_ids)  # [world * B]
         bad = int((~valid).sum())
         if bad == len(valid):
-            raise FloatingPointError(f"every reward of iteration {self.iteration} is NaN/inf: check the reward '{self.cfg.reward}'")
+            raise FloatingPointError(f"every reward of iteration {self.iteration} is NaN/inf: check the reward '{self.reward._name()}'")
         adv = torch.zeros_like(rewards)
         keep = valid.nonzero().squeeze(1)
+        kept_prompts = [prompts[i] for i in keep.tolist()]
         self.tracker.clear()
-        adv[keep] = self.tracker.update([prompts[i] for i in keep.tolist()], rewards[keep].cpu()).to(adv)
+        components = None
+        if batch.reward_components is not None:
+            components = {k: acc.gather(v)[keep].cpu() for k, v in batch.reward_components.items()}  # name -> [kept]
+        if components is not None and self.reward.combine == "normalize_then_sum":  # GDPO / MR-GRPO
+            metadata = gather_object(batch.metadata) if self.world > 1 else batch.metadata
+            g = self.cfg.grpo
+            adv[keep] = self.reward.advantages(components, kept_prompts, [metadata[i] for i in keep.tolist()],
+                                               std_scope=g.std_scope, ddof=g.std_ddof, eps=g.std_eps).to(adv)
+        else:  # one reward, or a mixture's weighted sum (sum_then_normalize)
+            adv[keep] = self.tracker.update(kept_prompts, rewards[keep].cpu()).to(adv)
         B = len(batch)
         batch.advantages = adv[self.rank * B : (self.rank + 1) * B]  # [B]
         r = rewards[keep]
         return {
             "reward_mean": r.mean().item(),
             "reward_std": r.std(unbiased=False).item(),
+            **(self.reward.component_metrics(components) if components is not None else {}),
             "zero_std_frac": zero_std_fraction(r.cpu(), group_ids[keep].cpu()),
             "nonfinite_rewards": bad,
         }
