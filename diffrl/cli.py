@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="diffrl",
         description="Reward fine-tuning and inference-time steering for diffusion and flow-matching generators.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,pretrain-toy}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,serve-reward,pretrain-toy}")
     train = sub.add_parser(
         "train", help="fine-tune a model against a reward",
         description="Train with a YAML recipe; any option can be overridden as key=value "
@@ -254,12 +254,51 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rlg_options(ev)
     ev.set_defaults(func=_eval)
 
+    srv = sub.add_parser(
+        "serve-reward", help="serve one reward over HTTP for trainers elsewhere (the `remote` reward)",
+        description="Load reward NAME once and score batches over HTTP (pip install \"diffrl[server]\"). Binds to "
+                    "loopback by default; bound elsewhere it needs a token (DIFFRL_REWARD_TOKEN or --token), which "
+                    "clients send as a bearer token. Train against it with reward: remote, reward_kwargs: {url: ...}.",
+    )
+    srv.add_argument("name", help="reward name (diffrl.rewards.list_rewards())")
+    srv.add_argument("kwargs", nargs="*", metavar="KEY=VALUE", help="constructor arguments, e.g. model=tiny (YAML values)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback; 0.0.0.0 needs a token)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--token", default=None, help="bearer token clients must send (default: $DIFFRL_REWARD_TOKEN)")
+    srv.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where the reward model runs")
+    srv.set_defaults(func=_serve_reward)
+
     from diffrl.toyworld.pretrain import build_parser as pretrain_parser
 
     pre = sub.add_parser("pretrain-toy", help="train a SynthShapes toy base model from scratch (sd3 flow or sd UNet)")
     pretrain_parser(pre)
     pre.set_defaults(func=_pretrain_toy)
     return parser
+
+
+def _serve_reward(args) -> int:
+    import os
+
+    from omegaconf import OmegaConf
+
+    from diffrl.rewards import list_rewards
+    from diffrl.rewards.server import TOKEN_ENV, serve_reward
+
+    if args.name not in list_rewards():
+        print(f"diffrl serve-reward: unknown reward {args.name!r}; valid: {', '.join(list_rewards())}", file=sys.stderr)
+        return 2
+    bad = [item for item in args.kwargs if "=" not in item]
+    if bad:
+        print(f"diffrl serve-reward: arguments must be KEY=VALUE, got {bad}", file=sys.stderr)
+        return 2
+    kwargs = OmegaConf.to_container(OmegaConf.from_dotlist(args.kwargs)) if args.kwargs else {}
+    try:
+        serve_reward(args.name, kwargs, host=args.host, port=args.port, device=args.device,
+                     token=args.token or os.environ.get(TOKEN_ENV))
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"diffrl serve-reward: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _cuda() -> bool:

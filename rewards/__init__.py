@@ -8,6 +8,7 @@
 from . import color, jpeg  # noqa: F401  (importing registers the built-in rewards)
 from . import aesthetic, clipscore, hpsv2, imagereward, ocr, pickscore, vlm_judge  # noqa: F401  (model rewards; weights load lazily)
 from . import geneval  # noqa: F401  (GenEval rules over a pluggable detector)
+from . import remote  # noqa: F401  (a reward served by `diffrl serve-reward`)
 from . import toyworld  # noqa: F401  (SynthShapes: toyworld, toyworld_accuracy)
 from . import toy_proxy  # noqa: F401  (SynthShapes learned proxy: toy_proxy)
 from .base import Reward

@@ -1,0 +1,108 @@
+"""The client of the reward server (rewards/server.py): a reward scored by another process or machine.
+
+    reward = build_reward("remote", url="http://127.0.0.1:8000")   # token: DIFFRL_REWARD_TOKEN, if set
+    scores = reward(images, prompts, metadata)                     # float32 [B], like the served reward
+
+Batches are split into requests of at most `batch_size` samples. Each request waits at most
+`timeout` seconds for a connection and for each read; connection failures, timeouts and 503s are
+retried `retries` times with exponential backoff (backoff, 2 backoff, ...). A server that stays
+unreachable raises RewardServerError naming the URL, the attempts and the last error; 400 (the
+reward rejected the input), 401 (token) and 500 (the reward failed) raise at once with the server's
+message. Set `reward_async: true` in the run config to score each rollout chunk while the next one
+samples. Not differentiable: gradients do not cross HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+
+import torch
+from torch import Tensor
+
+from .base import Reward
+from .registry import register_reward
+from .server import PROTOCOL, TOKEN_ENV, decode, encode
+
+
+class RewardServerError(RuntimeError):
+    """The reward server is unreachable or answered with an error."""
+
+
+@register_reward("remote")
+class RemoteReward(Reward):
+    """Scores from a `diffrl serve-reward` server."""
+
+    accepts = ("image", "video", "motion")  # the served reward checks its own
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", token: str | None = None, timeout: float = 60.0,
+                 retries: int = 3, backoff: float = 0.5, batch_size: int = 64):
+        """url: the server; token: sent as a bearer token (default: the DIFFRL_REWARD_TOKEN
+        environment variable, if set); timeout: seconds per connection / read; retries: extra
+        attempts after a connection failure, timeout or 503; backoff: first wait in seconds, doubled
+        after each retry; batch_size: most samples per request."""
+        if timeout <= 0 or retries < 0 or backoff < 0 or batch_size < 1:
+            raise ValueError(f"reward 'remote': need timeout > 0, retries >= 0, backoff >= 0, batch_size >= 1; got "
+                             f"timeout={timeout}, retries={retries}, backoff={backoff}, batch_size={batch_size}")
+        self.url = url.rstrip("/")
+        self.token = token if token is not None else os.environ.get(TOKEN_ENV)
+        self.timeout, self.retries, self.backoff, self.batch_size = float(timeout), int(retries), float(backoff), int(batch_size)
+
+    def _request(self, path: str, data: bytes | None = None) -> bytes:
+        headers = {"Content-Type": "application/octet-stream"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        url = self.url + path
+        start, wait, last = time.monotonic(), self.backoff, None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(wait)
+                wait *= 2
+            request = urllib.request.Request(url, data=data, headers=headers, method="POST" if data is not None else "GET")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return response.read()
+            except urllib.error.HTTPError as err:
+                detail = _detail(err)
+                if err.code == 503:
+                    last = f"HTTP 503 {detail}"
+                    continue
+                hint = " (set the token: DIFFRL_REWARD_TOKEN or reward_kwargs.token)" if err.code == 401 else ""
+                raise RewardServerError(f"reward server {url} answered HTTP {err.code}: {detail}{hint}") from None
+            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
+                last = str(getattr(err, "reason", err) or type(err).__name__)
+        raise RewardServerError(
+            f"reward server {url} is not answering: {self.retries + 1} attempts in {time.monotonic() - start:.1f} s "
+            f"(timeout {self.timeout:g} s each), last error: {last}. Is `diffrl serve-reward` running there?"
+        )
+
+    def info(self) -> dict:
+        """The server's /info: protocol, reward name, differentiable, accepts."""
+        info = json.loads(self._request("/info"))
+        if info.get("protocol") != PROTOCOL:
+            raise RewardServerError(f"reward server {self.url} speaks protocol {info.get('protocol')}, this client {PROTOCOL}")
+        return info
+
+    def score(self, samples: Tensor, prompts: list[str], metadata: list[dict] | None) -> Tensor:
+        out = []
+        for start in range(0, samples.shape[0], self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            body = encode({"samples": samples[sl]}, {"prompts": prompts[sl],
+                                                      "metadata": metadata[sl] if metadata is not None else None})
+            tensors, _ = decode(self._request("/score", body))
+            scores = tensors["scores"]
+            if scores.shape != (len(prompts[sl]),):
+                raise RewardServerError(f"reward server {self.url} returned scores of shape {tuple(scores.shape)} "
+                                        f"for {len(prompts[sl])} samples")
+            out.append(scores)
+        return torch.cat(out)  # [B] float32 on the CPU (the caller moves it to the samples' device)
+
+
+def _detail(err: urllib.error.HTTPError) -> str:
+    try:
+        return json.loads(err.read()).get("detail", "")
+    except Exception:  # noqa: BLE001 - any unreadable error body
+        return err.reason or ""
