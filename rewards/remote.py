@@ -79,6 +79,11 @@ class RemoteReward(Reward):
             f"(timeout {self.timeout:g} s each), last error: {last}. Is `diffrl serve-reward` running there?"
         )
 
+    def load(self) -> RemoteReward:
+        """Check that the server answers (the trainer calls this before training)."""
+        self.info()
+        return self
+
     def info(self) -> dict:
         """The server's /info: protocol, reward name, differentiable, accepts."""
         info = json.loads(self._request("/info"))

@@ -98,6 +98,8 @@ def _free_port():
 def test_dead_server_is_reported_within_the_retry_budget(images):
     url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     remote = build_reward("remote", url=url, timeout=1.0, retries=2, backoff=0.05)
+    with pytest.raises(RewardServerError, match="not answering"):
+        remote.load()  # what the trainer calls before training
     start = time.monotonic()
     with pytest.raises(RewardServerError) as err:
         remote(images, PROMPTS)
