@@ -1,11 +1,12 @@
 """Pure RL core: advantages, surrogate losses, KL estimators, loss aggregation, the forward-process (DiffusionNFT,
-CRD) losses (no models, no I/O)."""
+CRD) losses, LM NFT's negative-aware token loss (no models, no I/O)."""
 
 from .advantages import (
     ADVANTAGES,
     PerPromptStatTracker,
     combine_rewards,
     group_advantages,
+    nonconstant_groups,
     rloo_advantages,
     zero_std_fraction,
 )
@@ -23,6 +24,7 @@ from .forward_process import (
 )
 from .kl import KL_ESTIMATORS, flow_grpo_kl, gaussian_kl, kl_estimator
 from .losses import LOSSES, clipped_surrogate, log_ratio_to_ratio, policy_gradient
+from .negative_aware import gradient_preserving_clamp, nft_correct_rate, nft_token_loss
 from .registry import Registry, UnknownNameError
 
 __all__ = [
@@ -42,12 +44,16 @@ __all__ = [
     "crd_policy_loss",
     "flow_grpo_kl",
     "gaussian_kl",
+    "gradient_preserving_clamp",
     "group_advantages",
     "group_mean",
     "kl_estimator",
     "log_ratio_to_ratio",
     "mean_sq",
+    "nft_correct_rate",
     "nft_policy_loss",
+    "nft_token_loss",
+    "nonconstant_groups",
     "optimality",
     "policy_gradient",
     "rloo_advantages",

@@ -29,6 +29,7 @@ __all__ = [
     "PerPromptStatTracker",
     "combine_rewards",
     "group_advantages",
+    "nonconstant_groups",
     "rloo_advantages",
     "zero_std_fraction",
 ]
@@ -163,6 +164,18 @@ def rloo_advantages(rewards: Tensor, group_ids: Tensor) -> Tensor:
     g = groups.counts[groups.inv]  # [B]
     scale = torch.where(g > 1, g / (g - 1).clamp(min=1), torch.zeros_like(g))  # [B]
     return scale * groups.centered  # [B]
+
+
+def nonconstant_groups(rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """``[B]`` bool: True for the samples whose group's rewards are not all equal.
+
+    DAPO's dynamic sampling (Yu et al. 2025) keeps only these: a group that is all correct or all
+    wrong (any constant-reward group, including a group of one) has zero group-relative advantage
+    and gives no gradient, so it only dilutes the batch.
+    """
+    rewards, group_ids = _check_inputs(rewards, group_ids)
+    groups = _Groups(rewards, group_ids, ddof=0)
+    return ~groups.constant[groups.inv]  # [B]
 
 
 def zero_std_fraction(rewards: Tensor, group_ids: Tensor, atol: float = 0.0) -> float:
