@@ -1,0 +1,340 @@
+"""The language-model RL loop: sample -> score -> advantages (or NFT targets) -> update -> log ->
+evaluate -> checkpoint, under accelerate, with the diffusion loop's conventions: every random draw is
+seeded by (seed, iteration, process, purpose) so a resumed run continues exactly; metrics.jsonl,
+curves.png and a tqdm bar; atomic safetensors checkpoints through diffrl.checkpoint.
+
+One iteration, per process: P prompts x K completions sampled with `model.generate`; rewards; groups
+whose rewards are all equal dropped and refilled from fresh prompts when dynamic sampling is on
+(DAPO); old log-probs (only needed when the weights move within the iteration) and reference
+log-probs (KL) without gradient; then, per inner epoch, the kept completions in
+P*K / train_batch_size mini-batches, each one optimiser step over micro-batches with accumulated
+gradients scaled so the step sees exactly the mini-batch's aggregated loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from diffrl.checkpoint import load_checkpoint, save_checkpoint
+from diffrl.config import RunConfig, save_config, to_flat_dict
+from diffrl.core import nonconstant_groups, zero_std_fraction
+from diffrl.data import draw_prompt_indices
+from diffrl.lm.losses import lm_loss, make_objective, micro_batch_share
+from diffrl.lm.policy import LMPolicy, Rollout, SamplingSettings
+from diffrl.lm.rewards import WeightedRewards, resolve_lm_reward
+from diffrl.lm.tasks import load_lm_dataset
+from diffrl.trainers.loop import DTYPES, derive_generator, peak_memory_mb
+
+__all__ = ["LMBatch", "LMTrainer"]
+
+
+@dataclass
+class LMBatch:
+    """This process's scored completions of one iteration (the groups kept for training)."""
+
+    rollout: Rollout  # B rows
+    metadata: list[dict]
+    group_ids: torch.Tensor  # [B] long, whole groups
+    rewards: dict[str, torch.Tensor]  # name -> [B]
+    total: torch.Tensor  # [B] weighted reward
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)  # advantages, or NFT's correct / rhat: [B]
+    stats: dict[str, float] = field(default_factory=dict)
+    trainable: bool = True  # False: dynamic sampling kept nothing; the rows only feed a zero-loss pass
+
+    def __len__(self) -> int:
+        return len(self.rollout)
+
+
+def _seed(*keys: int) -> int:
+    return derive_generator(*keys).initial_seed()
+
+
+class LMTrainer:
+    """Builds the policy, rewards and optimiser from a validated RunConfig (an lm_* algorithm) and trains."""
+
+    def __init__(self, cfg: RunConfig, accelerator: Accelerator | None = None):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        log_with = None if cfg.logging.log_with == "none" else cfg.logging.log_with
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=cfg.train.mixed_precision, log_with=log_with, project_dir=str(self.out),
+            cpu=not torch.cuda.is_available(),
+        )
+        acc = self.accelerator
+        set_seed(cfg.seed)  # LoRA initialisation; every later draw is seeded explicitly
+        self.rank, self.world = acc.process_index, acc.num_processes
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+            if log_with:
+                acc.init_trackers("diffrl", config=to_flat_dict(cfg))
+
+        p, lm, t = cfg.policy, cfg.lm, cfg.train
+        self.policy = LMPolicy.from_pretrained(cfg.model, torch_dtype=DTYPES[p.dtype], device=acc.device)
+        if p.lora_rank > 0:
+            self.policy.add_lora(p.lora_rank, p.lora_alpha, p.lora_targets)
+        else:
+            if lm.kl_beta > 0:
+                self.policy.keep_reference_copy()  # before training touches the weights
+            self.policy.train_full()
+        if p.gradient_checkpointing:
+            self.policy.unwrapped.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.rewards = WeightedRewards(lm.rewards)
+        self.eval_reward = resolve_lm_reward(lm.eval_reward)
+        self.data = load_lm_dataset(lm.train_data)
+        self.eval_data = load_lm_dataset(lm.eval_data)
+        self.objective = make_objective(cfg.algorithm, lm)
+        self.sampling = SamplingSettings(max_new_tokens=lm.max_new_tokens, temperature=lm.temperature,
+                                         top_p=lm.top_p, top_k=lm.top_k)
+        self.optimizer = torch.optim.AdamW(
+            self.policy.trainable_parameters(), lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+            weight_decay=t.adam_weight_decay, eps=t.adam_epsilon,
+        )
+        self.policy.model, self.optimizer = acc.prepare(self.policy.model, self.optimizer)
+        self.iteration = 0
+        self.samples_seen = 0
+        self.prompt_draws = 0  # prompt batches drawn so far (dynamic sampling draws several per iteration)
+        if cfg.resume:
+            self._resume(cfg.resume)
+
+    # ---- rollout --------------------------------------------------------------------------------
+    def sample_groups(self, iteration: int, round_: int) -> LMBatch:
+        """One round: P fresh prompts x K completions, sampled and scored (no gradient)."""
+        cfg = self.cfg
+        P, K = cfg.train.prompts_per_iteration, cfg.train.group_size
+        idx = draw_prompt_indices(len(self.data), P * self.world, self.prompt_draws, cfg.seed)  # [P * world]
+        self.prompt_draws += 1
+        local = idx[self.rank * P : (self.rank + 1) * P].tolist()  # whole groups on this process
+        prompts = [self.data.prompts[i] for i in local for _ in range(K)]
+        metadata = [self.data.metadata[i] for i in local for _ in range(K)]
+        group_ids = (torch.arange(P) + (round_ * self.world + self.rank) * P).repeat_interleave(K)  # [B]
+        parts = []
+        for c, start in enumerate(range(0, P * K, cfg.train.rollout_batch_size)):
+            chunk = prompts[start : start + cfg.train.rollout_batch_size]
+            parts.append(self.policy.generate(chunk, self.sampling, seed=_seed(cfg.seed, iteration, self.rank, round_, c, 1)))
+        rollout = Rollout.cat(parts, self.policy.tokenizer.pad_token_id)
+        per_reward, total = self.rewards.scores(prompts, rollout.completions, metadata)
+        return LMBatch(rollout, metadata, group_ids, per_reward, total)
+
+    def rollout(self, iteration: int) -> LMBatch:
+        """This iteration's training groups: one round, or (dynamic sampling) rounds until P groups with
+        unequal rewards are found or lm.dynamic_sampling_rounds is spent."""
+        cfg, lm = self.cfg, self.cfg.lm
+        P, K = cfg.train.prompts_per_iteration, cfg.train.group_size
+        rounds = lm.dynamic_sampling_rounds if lm.dynamic_sampling else 1
+        kept, sampled = [], []
+        n_groups = 0
+        for r in range(rounds):
+            batch = self.sample_groups(iteration, r)
+            sampled.append(batch)
+            if not lm.dynamic_sampling:
+                kept.append(batch)
+                break
+            keep = nonconstant_groups(batch.total, batch.group_ids)  # [B]
+            rows = keep.nonzero().squeeze(1)[: (P - n_groups) * K]  # whole groups: K consecutive rows each
+            if len(rows):
+                kept.append(self._select(batch, rows))
+                n_groups += len(rows) // K
+            if n_groups >= P:
+                break
+        all_total = torch.cat([b.total for b in sampled])  # [rounds * P * K]
+        all_ids = torch.cat([b.group_ids for b in sampled])
+        stats = {
+            "reward_mean": all_total.mean().item(), "reward_std": all_total.std(unbiased=False).item(),
+            **{f"reward_{n}": torch.cat([b.rewards[n] for b in sampled]).mean().item() for n in self.rewards.weights},
+            "zero_std_frac": zero_std_fraction(all_total, all_ids),
+            "completion_length": torch.cat([b.rollout.completion_mask.sum(1) for b in sampled]).float().mean().item(),
+            "sampling_rounds": len(sampled), "kept_groups": n_groups if lm.dynamic_sampling else P,
+        }
+        if not kept:  # nothing to learn from; other processes may still step (see update)
+            kept, trainable = [sampled[0]], False
+        else:
+            trainable = True
+        batch = kept[0] if len(kept) == 1 else LMBatch(
+            Rollout.cat([b.rollout for b in kept], self.policy.tokenizer.pad_token_id),
+            [m for b in kept for m in b.metadata], torch.cat([b.group_ids for b in kept]),
+            {n: torch.cat([b.rewards[n] for b in kept]) for n in self.rewards.weights}, torch.cat([b.total for b in kept]),
+        )
+        targets = self.objective.targets(batch.rewards, self.rewards.weights, batch.group_ids)
+        batch.targets = {k: v.to(self.accelerator.device) for k, v in targets.items()}
+        batch.stats, batch.trainable = stats, trainable
+        return batch
+
+    @staticmethod
+    def _select(batch: LMBatch, rows: torch.Tensor) -> LMBatch:
+        return LMBatch(batch.rollout.index(rows), [batch.metadata[i] for i in rows.tolist()], batch.group_ids[rows],
+                       {n: r[rows] for n, r in batch.rewards.items()}, batch.total[rows])
+
+    # ---- update ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _score(self, rollout: Rollout, reference: bool) -> torch.Tensor:
+        """Log-probs of every completion token without gradient, in micro-batches. -> [B, T]"""
+        mb = self.cfg.train.micro_batch_size or self.cfg.train.train_batch_size
+        parts = []
+        for start in range(0, len(rollout), mb):
+            part = rollout.index(torch.arange(start, min(start + mb, len(rollout))))
+            parts.append(self.policy.token_log_probs(part, temperature=self.cfg.lm.temperature, reference=reference))
+        T = rollout.completion_ids.shape[1]
+        return torch.cat([torch.nn.functional.pad(x, (0, T - x.shape[1])) for x in parts])  # [B, T]
+
+    def update(self, batch: LMBatch, generator: torch.Generator) -> dict[str, float]:
+        cfg, acc, lm, t = self.cfg, self.accelerator, self.cfg.lm, self.cfg.train
+        B = len(batch) if batch.trainable else 0
+        n_mini = t.prompts_per_iteration * t.group_size // t.train_batch_size  # optimiser steps per epoch
+        mb = t.micro_batch_size or t.train_batch_size
+        # the weights move within the iteration only with several steps: otherwise old = current, detached
+        need_old = t.num_inner_epochs > 1 or n_mini > 1
+        logp_old = self._score(batch.rollout, reference=False) if need_old and B else None  # [B, T]
+        logp_ref = self._score(batch.rollout, reference=True) if lm.kl_beta > 0 and B else None  # [B, T]
+        params = self.policy.trainable_parameters()
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        ratio_max = 0.0
+
+        def add(key, value):
+            sums[key] = sums.get(key, 0.0) + float(value)
+            counts[key] = counts.get(key, 0) + 1
+
+        for _ in range(t.num_inner_epochs):
+            order = torch.randperm(B, generator=generator)  # [B]
+            for rows in torch.tensor_split(order, n_mini):  # mini-batches, nearly equal (some empty when few kept)
+                if len(rows) == 0 and self.world == 1:
+                    continue
+                dummy = len(rows) == 0  # other processes step: join their gradient all-reduce with a zero loss
+                rows = torch.zeros(1, dtype=torch.long) if dummy else rows
+                rows_total = len(rows)
+                tokens_total = float(batch.rollout.completion_mask[rows].sum())
+                micro = list(torch.split(rows, mb))
+                for j, mrows in enumerate(micro):
+                    part = batch.rollout.index(mrows)
+                    T = part.completion_ids.shape[1]
+                    mask = part.completion_mask.float()  # [b, T]
+                    logp, entropy = self.policy.token_log_probs(part, temperature=lm.temperature, with_entropy=True)  # [b, T]
+                    old = logp.detach() if logp_old is None else logp_old[mrows, :T]
+                    ref = logp.detach() if logp_ref is None else logp_ref[mrows, :T]  # unused unless kl_beta > 0
+                    targets = {k: v[mrows] for k, v in batch.targets.items()}
+                    loss, m = lm_loss(self.objective, logp, old, mask, targets, ref)
+                    share = 0.0 if dummy else micro_batch_share(lm.loss_aggregation, mask, rows_total, tokens_total)
+                    sync = acc.no_sync(self.policy.model) if j < len(micro) - 1 else contextlib.nullcontext()
+                    with sync:
+                        acc.backward(loss * share)
+                    if not dummy:
+                        add("loss", loss.item())
+                        add("entropy", (entropy * mask).sum().item() / max(mask.sum().item(), 1))
+                        for k, v in m.items():
+                            add(k, v.item())
+                        ratio_max = max(ratio_max, m["ratio_max"].item())
+                grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+                add("grad_norm", grad_norm.item())
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        metrics = {k: sums[k] / counts[k] for k in sums}
+        if "ratio_max" in metrics:
+            metrics["ratio_max"] = ratio_max
+        metrics.setdefault("loss", 0.0)
+        metrics["trained_completions"] = B
+        return metrics
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, tag: str) -> dict[str, float]:
+        """Greedy completions of the first lm.num_eval held-out prompts, scored by lm.eval_reward; the first
+        32 are written to eval/<tag>.jsonl for a person to read."""
+        cfg = self.cfg
+        n = min(cfg.lm.num_eval, len(self.eval_data))
+        greedy = SamplingSettings(max_new_tokens=cfg.lm.max_new_tokens, do_sample=False)
+        prompts, meta = self.eval_data.prompts[:n], self.eval_data.metadata[:n]
+        completions = []
+        bs = max(cfg.train.rollout_batch_size, 64)
+        for start in range(0, n, bs):
+            completions += self.policy.generate(prompts[start : start + bs], greedy).completions
+        scores = torch.as_tensor(self.eval_reward(prompts, completions, meta), dtype=torch.float32)  # [n]
+        if self.accelerator.is_main_process:
+            (self.out / "eval").mkdir(parents=True, exist_ok=True)
+            rows = [{"prompt": p, "completion": c, "reward": s, **m} for p, c, s, m in
+                    zip(prompts[:32], completions[:32], scores.tolist(), meta[:32])]
+            (self.out / "eval" / f"{tag}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return {"eval_reward_mean": scores.mean().item()}
+
+    # ---- state ----------------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        state = {"iteration": self.iteration, "samples_seen": self.samples_seen, "prompt_draws": self.prompt_draws,
+                 "seed": self.cfg.seed, "world_size": self.world, "algorithm": self.cfg.algorithm}
+        return save_checkpoint(self.out / "checkpoints" / f"iter_{self.iteration:06d}", self.policy, self.optimizer, state)
+
+    def _resume(self, path: str) -> None:
+        state, _ = load_checkpoint(path, self.policy, self.optimizer)
+        self.iteration, self.samples_seen = state["iteration"], state["samples_seen"]
+        self.prompt_draws = state["prompt_draws"]
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def train_iteration(self) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        t0 = time.perf_counter()
+        batch = self.rollout(self.iteration)
+        t1 = time.perf_counter()
+        self.policy.model.train()
+        metrics = self.update(batch, derive_generator(cfg.seed, self.iteration, self.rank, 2))
+        self.policy.model.eval()
+        t2 = time.perf_counter()
+        self.iteration += 1
+        sampled = batch.stats["sampling_rounds"] * cfg.train.prompts_per_iteration * cfg.train.group_size
+        self.samples_seen += sampled * self.world
+        return {"iteration": self.iteration, "samples_seen": self.samples_seen, **batch.stats, **metrics,
+                "seconds": t2 - t0, "time_rollout": t1 - t0, "time_update": t2 - t1,
+                "peak_memory_mb": peak_memory_mb(acc.device)}
+
+    def log(self, row: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.cfg.logging.log_with != "none":
+            self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["iteration"])
+
+    def train(self) -> list[dict]:
+        cfg, acc, lg = self.cfg, self.accelerator, self.cfg.logging
+        rows = []
+        name = f"eval {cfg.lm.eval_reward} (greedy, {min(cfg.lm.num_eval, len(self.eval_data))} held-out prompts)"
+        if self.iteration == 0:
+            self.initial_eval = self.evaluate(f"iter_{0:06d}")["eval_reward_mean"]
+            if acc.is_main_process:
+                tqdm.write(f"[diffrl] {name} before training: {self.initial_eval:.4f}")
+        bar = tqdm(total=cfg.max_iterations, initial=self.iteration, desc=f"{cfg.algorithm} {cfg.model}",
+                   disable=not (lg.progress and acc.is_main_process), dynamic_ncols=True)
+        while self.iteration < cfg.max_iterations:
+            row = self.train_iteration()
+            last = self.iteration == cfg.max_iterations
+            if last or (lg.eval_every and self.iteration % lg.eval_every == 0):
+                row.update(self.evaluate(f"iter_{self.iteration:06d}"))
+            self.log(row)
+            rows.append(row)
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.2e}",
+                            **({"eval": f"{row['eval_reward_mean']:.3f}"} if "eval_reward_mean" in row else {}))
+            bar.update(1)
+            if "eval_reward_mean" in row and acc.is_main_process:
+                from diffrl.visual import plot_metrics
+
+                plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
+            if last or (lg.save_every and self.iteration % lg.save_every == 0):
+                self.save()
+        bar.close()
+        if acc.is_main_process and rows and "eval_reward_mean" in rows[-1]:
+            before = getattr(self, "initial_eval", float("nan"))
+            tqdm.write(f"[diffrl] {name} after {self.iteration} iterations: {rows[-1]['eval_reward_mean']:.4f} "
+                       f"(before: {before:.4f})")
+        acc.end_training()
+        return rows
+
