@@ -27,7 +27,12 @@ def _train(args) -> int:
     except ConfigError as exc:
         print(f"diffrl: invalid config: {exc}", file=sys.stderr)
         return 2
-    from diffrl.trainers.loop import Trainer
+    from diffrl.config import LM_ALGORITHMS
+
+    if cfg.algorithm in LM_ALGORITHMS:  # language-model RL on the shared core (diffrl.lm)
+        from diffrl.lm.trainer import LMTrainer as Trainer
+    else:
+        from diffrl.trainers.loop import Trainer
 
     Trainer(cfg).train()
     return 0
@@ -199,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="diffrl",
         description="Reward fine-tuning and inference-time steering for diffusion and flow-matching generators.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,serve-reward,pretrain-toy}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,serve-reward,pretrain-toy,pretrain-toy-lm}")
     train = sub.add_parser(
         "train", help="fine-tune a model against a reward",
         description="Train with a YAML recipe; any option can be overridden as key=value "
@@ -273,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain-toy", help="train a SynthShapes toy base model from scratch (sd3 flow or sd UNet)")
     pretrain_parser(pre)
     pre.set_defaults(func=_pretrain_toy)
+
+    from diffrl.lm.pretrain import build_parser as pretrain_lm_parser
+
+    pre_lm = sub.add_parser("pretrain-toy-lm", help="train the toy arithmetic causal LM (assets/lm/toy_arith) from scratch")
+    pretrain_lm_parser(pre_lm)
+    pre_lm.set_defaults(func=_pretrain_toy_lm)
     return parser
 
 
@@ -312,6 +323,13 @@ def _cuda() -> bool:
 
 def _pretrain_toy(args) -> int:
     from diffrl.toyworld.pretrain import pretrain
+
+    pretrain(args)
+    return 0
+
+
+def _pretrain_toy_lm(args) -> int:
+    from diffrl.lm.pretrain import pretrain
 
     pretrain(args)
     return 0

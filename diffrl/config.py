@@ -186,6 +186,77 @@ class CRDConfig(ForwardProcessConfig):
     """EMA decay of the sampling adapter (rollouts): 0 before step 75, then min(0.0075 (step - 75), 0.999) (CRD)."""
 
 
+LM_ALGORITHMS: dict[str, dict[str, Any]] = {
+    # what each language-model method's None options resolve to (apply_algorithm_defaults)
+    "lm_grpo": {"std_scope": "group", "loss_aggregation": "seq_mean_token_mean", "clip_high": None, "kl_beta": 0.04,
+                "dynamic_sampling": False},  # DeepSeekMath GRPO (Shao et al. 2024)
+    "lm_drgrpo": {"std_scope": "none", "loss_aggregation": "seq_mean_token_sum_norm", "clip_high": None, "kl_beta": 0.0,
+                  "dynamic_sampling": False},  # Dr.GRPO (Liu et al. 2025)
+    "lm_dapo": {"std_scope": "group", "loss_aggregation": "token_mean", "clip_high": 0.28, "kl_beta": 0.0,
+                "dynamic_sampling": True},  # DAPO (Yu et al. 2025)
+    "lm_nft": {"std_scope": "group", "loss_aggregation": "seq_mean_token_sum_norm", "clip_high": None, "kl_beta": 0.0,
+               "dynamic_sampling": True},  # NFT (Chen et al. 2025), its recipe's verl settings
+}
+"""Language-model RL methods (diffrl.lm): `algorithm` names that `diffrl train` runs on a causal LM."""
+
+
+@dataclass
+class LMConfig:
+    """Language-model RL (algorithm lm_grpo, lm_drgrpo, lm_dapo or lm_nft on a causal LM `model`). These runs
+    read model, policy.*, train.*, logging.* and this section; `reward`, sampling.*, data.* are diffusion-only."""
+
+    train_data: str = "builtin:arith_train"
+    """RL prompts: "builtin:<name>" (assets/lm/<name>.jsonl) or a .jsonl file with a "prompt" field; other fields are metadata for the rewards."""
+    eval_data: str = "builtin:arith_eval"
+    """Held-out prompts, greedy-decoded at every evaluation (same forms)."""
+    num_eval: int = 500
+    """Evaluation prompts: the first N of eval_data."""
+    eval_reward: str = "exact_match"
+    """Reward averaged over the greedy evaluation completions (eval_reward_mean)."""
+    rewards: dict[str, float] = field(default_factory=lambda: {"exact_match": 1.0})
+    """Training rewards, name -> weight: a name registered in diffrl.lm.rewards or "module:function"."""
+    reward_combine: str = "sum_then_normalize"
+    """Several rewards -> advantages: "sum_then_normalize" (weighted sum, then group advantages) or "normalize_then_sum" (GDPO / MR-GRPO)."""
+    max_new_tokens: int = 8
+    """Completion budget in tokens."""
+    temperature: float = 1.0
+    """Rollout sampling temperature; log-probs are of softmax(logits / temperature) (DeepSeekMath, DAPO, TRL: 1.0)."""
+    top_p: float = 1.0
+    """Nucleus sampling; 1.0 is off (DAPO, TRL: 1.0)."""
+    top_k: int = 0
+    """Top-k sampling; 0 is off (TRL: 0; transformers' own default of 50 is never applied)."""
+    std_scope: Optional[str] = None
+    """Advantage std: "group" (GRPO, DAPO) or "none" (Dr.GRPO: mean-centring only); None: the algorithm's."""
+    std_ddof: int = 1
+    """0 population, 1 sample std (TRL's torch.std: 1)."""
+    std_eps: float = 1e-4
+    """Added to the std before dividing (TRL: 1e-4)."""
+    adv_clip: Optional[float] = None
+    """Clip advantages to [-adv_clip, adv_clip]; None: no clip (GRPO, DAPO)."""
+    loss_aggregation: Optional[str] = None
+    """Token losses -> scalar: seq_mean_token_mean (GRPO), seq_mean_token_sum_norm (Dr.GRPO, NFT), token_mean (DAPO), seq_mean_token_sum; None: the algorithm's."""
+    norm_constant: Optional[float] = None
+    """Constant divisor of token sums for seq_mean_token_sum_norm; None: max_new_tokens (Dr.GRPO: the generation budget)."""
+    clip_low: float = 0.2
+    """PPO clip eps_low of the token ratio (GRPO, DAPO: 0.2)."""
+    clip_high: Optional[float] = None
+    """eps_high; None: 0.28 for lm_dapo (clip-higher, DAPO), clip_low otherwise."""
+    kl_beta: Optional[float] = None
+    """KL coefficient against the reference (LoRA disabled, or a frozen copy for full fine-tunes); None: 0.04 for lm_grpo (DeepSeekMath), 0 for lm_drgrpo / lm_dapo / lm_nft (trained without it)."""
+    kl_estimator: str = "k3"
+    """Per-token KL estimator: k1, k2 or k3 (Schulman 2020; GRPO: k3)."""
+    dynamic_sampling: Optional[bool] = None
+    """Drop groups whose rewards are all equal (all correct or all wrong) and sample more prompts to refill; None: on for lm_dapo (DAPO) and lm_nft (NFT's recipe), off otherwise."""
+    dynamic_sampling_rounds: int = 10
+    """Most sampling rounds per iteration while refilling; the update uses what was found (DAPO: max_num_gen_batches 10)."""
+    nft_rhat_clamp: list[float] = field(default_factory=lambda: [0.02, 0.98])
+    """NFT: the group accuracy rhat is clamped to [lo, hi] (NFT: [0.02, 0.98])."""
+    nft_negative_clamp: float = 1.0
+    """NFT: gradient-preserving lower clamp of the negative ratio (1 - rhat R) / (1 - rhat) (NFT's code: clamp_negative 1.0)."""
+    nft_correct_threshold: float = 0.5
+    """NFT: an answer counts as correct when its weighted reward is >= this (NFT: a 0/1 verifier)."""
+
+
 @dataclass
 class LoggingConfig:
     log_with: str = "tensorboard"
@@ -201,9 +272,9 @@ class LoggingConfig:
 @dataclass
 class RunConfig:
     algorithm: str = "grpo"
-    """Training method, looked up in diffrl.trainers.ALGORITHMS."""
+    """Training method, looked up in diffrl.trainers.ALGORITHMS; lm_grpo, lm_drgrpo, lm_dapo, lm_nft train a causal LM (diffrl.lm, lm: section)."""
     model: str = "tiny-sd3"
-    """A built-in tiny model ("tiny-sd", "tiny-sd3", "tiny-flux"), a local diffusers folder, or a cached hub id."""
+    """A built-in tiny model ("tiny-sd", "tiny-sd3", "tiny-flux"; "toy-arith" causal LM), a local diffusers (or transformers, for lm_*) folder, or a cached hub id."""
     reward: str = "jpeg_compressibility"
     """Reward name, looked up in diffrl.rewards."""
     reward_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -231,6 +302,7 @@ class RunConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     nft: NFTConfig = field(default_factory=NFTConfig)
     crd: CRDConfig = field(default_factory=CRDConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -326,6 +398,9 @@ def apply_algorithm_defaults(cfg: RunConfig) -> None:
     saved config.yaml and every consumer see the value used."""
     from diffrl.trainers import ALGORITHMS
 
+    if cfg.algorithm in LM_ALGORITHMS:
+        _apply_lm_defaults(cfg)
+        return
     if cfg.sampling.guidance_scale is None and cfg.algorithm in ALGORITHMS.names():
         cfg.sampling.guidance_scale = ALGORITHMS.get(cfg.algorithm).default_guidance_scale
 
@@ -348,7 +423,10 @@ def validate(cfg: RunConfig) -> None:
     from diffrl.rewards import list_rewards
     from diffrl.trainers import ALGORITHMS
 
-    _one_of(cfg.algorithm, ALGORITHMS.names(), "algorithm")
+    if cfg.algorithm in LM_ALGORITHMS:
+        _validate_lm(cfg)
+        return
+    _one_of(cfg.algorithm, ALGORITHMS.names() + list(LM_ALGORITHMS), "algorithm")
     _one_of(cfg.reward, list_rewards(), "reward")
     if cfg.data.eval_reward is not None:
         _one_of(cfg.data.eval_reward, list_rewards(), "data.eval_reward")
@@ -533,6 +611,103 @@ def _validate_forward_process(cfg: RunConfig) -> None:
                 f"'train.{key}' ({size}) must be a multiple of train.group_size ({K}) for crd: it centres rewards "
                 "within a prompt group, so every batch must hold whole groups"
             )
+
+
+def _apply_lm_defaults(cfg: RunConfig) -> None:
+    """Resolve the lm.* options left None to the algorithm's values (LM_ALGORITHMS)."""
+    lm, preset = cfg.lm, LM_ALGORITHMS[cfg.algorithm]
+    for key in ("std_scope", "loss_aggregation", "kl_beta", "dynamic_sampling"):
+        if getattr(lm, key) is None:
+            setattr(lm, key, preset[key])
+    if lm.clip_high is None:
+        lm.clip_high = preset["clip_high"] if preset["clip_high"] is not None else lm.clip_low
+    if lm.norm_constant is None and lm.loss_aggregation == "seq_mean_token_sum_norm":
+        lm.norm_constant = float(lm.max_new_tokens)
+
+
+def _validate_lm(cfg: RunConfig) -> None:
+    """Language-model runs (diffrl.lm): the causal LM, its data and rewards, lm.*, train.*, logging.*."""
+    import importlib.util
+
+    from diffrl.core import AGGREGATIONS, KL_ESTIMATORS
+    from diffrl.lm.policy import BUILTIN_LMS
+    from diffrl.lm.rewards import resolve_lm_reward
+    from diffrl.lm.tasks import resolve_lm_dataset
+
+    lm, t, p, lg = cfg.lm, cfg.train, cfg.policy, cfg.logging
+    if lm.std_scope is None:
+        raise ConfigError("'lm.std_scope' is unset: build the config with load_config or call apply_algorithm_defaults")
+    if cfg.model in ("tiny-sd", "tiny-sd3", "tiny-flux") or (Path(cfg.model) / "model_index.json").is_file():
+        raise ConfigError(f"'model' {cfg.model!r} is a diffusion pipeline; {cfg.algorithm} trains a causal LM: use a built-in "
+                          f"({', '.join(BUILTIN_LMS)}), a local transformers folder or a cached hub id")
+    if Path(cfg.model).is_dir() and not (Path(cfg.model) / "config.json").is_file():
+        raise ConfigError(f"'model' folder {cfg.model} has no config.json: not a transformers model folder")
+    for key in ("train_data", "eval_data"):
+        try:
+            resolve_lm_dataset(getattr(lm, key))
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(f"'lm.{key}': {exc}") from None
+    if not lm.rewards:
+        raise ConfigError("'lm.rewards' is empty: give at least one reward name -> weight (e.g. exact_match: 1.0)")
+    for name in [*lm.rewards, lm.eval_reward]:
+        try:
+            resolve_lm_reward(name)
+        except ValueError as exc:  # UnknownNameError lists the registered names
+            key = "lm.eval_reward" if name == lm.eval_reward and name not in lm.rewards else f"lm.rewards.{name}"
+            raise ConfigError(f"'{key}': {exc}") from None
+    _one_of(lm.reward_combine, ("sum_then_normalize", "normalize_then_sum"), "lm.reward_combine")
+    _positive(lm.num_eval, "lm.num_eval")
+    _positive(lm.max_new_tokens, "lm.max_new_tokens")
+    _positive(lm.temperature, "lm.temperature")
+    if not 0 < lm.top_p <= 1:
+        raise ConfigError(f"'lm.top_p' must be in (0, 1], got {lm.top_p}")
+    _positive(lm.top_k, "lm.top_k", allow_zero=True)
+    _one_of(lm.std_scope, ("group", "none"), "lm.std_scope")
+    if lm.std_ddof not in (0, 1):
+        raise ConfigError(f"'lm.std_ddof' must be 0 or 1, got {lm.std_ddof}")
+    _positive(lm.std_eps, "lm.std_eps", allow_zero=True)
+    if lm.adv_clip is not None:
+        _positive(lm.adv_clip, "lm.adv_clip")
+    _one_of(lm.loss_aggregation, AGGREGATIONS.names(), "lm.loss_aggregation")
+    if lm.norm_constant is not None:
+        _positive(lm.norm_constant, "lm.norm_constant")
+        if lm.loss_aggregation != "seq_mean_token_sum_norm":
+            raise ConfigError(f"'lm.norm_constant' is only used by lm.loss_aggregation seq_mean_token_sum_norm, not {lm.loss_aggregation}")
+    if not 0 <= lm.clip_low < 1:
+        raise ConfigError(f"'lm.clip_low' must be in [0, 1), got {lm.clip_low}")
+    _positive(lm.clip_high, "lm.clip_high", allow_zero=True)
+    _positive(lm.kl_beta, "lm.kl_beta", allow_zero=True)
+    _one_of(lm.kl_estimator, KL_ESTIMATORS.names(), "lm.kl_estimator")
+    _positive(lm.dynamic_sampling_rounds, "lm.dynamic_sampling_rounds")
+    lo_hi = list(lm.nft_rhat_clamp)
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] < 1:
+        raise ConfigError(f"'lm.nft_rhat_clamp' must be [lo, hi] with 0 < lo <= hi < 1, got {lo_hi}")
+    _positive(lm.nft_negative_clamp, "lm.nft_negative_clamp")
+
+    _one_of(p.dtype, ("float32", "bfloat16", "float16", "float64"), "policy.dtype")
+    _positive(p.lora_rank, "policy.lora_rank", allow_zero=True)
+    for key in ("prompts_per_iteration", "group_size", "rollout_batch_size", "train_batch_size", "num_inner_epochs"):
+        _positive(getattr(t, key), f"train.{key}")
+    if t.group_size < 2:
+        raise ConfigError(f"'train.group_size' must be >= 2 for {cfg.algorithm}: advantages are relative to the prompt's group")
+    _positive(t.learning_rate, "train.learning_rate")
+    _one_of(t.mixed_precision, ("no", "bf16", "fp16"), "train.mixed_precision")
+    samples = t.prompts_per_iteration * t.group_size
+    if samples % t.train_batch_size:
+        raise ConfigError(f"'train.train_batch_size' ({t.train_batch_size}) must divide train.prompts_per_iteration * "
+                          f"train.group_size ({samples} completions per process per iteration)")
+    if t.micro_batch_size is not None:
+        _positive(t.micro_batch_size, "train.micro_batch_size")
+        if t.train_batch_size % t.micro_batch_size:
+            raise ConfigError(f"'train.micro_batch_size' ({t.micro_batch_size}) must divide train.train_batch_size ({t.train_batch_size})")
+    if t.ema:
+        raise ConfigError(f"'train.ema' is not supported by {cfg.algorithm} (the LM trainer evaluates the trained weights)")
+    _one_of(lg.log_with, ("tensorboard", "wandb", "none"), "logging.log_with")
+    if lg.log_with != "none" and importlib.util.find_spec(lg.log_with) is None:
+        raise ConfigError(f"'logging.log_with' is {lg.log_with!r} but that package is not installed; or use 'none'")
+    _positive(lg.eval_every, "logging.eval_every", allow_zero=True)
+    _positive(lg.save_every, "logging.save_every", allow_zero=True)
+    _positive(cfg.max_iterations, "max_iterations")
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
