@@ -21,7 +21,7 @@ TINY = [
     "--model", "tiny-sd3", "--sample-budget", str(BUDGET), "--curve-points", "2", "--eval-prompts", "6", "--images-per-prompt", "1", "--eval-steps", "2", "--eval-batch-size", "3",
     "--threads", "1",
     "--set", "train.prompts_per_iteration=2", "--set", "train.group_size=2", "--set", "train.train_batch_size=4",
-    "--set", "train.rollout_batch_size=4", "--set", "sampling.num_steps=2", "--set", "sampling.eval_num_steps=2",
+    "--set", "train.rollout_batch_size=4", "--set", "sampling.num_steps=3", "--set", "sampling.eval_num_steps=2",
     "--set", "data.num_eval_prompts=2", "--set", "policy.lora_rank=4", "--set", "policy.lora_alpha=8",
 ]
 

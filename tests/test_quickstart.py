@@ -1,4 +1,5 @@
-"""The quickstart recipe learns: a short GRPO run raises the fixed-seed evaluation reward."""
+"""The shipped recipes learn: the tiny JPEG recipe raises its reward in a short run; the quickstart
+(GRPO on the toy world) raises held-out exact accuracy (slow: the full 4-minute run)."""
 
 from pathlib import Path
 
@@ -7,25 +8,41 @@ import pytest
 from diffrl.config import load_config
 from diffrl.trainers.loop import Trainer
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+QUICKSTART = CONFIGS / "quickstart.yaml"
+TINY_JPEG = CONFIGS / "image" / "tiny_sd3_jpeg.yaml"
 
 
-def run(tmp_path, iterations):
-    cfg = load_config(QUICKSTART, [f"output_dir={tmp_path}", f"max_iterations={iterations}", "logging.log_with=none",
-                                   "logging.progress=false", "logging.save_every=0", f"logging.eval_every={iterations}"])
+def run(tmp_path, config, iterations):
+    cfg = load_config(config, [f"output_dir={tmp_path}", f"max_iterations={iterations}", "logging.log_with=none",
+                               "logging.progress=false", "logging.save_every=0", f"logging.eval_every={iterations}"])
     trainer = Trainer(cfg)
     rows = trainer.train()
     return trainer.initial_eval, rows[-1]["eval_reward_mean"], rows
 
 
-def test_short_quickstart_run_raises_the_reward(tmp_path):
-    before, after, rows = run(tmp_path, 25)
+def test_short_tiny_jpeg_run_raises_the_reward(tmp_path):
+    before, after, rows = run(tmp_path, TINY_JPEG, 25)
     # JPEG compressibility is -kB; 25 iterations moved it by 0.08-0.13 in our runs, batch std is ~0.02
     assert after > before + 0.04, (before, after)
     assert rows[-1]["reward_mean"] > rows[0]["reward_mean"] + 0.04
 
 
+def test_quickstart_is_grpo_on_the_toy_world_judged_on_held_out_prompts():
+    cfg = load_config(QUICKSTART)
+    assert (cfg.algorithm, cfg.model, cfg.reward, cfg.data.eval_reward) == ("grpo", "toy-sd3", "toyworld_accuracy", "toyworld_accuracy")
+    assert cfg.data.prompts == "builtin:toy_train" and cfg.data.eval_prompts == "builtin:toy_eval"
+    assert cfg.data.num_eval_prompts == 300  # the whole held-out set, 50 prompts per tag
+
+
 @pytest.mark.slow
-def test_full_quickstart_run_raises_the_reward(tmp_path):
-    before, after, _ = run(tmp_path, 100)
+def test_full_tiny_jpeg_run_raises_the_reward(tmp_path):
+    before, after, _ = run(tmp_path, TINY_JPEG, 100)
     assert after > before + 0.15, (before, after)
+
+
+@pytest.mark.slow
+def test_full_quickstart_raises_held_out_accuracy(tmp_path):
+    before, after, _ = run(tmp_path, QUICKSTART, load_config(QUICKSTART).max_iterations)
+    # 300 held-out prompts: one standard error of an accuracy near 0.25 is 0.025
+    assert after > before + 0.05, (before, after)
