@@ -203,7 +203,7 @@ LM_ALGORITHMS: dict[str, dict[str, Any]] = {
 @dataclass
 class LMConfig:
     """Language-model RL (algorithm lm_grpo, lm_drgrpo, lm_dapo or lm_nft on a causal LM `model`). These runs
-    read model, policy.*, train.*, logging.* and this section; `reward`, sampling.*, data.* are diffusion-only."""
+    read model, policy.*, train.*, logging.* and this section; reward, rewards, sampling.*, data.* are diffusion-only."""
 
     train_data: str = "builtin:arith_train"
     """RL prompts: "builtin:<name>" (assets/lm/<name>.jsonl) or a .jsonl file with a "prompt" field; other fields are metadata for the rewards."""
@@ -649,6 +649,9 @@ def _validate_lm(cfg: RunConfig) -> None:
             raise ConfigError(f"'lm.{key}': {exc}") from None
     if not lm.rewards:
         raise ConfigError("'lm.rewards' is empty: give at least one reward name -> weight (e.g. exact_match: 1.0)")
+    if getattr(cfg, "rewards", None):
+        raise ConfigError(f"'rewards' is the diffusion reward mixture; {cfg.algorithm} scores text with 'lm.rewards' "
+                          "(name or module:function -> weight)")
     for name in [*lm.rewards, lm.eval_reward]:
         try:
             resolve_lm_reward(name)

@@ -43,6 +43,7 @@ def test_diffrl_train_dispatches_lm_recipes(tmp_path, capsys):
     (["lm.nft_rhat_clamp=[0.0,0.9]"], "'lm.nft_rhat_clamp'"),
     (["lm.rewards={\"os:nothing_here\": 1.0}"], "has no callable 'nothing_here'"),
     (["algorithm=lm_grp"], "did you mean 'lm_grpo'"),
+    (["rewards={exact_match: 1.0}"], "'rewards' is the diffusion reward mixture"),
 ])
 def test_lm_config_errors_name_the_field(overrides, message):
     base = ["algorithm=lm_grpo", "model=toy-arith", "logging.log_with=none"]

@@ -136,6 +136,10 @@ def pretrain(args: argparse.Namespace) -> dict:
                                                pad_token_id=tokenizer.pad_token_id, max_new_tokens=5, do_sample=False)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    # transformers 5 writes its own class name; PreTrainedTokenizerFast loads the same tokenizer.json in 4.x too
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
     summary = {"step": step, "minutes": round((time.time() - t0) / 60, 2), "loss": loss.item(), "eval_accuracy": acc,
                "parameters": sum(p.numel() for p in model.parameters()), "train_examples": len(train_rows),
                "eval_problems": len(evaluation), "history": history, "args": vars(args)}
