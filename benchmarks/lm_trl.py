@@ -10,8 +10,10 @@ backward over the whole batch and one AdamW step (GRPO loss, per-sequence mean, 
 on every linear layer of the shipped toy LM (assets/lm/toy_arith). Each framework runs in its own
 subprocess of this one invocation, so their memory does not mix: after --warmup iterations, --steps
 timed iterations; the table reports the median and the spread. Peak memory is
-torch.cuda.max_memory_allocated on a GPU; on a CPU the peak resident set size, sampled every 2 ms during
-the timed iterations, above the resident size just before them (model, optimiser and imports excluded).
+torch.cuda.max_memory_allocated on a GPU; on a CPU the peak of the C heap in use (glibc mallinfo2), sampled
+every 2 ms during the timed iterations, above its value just before them (model, optimiser and imports
+excluded). Activation checkpointing is set explicitly on both sides (TRL's GRPOConfig turns it on by
+default, diffrl leaves it off); --gradient-checkpointing off on runs both.
 
 What the numbers are not: a tiny model makes both sides overhead-bound (Python, `generate`'s per-token
 loop), so this measures framework overhead on small batches, not kernel throughput on large models.
@@ -20,6 +22,7 @@ loop), so this measures framework overhead on small batches, not kernel throughp
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -34,31 +37,47 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # ---- memory -------------------------------------------------------------------------------------
-class PeakRSS:
-    """Peak resident set size of this process between start() and stop(), sampled by a thread (Linux)."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+class PeakHeap:
+    """Peak bytes the C allocator has handed out (glibc mallinfo2: in-use arena chunks + mmapped chunks) between
+    start() and stop(), above the value at start(), sampled by a thread. Unlike the resident set size this does not
+    depend on what the allocator kept cached from earlier iterations. Falls back to RSS without mallinfo2."""
 
     def __init__(self, every: float = 0.002) -> None:
         self.every, self.peak, self._stop = every, 0, threading.Event()
+        try:
+            fn = ctypes.CDLL(None).mallinfo2
+            fn.restype = _MallInfo2
+            self._mallinfo, self.kind = fn, "CPU heap in use (glibc mallinfo2), peak above the pre-iteration value"
+        except (AttributeError, OSError):
+            self._mallinfo, self.kind = None, "CPU peak RSS above the pre-iteration baseline"
         self._page = os.sysconf("SC_PAGE_SIZE")
 
-    def rss(self) -> int:
+    def used(self) -> int:
+        if self._mallinfo is not None:
+            info = self._mallinfo()
+            return info.uordblks + info.hblkhd
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * self._page
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
+            self.peak = max(self.peak, self.used())
             time.sleep(self.every)
 
     def start(self) -> None:
-        self.baseline = self.peak = self.rss()
+        self.baseline = self.peak = self.used()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def stop(self) -> float:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.rss())
+        self.peak = max(self.peak, self.used())
         return (self.peak - self.baseline) / 2**20
 
 
@@ -76,7 +95,8 @@ def _memory_probe():
                 return torch.cuda.max_memory_allocated() / 2**20
 
         return Cuda(), "GPU max_memory_allocated"
-    return PeakRSS(), "CPU peak RSS above the pre-iteration baseline"
+    probe = PeakHeap()
+    return probe, probe.kind
 
 
 # ---- workers (one per subprocess) ---------------------------------------------------------------
@@ -94,6 +114,7 @@ def run_diffrl(args) -> dict:
             f"train.group_size={args.group_size}", f"train.rollout_batch_size={n}", f"train.train_batch_size={n}",
             f"train.learning_rate={args.lr}", "train.adam_weight_decay=0", f"lm.max_new_tokens={args.max_new_tokens}",
             "lm.kl_beta=0.04", "lm.std_ddof=1", "logging.log_with=none", "logging.progress=false",
+            f"policy.gradient_checkpointing={args.gradient_checkpointing == 'on'}",
         ])
         trainer = LMTrainer(cfg)
         for _ in range(args.warmup):
@@ -162,6 +183,7 @@ def run_trl(args) -> dict:
             learning_rate=args.lr, weight_decay=0.0, lr_scheduler_type="constant", max_grad_norm=1.0,
             max_steps=args.warmup + args.steps, logging_steps=1, report_to="none", save_strategy="no",
             use_cpu=not torch.cuda.is_available(), seed=args.seed, disable_dropout=True, dataloader_num_workers=0,
+            gradient_checkpointing=args.gradient_checkpointing == "on",  # TRL's default is on; set explicitly on both sides
         )
         timer = Timer()
         trainer = trl.GRPOTrainer(
@@ -187,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="timed iterations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each worker")
+    p.add_argument("--gradient-checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"],
+                   help="activation checkpointing on both sides (TRL's GRPOConfig defaults to on, diffrl to off)")
     p.add_argument("--output", default=str(RESULTS / "lm_trl.md"))
     p.add_argument("--worker", choices=["diffrl", "trl"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -209,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-        args.prompts = args.prompts[0]
+        args.prompts, args.gradient_checkpointing = args.prompts[0], args.gradient_checkpointing[0]
         result = (run_diffrl if args.worker == "diffrl" else run_trl)(args)
         Path(args.result).write_text(json.dumps(result))
         return 0
@@ -219,20 +243,23 @@ def main(argv: list[str] | None = None) -> int:
         print('lm_trl: TRL is not installed; pip install -e ".[bench]"', file=sys.stderr)
         return 2
     results = {}
-    common = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("prompts", "output", "worker", "result")]
+    common = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+              if k not in ("prompts", "gradient_checkpointing", "output", "worker", "result")]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
-    for prompts in args.prompts:
-        for worker in ("diffrl", "trl"):
-            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-                result_path = f.name
-            cmd = [sys.executable, "-m", "diffrl.benchmarks.lm_trl", *common, "--prompts", str(prompts),
-                   "--worker", worker, "--result", result_path]
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n", file=sys.stderr)
-                raise SystemExit(f"lm_trl: the {worker} worker failed (exit {proc.returncode})")
-            results[f"{worker} P={prompts}"] = {"framework": worker, "prompts": prompts, **json.loads(Path(result_path).read_text())}
-            os.unlink(result_path)
+    for gc in args.gradient_checkpointing:
+        for prompts in args.prompts:
+            for worker in ("diffrl", "trl"):
+                with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+                    result_path = f.name
+                cmd = [sys.executable, "-m", "diffrl.benchmarks.lm_trl", *common, "--prompts", str(prompts),
+                       "--gradient-checkpointing", gc, "--worker", worker, "--result", result_path]
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n", file=sys.stderr)
+                    raise SystemExit(f"lm_trl: the {worker} worker failed (exit {proc.returncode})")
+                results[f"{worker} P={prompts} gc={gc}"] = {"framework": worker, "prompts": prompts, "gradient_checkpointing": gc,
+                                                            **json.loads(Path(result_path).read_text())}
+                os.unlink(result_path)
     write_report(args, results)
     return 0
 
@@ -255,17 +282,19 @@ def write_report(args, results: dict) -> None:
         f"Device: {env['device']}; torch {env['torch']}, transformers {env['transformers']}, "
         f"TRL {trl_version}. Memory: {memory_kind}.",
         "",
-        "| framework | batch (P x K) | time / iteration, median (s) | min .. max (s) | diffrl / TRL time | peak memory (MiB) | mean train reward |",
-        "|---|---|---|---|---|---|---|",
+        "| framework | batch (P x K) | gradient checkpointing | time / iteration, median (s) | min .. max (s) "
+        "| diffrl / TRL time | peak memory (MiB) | mean train reward |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, r in results.items():
         t = sorted(r["times"])
-        ratio = medians[key] / medians[f"trl P={r['prompts']}"]
-        lines.append(f"| {r['framework']} | {r['prompts']} x {args.group_size} | {medians[key]:.3f} | {t[0]:.3f} .. {t[-1]:.3f} "
+        ratio = medians[key] / medians[f"trl P={r['prompts']} gc={r['gradient_checkpointing']}"]
+        lines.append(f"| {r['framework']} | {r['prompts']} x {args.group_size} | {r['gradient_checkpointing']} | {medians[key]:.3f} "
+                     f"| {t[0]:.3f} .. {t[-1]:.3f} "
                      f"| {ratio:.2f} | {r['memory_mb']:.1f} | {r['reward_mean']:.3f} |")
     lines += ["",
               f"Command: `python -m diffrl.benchmarks.lm_trl --prompts {' '.join(map(str, args.prompts))} --group-size {args.group_size} "
-              f"--max-new-tokens {args.max_new_tokens} --warmup {args.warmup} --steps {args.steps} --threads {args.threads}`", ""]
+              f"--max-new-tokens {args.max_new_tokens} --gradient-checkpointing {' '.join(args.gradient_checkpointing)} --warmup {args.warmup} --steps {args.steps} --threads {args.threads}`", ""]
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))

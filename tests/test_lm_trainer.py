@@ -129,3 +129,14 @@ def test_full_fine_tune_with_a_frozen_reference_copy(tmp_path):
     for n, p in ref.named_parameters():
         assert torch.equal(p, ref_before[n]), f"reference {n} changed"
     assert (tmp_path / "checkpoints" / "iter_000002" / "denoiser" / "config.json").is_file()
+
+
+def test_gradient_checkpointing_gives_the_same_update(tmp_path):
+    runs = []
+    for gc in ("false", "true"):
+        trainer = make_trainer(tmp_path / gc, "max_iterations=1", "train.train_batch_size=12", f"policy.gradient_checkpointing={gc}")
+        assert trainer.policy.unwrapped.base_model.model.model.gradient_checkpointing == (gc == "true")
+        trainer.train()
+        runs.append(trainer.policy.named_trainable_parameters())
+    for n in runs[0]:
+        torch.testing.assert_close(runs[0][n], runs[1][n], rtol=0, atol=1e-6)
