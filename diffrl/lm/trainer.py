@@ -198,7 +198,7 @@ class LMTrainer:
         params = self.policy.trainable_parameters()
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
-        ratio_max = 0.0
+        ratio_max, ratio_min = 0.0, float("inf")
 
         def add(key, value):
             sums[key] = sums.get(key, 0.0) + float(value)
@@ -233,13 +233,14 @@ class LMTrainer:
                         for k, v in m.items():
                             add(k, v.item())
                         ratio_max = max(ratio_max, m["ratio_max"].item())
+                        ratio_min = min(ratio_min, m["ratio_min"].item())
                 grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
                 add("grad_norm", grad_norm.item())
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         metrics = {k: sums[k] / counts[k] for k in sums}
-        if "ratio_max" in metrics:
-            metrics["ratio_max"] = ratio_max
+        if "ratio_max" in metrics:  # extremes over the iteration, not means of per-micro-batch extremes
+            metrics["ratio_max"], metrics["ratio_min"] = ratio_max, ratio_min
         metrics.setdefault("loss", 0.0)
         metrics["trained_completions"] = B
         return metrics
