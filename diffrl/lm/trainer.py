@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
+from diffrl.runloop import TrainLoop
 from diffrl.checkpoint import load_checkpoint, save_checkpoint
 from diffrl.config import RunConfig, save_config, to_flat_dict
 from diffrl.core import nonconstant_groups, zero_std_fraction
@@ -58,7 +58,7 @@ def _seed(*keys: int) -> int:
     return derive_generator(*keys).initial_seed()
 
 
-class LMTrainer:
+class LMTrainer(TrainLoop):
     """Builds the policy, rewards and optimiser from a validated RunConfig (an lm_* algorithm) and trains."""
 
     def __init__(self, cfg: RunConfig, accelerator: Accelerator | None = None):
@@ -297,45 +297,6 @@ class LMTrainer:
                 "seconds": t2 - t0, "time_rollout": t1 - t0, "time_update": t2 - t1,
                 "peak_memory_mb": peak_memory_mb(acc.device)}
 
-    def log(self, row: dict) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.cfg.logging.log_with != "none":
-            self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["iteration"])
-
-    def train(self) -> list[dict]:
-        cfg, acc, lg = self.cfg, self.accelerator, self.cfg.logging
-        rows = []
-        name = f"eval {cfg.lm.eval_reward} (greedy, {min(cfg.lm.num_eval, len(self.eval_data))} held-out prompts)"
-        if self.iteration == 0:
-            self.initial_eval = self.evaluate(f"iter_{0:06d}")["eval_reward_mean"]
-            if acc.is_main_process:
-                tqdm.write(f"[diffrl] {name} before training: {self.initial_eval:.4f}")
-        bar = tqdm(total=cfg.max_iterations, initial=self.iteration, desc=f"{cfg.algorithm} {cfg.model}",
-                   disable=not (lg.progress and acc.is_main_process), dynamic_ncols=True)
-        while self.iteration < cfg.max_iterations:
-            row = self.train_iteration()
-            last = self.iteration == cfg.max_iterations
-            if last or (lg.eval_every and self.iteration % lg.eval_every == 0):
-                row.update(self.evaluate(f"iter_{self.iteration:06d}"))
-            self.log(row)
-            rows.append(row)
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.2e}",
-                            **({"eval": f"{row['eval_reward_mean']:.3f}"} if "eval_reward_mean" in row else {}))
-            bar.update(1)
-            if "eval_reward_mean" in row and acc.is_main_process:
-                from diffrl.visual import plot_metrics
-
-                plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
-            if last or (lg.save_every and self.iteration % lg.save_every == 0):
-                self.save()
-        bar.close()
-        if acc.is_main_process and rows and "eval_reward_mean" in rows[-1]:
-            before = getattr(self, "initial_eval", float("nan"))
-            tqdm.write(f"[diffrl] {name} after {self.iteration} iterations: {rows[-1]['eval_reward_mean']:.4f} "
-                       f"(before: {before:.4f})")
-        acc.end_training()
-        return rows
+    def eval_label(self) -> str:
+        return f"eval {self.cfg.lm.eval_reward} (greedy, {min(self.cfg.lm.num_eval, len(self.eval_data))} held-out prompts)"
 

@@ -9,7 +9,6 @@ resumed run continues exactly and processes never share initial noise.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,8 +17,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from tqdm.auto import tqdm
 
+from diffrl.runloop import TrainLoop
 from diffrl.checkpoint import load_checkpoint, save_checkpoint
 from diffrl.config import RunConfig, resolve_sampler, save_config, to_flat_dict
 from diffrl.core import PerPromptStatTracker, zero_std_fraction
@@ -49,7 +48,7 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-class Trainer:
+class Trainer(TrainLoop):
     """Builds everything from a validated RunConfig and runs the shared loop."""
 
     def __init__(self, cfg: RunConfig, accelerator: Accelerator | None = None):
@@ -303,44 +302,5 @@ class Trainer:
                "peak_memory_mb": peak_memory_mb(acc.device)}
         return row
 
-    def log(self, row: dict) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.cfg.logging.log_with != "none":
-            self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["iteration"])
-
-    def train(self) -> list[dict]:
-        cfg, acc = self.cfg, self.accelerator
-        lg = cfg.logging
-        rows = []
-        if self.iteration == 0:
-            first = self.evaluate(f"iter_{0:06d}")
-            self.initial_eval = first["eval_reward_mean"]
-            if acc.is_main_process:
-                tqdm.write(f"[diffrl] eval {self.eval_reward_name} before training: {first['eval_reward_mean']:.4f}")
-        bar = tqdm(total=cfg.max_iterations, initial=self.iteration, desc=f"{cfg.algorithm} {cfg.model}",
-                   disable=not (lg.progress and acc.is_main_process), dynamic_ncols=True)
-        while self.iteration < cfg.max_iterations:
-            row = self.train_iteration()
-            last = self.iteration == cfg.max_iterations
-            if last or (lg.eval_every and self.iteration % lg.eval_every == 0):
-                row.update(self.evaluate(f"iter_{self.iteration:06d}"))
-            self.log(row)
-            rows.append(row)
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.2e}")
-            bar.update(1)
-            if "eval_reward_mean" in row and acc.is_main_process:
-                from diffrl.visual import plot_metrics
-
-                plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
-            if last or (lg.save_every and self.iteration % lg.save_every == 0):
-                self.save()
-        bar.close()
-        if acc.is_main_process and rows and "eval_reward_mean" in rows[-1]:
-            before = getattr(self, "initial_eval", float("nan"))
-            tqdm.write(f"[diffrl] eval {self.eval_reward_name} after {self.iteration} iterations: {rows[-1]['eval_reward_mean']:.4f}"
-                       f" (before: {before:.4f})")
-        acc.end_training()
-        return rows
+    def eval_label(self) -> str:
+        return f"eval {self.eval_reward_name}"
