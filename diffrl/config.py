@@ -186,6 +186,16 @@ class CRDConfig(ForwardProcessConfig):
     """EMA decay of the sampling adapter (rollouts): 0 before step 75, then min(0.0075 (step - 75), 0.999) (CRD)."""
 
 
+@dataclass
+class PRDPConfig:
+    beta: float = 10.0
+    """KL strength: implicit reward differences regress onto reward differences / beta (ALGORITHMS.md: 10 for aesthetic-scale rewards; toy sweep in benchmarks/RESULTS.md)."""
+    clip_range: Optional[float] = 1e-4
+    """eps: each step's log-ratio is clipped to within eps of the sampling snapshot's, loss max(l, l_clipped) (ALGORITHMS.md: 1e-4; toy sweep); None: no clip (plain RDP)."""
+    timestep_fraction: float = 1.0
+    """Fraction of each trajectory's steps back-propagated per gradient step, scaled by 1 / fraction (unbiased); the loss always sums every step (PRDP: all steps, 1.0)."""
+
+
 LM_ALGORITHMS: dict[str, dict[str, Any]] = {
     # what each language-model method's None options resolve to (apply_algorithm_defaults)
     "lm_grpo": {"std_scope": "group", "loss_aggregation": "seq_mean_token_mean", "clip_high": None, "kl_beta": 0.04,
@@ -302,6 +312,7 @@ class RunConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     nft: NFTConfig = field(default_factory=NFTConfig)
     crd: CRDConfig = field(default_factory=CRDConfig)
+    prdp: PRDPConfig = field(default_factory=PRDPConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -521,6 +532,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"'sampling.sde_window_range' {lo_hi} is shorter than 'sampling.sde_window_size' {s.sde_window_size}")
     if cfg.algorithm in ("nft", "crd"):
         _validate_forward_process(cfg)
+    if cfg.algorithm == "prdp":
+        _validate_prdp(cfg, sampler, flow)
 
 
 def _validate_mixture(cfg: RunConfig) -> None:
@@ -611,6 +624,27 @@ def _validate_forward_process(cfg: RunConfig) -> None:
                 f"'train.{key}' ({size}) must be a multiple of train.group_size ({K}) for crd: it centres rewards "
                 "within a prompt group, so every batch must hold whole groups"
             )
+
+
+def _validate_prdp(cfg: RunConfig, sampler: str, flow: bool) -> None:
+    """prdp: stochastic rollouts, a LoRA reference, and train batches of whole prompt groups (pairs within a group)."""
+    c, t, s = cfg.prdp, cfg.train, cfg.sampling
+    _positive(c.beta, "prdp.beta")
+    if c.clip_range is not None:
+        _positive(c.clip_range, "prdp.clip_range")
+    if not 0 < c.timestep_fraction <= 1:
+        raise ConfigError(f"'prdp.timestep_fraction' must be in (0, 1], got {c.timestep_fraction}")
+    if sampler in ("flow_ode", "flow_dpm2") or (sampler == "ddim" and s.eta == 0) or (flow and s.noise_level <= 0):
+        raise ConfigError(f"prdp needs a stochastic sampler for its log-probabilities: 'sampling.sampler' {sampler} "
+                          f"(eta {s.eta}, noise_level {s.noise_level}) draws no noise; use ddim with eta 1 (DDPM) or flow_sde")
+    if cfg.policy.lora_rank == 0:
+        raise ConfigError("'policy.lora_rank' must be > 0 for prdp: its implicit reward is a log-ratio to the reference, "
+                          "the base model with the LoRA adapter disabled")
+    if t.group_size < 2:
+        raise ConfigError("'train.group_size' must be >= 2 for prdp: it regresses reward differences of same-prompt pairs")
+    if t.train_batch_size % t.group_size:
+        raise ConfigError(f"'train.train_batch_size' ({t.train_batch_size}) must be a multiple of train.group_size "
+                          f"({t.group_size}) for prdp: a gradient step pairs the samples of whole prompt groups")
 
 
 def _apply_lm_defaults(cfg: RunConfig) -> None:

@@ -25,6 +25,7 @@ from .forward_process import (
 from .kl import KL_ESTIMATORS, flow_grpo_kl, gaussian_kl, kl_estimator
 from .losses import LOSSES, clipped_surrogate, log_ratio_to_ratio, policy_gradient
 from .negative_aware import gradient_preserving_clamp, nft_correct_rate, nft_token_loss
+from .prdp import prdp_loss, same_group_pairs
 from .registry import Registry, UnknownNameError
 
 __all__ = [
@@ -56,7 +57,9 @@ __all__ = [
     "nonconstant_groups",
     "optimality",
     "policy_gradient",
+    "prdp_loss",
     "rloo_advantages",
+    "same_group_pairs",
     "snapshot_decay",
     "zero_std_fraction",
 ]

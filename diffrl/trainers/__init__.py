@@ -9,10 +9,12 @@ def _register_builtin() -> None:
     from diffrl.trainers.crd import CRD
     from diffrl.trainers.grpo import GRPO
     from diffrl.trainers.nft import DiffusionNFT
+    from diffrl.trainers.prdp import PRDP
 
     ALGORITHMS.register("grpo")(GRPO)
     ALGORITHMS.register("nft")(DiffusionNFT)
     ALGORITHMS.register("crd")(CRD)
+    ALGORITHMS.register("prdp")(PRDP)
 
 
 _register_builtin()

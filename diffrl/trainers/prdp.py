@@ -1,0 +1,130 @@
+"""PRDP: Proximal Reward Difference Prediction (Deng et al., CVPR 2024).
+
+Per iteration: K samples per prompt from stochastic rollouts that store every step and its log-prob
+(DDPM, i.e. DDIM eta 1, on UNets; the flow SDE on flow models). The rollout ran with the weights of the
+iteration's start, so its log-probs are the snapshot's. The reference (the network with the LoRA adapter
+disabled) re-scores every stored transition once, without gradient: delta_old = log pi_old - log pi_ref
+[B, T]. Then, for `train.num_inner_epochs` passes over train batches of whole prompt groups (one
+gradient step per train batch, so K gradient steps per sampling epoch), every same-prompt pair (a, b)
+regresses its implicit reward difference onto the reward difference over beta, with PRDP's per-step
+proximal clip (diffrl.core.prdp_loss).
+
+Exact gradients without the whole graph. The loss is a square of a sum over steps, so a per-step
+backward alone is not its gradient. Two passes give it exactly:
+1. forward every (row, step) of the train batch without gradient -> delta [b, T]; the loss on a leaf
+   copy of delta gives c = dL/d delta [b, T] by autograd on the pure loss, so branch selection
+   (max(l, l_clipped)) and clipping (clipped terms get c = 0) are the loss function's own;
+2. forward each (row, step) again with gradient and back-propagate sum(c * log pi_theta): by the chain
+   rule, sum_{i,t} c_{i,t} d delta_{i,t} / d theta is dL/d theta (the reference carries no gradient).
+Memory is one step's graph; cost is one extra forward per step. `prdp.timestep_fraction` < 1
+back-propagates a random subset of each row's steps in pass 2, each scaled by T / n (an unbiased
+estimate of the exact gradient); the loss always sums all steps, as the paper does. With an SDE window
+(sampling.sde_window_size) the steps are the stochastic ones: the deterministic steps carry no density.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from diffrl.core import prdp_loss
+from diffrl.sampling import StepOutput
+from diffrl.trainers.base import Algorithm, RolloutBatch
+
+
+class PRDP(Algorithm):
+    name = "prdp"
+    record_trajectory = True
+    default_flow_sampler = "flow_sde"
+    default_guidance_scale = 5.0  # PRDP (as DDPO) samples SD 1.4 with CFG 5
+
+    def step_log_prob(self, batch: RolloutBatch, rows: torch.Tensor, cols: torch.Tensor, reference: bool = False) -> StepOutput:
+        """Re-score the stored transitions of `rows` at log-prob columns `cols` under the current (or
+        reference) weights. rows, cols: [b] long."""
+        traj = batch.trajectory
+        steps = traj.steps.to(cols.device)[cols]  # [b] schedule step of each column
+        x_t = traj.latents[rows, steps]  # [b, *S]
+        x_prev = traj.latents[rows, steps + 1]  # [b, *S]
+        ctx = self.policy.reference() if reference else contextlib.nullcontext()
+        with ctx, self.accelerator.autocast():
+            out = self.policy.predict(x_t, traj.schedule.timesteps[steps], batch.cond.index(rows),
+                                      self.cfg.sampling.guidance_scale)  # [b, *S]
+        return self.sampler.step(traj.schedule, steps, x_t, out.to(x_t.dtype), prev_sample=x_prev,
+                                 prediction_type=self.policy.prediction_type)
+
+    @torch.no_grad()
+    def log_probs(self, batch: RolloutBatch, rows: torch.Tensor, reference: bool = False) -> torch.Tensor:
+        """log pi(x_prev | x_t) of every stored step of `rows` [b], without gradient. -> [b, T]"""
+        T = batch.trajectory.log_probs.shape[1]
+        out = torch.empty(len(rows), T, dtype=batch.trajectory.log_probs.dtype, device=rows.device)  # [b, T]
+        for start in range(0, len(rows), self.chunk):
+            sub = rows[start : start + self.chunk]  # [m]
+            for t in range(T):
+                cols = torch.full_like(sub, t)  # [m]
+                out[start : start + len(sub), t] = self.step_log_prob(batch, sub, cols, reference).log_prob
+        return out
+
+    @property
+    def chunk(self) -> int:
+        """Samples per denoiser call in the update (train.micro_batch_size, else the train batch)."""
+        return self.cfg.train.micro_batch_size or self.cfg.train.train_batch_size
+
+    def accumulate_gradients(self, batch: RolloutBatch, rows: torch.Tensor, delta_old: torch.Tensor,
+                             ref: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
+        """The exact gradient of the PRDP loss of train batch `rows` [b], accumulated into .grad (the
+        two passes of the module docstring). delta_old, ref: [B, T] for the whole batch."""
+        c = self.cfg.prdp
+        T = delta_old.shape[1]
+        # pass 1: the loss at the current weights and its gradient w.r.t. each step's log-ratio
+        delta = (self.log_probs(batch, rows) - ref[rows]).requires_grad_()  # [b, T]
+        loss, m = prdp_loss(delta, delta_old[rows], batch.rewards[rows], batch.group_ids[rows],
+                            beta=c.beta, eps=c.clip_range, valid=batch.valid[rows])
+        (coef,) = torch.autograd.grad(loss, delta)  # [b, T] dL / d delta
+        # pass 2: back-propagate sum(coef * log pi_theta), a step at a time
+        n = max(1, math.ceil(T * c.timestep_fraction))
+        order = torch.stack([torch.randperm(T, generator=generator)[:n] for _ in range(len(rows))]).to(rows.device)  # [b, n]
+        scale = T / n  # unbiased for the sum over all T steps
+        calls = math.ceil(len(rows) / self.chunk) * n
+        for start in range(0, len(rows), self.chunk):
+            local = torch.arange(start, min(start + self.chunk, len(rows)), device=rows.device)  # [m]
+            for j in range(n):
+                cols = order[local, j]  # [m]
+                logp = self.step_log_prob(batch, rows[local], cols).log_prob  # [m]
+                surrogate = (coef[local, cols].to(logp.dtype) * scale * logp).sum()
+                calls -= 1
+                sync = contextlib.nullcontext() if calls == 0 else self.accelerator.no_sync(self.policy.denoiser)
+                with sync:
+                    self.accelerator.backward(surrogate)
+        return {"loss": loss.item(), **{k: v.item() for k, v in m.items()}}
+
+    def train_batches(self, batch: RolloutBatch, generator: torch.Generator) -> list[torch.Tensor]:
+        """One epoch's train batches: rows of whole prompt groups, groups in random order. -> [train_batch_size] each"""
+        groups = torch.unique(batch.group_ids)  # [G]
+        order = groups[torch.randperm(len(groups), generator=generator).to(groups.device)]  # [G]
+        rows = torch.cat([(batch.group_ids == g).nonzero().squeeze(1) for g in order])  # [B]
+        mb = self.cfg.train.train_batch_size
+        return [rows[start : start + mb] for start in range(0, len(rows), mb)]
+
+    def update(self, batch: RolloutBatch, optimizer, generator) -> dict[str, float]:
+        cfg = self.cfg
+        B = len(batch)
+        all_rows = torch.arange(B, device=batch.group_ids.device)  # [B]
+        ref = self.log_probs(batch, all_rows, reference=True)  # [B, T], once: the reference never moves
+        delta_old = batch.trajectory.log_probs - ref  # [B, T] the sampling snapshot's log-ratios
+        params = self.policy.trainable_parameters()
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for _ in range(cfg.train.num_inner_epochs):
+            for rows in self.train_batches(batch, generator):
+                metrics = self.accumulate_gradients(batch, rows, delta_old, ref, generator)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
+                metrics["grad_norm"] = grad_norm.item()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                for key, value in metrics.items():
+                    if math.isfinite(value):  # pair_accuracy is NaN when no pair's rewards differ
+                        sums[key] = sums.get(key, 0.0) + value
+                        counts[key] = counts.get(key, 0) + 1
+        return {k: sums[k] / counts[k] for k in sums}
