@@ -196,6 +196,34 @@ class PRDPConfig:
     """Fraction of each trajectory's steps back-propagated per gradient step, scaled by 1 / fraction (unbiased); the loss always sums every step (PRDP: all steps, 1.0)."""
 
 
+@dataclass
+class EasyTuneConfig:
+    window_fraction: float = 0.2
+    """Trained steps per chain: the last max(1, round(fraction N)) of the N sampling steps (EasyTune: the last 10 of 50)."""
+    score_on: str = "x0"
+    """What a trained step scores: "x0", its decoded one-step x0 prediction (EasyTune), or "x_prev", the decoded x_{t-1} (EasyTune's noise-aware-reward variant)."""
+    curriculum_fraction: float = 0.0
+    """Fraction of training over which the window slides from the first (high-noise) steps to the last; 0: off (EasyTune's curriculum: 0.03)."""
+    reward_scale: float = 1.0
+    """lambda in loss = -lambda mean(R) (ALGORITHMS.md gives none: 1 keeps the reward's scale; the learning rate sets the step)."""
+
+
+@dataclass
+class DraftConfig:
+    mode: str = "draft_k"
+    """"draft_k" (DRaFT-K, Clark et al. 2024), "refl" (ReFL, Xu et al. 2023) or "alignprop" (Prabhudesai et al. 2023)."""
+    k: Optional[int] = 1
+    """draft_k: the reward gradient flows through the last K sampling steps; None: all of them (DRaFT: K = 1, its best setting)."""
+    refl_range: list[float] = field(default_factory=lambda: [0.75, 1.0])
+    """refl: [lo, hi], the trained step is drawn uniformly from steps floor(lo N) .. ceil(hi N) - 1 (ImageReward's ReFL: 30 .. 39 of 40)."""
+    keep_prob: float = 0.2
+    """alignprop: each step before the last keeps its gradient with this probability, the last always; 1 is the full chain, 0 DRaFT-1 (AlignProp's code keeps about 10 of 50 steps; 0.2 keeps 10.8 on average)."""
+    reward_scale: float = 1.0
+    """Loss = -scale mean(R) (AlignProp: loss_coeff 1)."""
+    checkpoint_steps: bool = True
+    """Run every denoiser call with gradient under torch.utils.checkpoint: a kept step costs a few latents of memory and one more forward (AlignProp: grad_checkpoint on)."""
+
+
 LM_ALGORITHMS: dict[str, dict[str, Any]] = {
     # what each language-model method's None options resolve to (apply_algorithm_defaults)
     "lm_grpo": {"std_scope": "group", "loss_aggregation": "seq_mean_token_mean", "clip_high": None, "kl_beta": 0.04,
@@ -313,6 +341,8 @@ class RunConfig:
     nft: NFTConfig = field(default_factory=NFTConfig)
     crd: CRDConfig = field(default_factory=CRDConfig)
     prdp: PRDPConfig = field(default_factory=PRDPConfig)
+    easytune: EasyTuneConfig = field(default_factory=EasyTuneConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -534,6 +564,8 @@ def validate(cfg: RunConfig) -> None:
         _validate_forward_process(cfg)
     if cfg.algorithm == "prdp":
         _validate_prdp(cfg, sampler, flow)
+    if ALGORITHMS.get(cfg.algorithm).needs_differentiable_reward:
+        _validate_reward_backprop(cfg)
 
 
 def _validate_mixture(cfg: RunConfig) -> None:
@@ -645,6 +677,44 @@ def _validate_prdp(cfg: RunConfig, sampler: str, flow: bool) -> None:
     if t.train_batch_size % t.group_size:
         raise ConfigError(f"'train.train_batch_size' ({t.train_batch_size}) must be a multiple of train.group_size "
                           f"({t.group_size}) for prdp: a gradient step pairs the samples of whole prompt groups")
+
+
+def _validate_reward_backprop(cfg: RunConfig) -> None:
+    """easytune / draft: a differentiable training reward (read without loading it) and their options."""
+    from diffrl.rewards.mixture import parse_mixture
+    from diffrl.rewards.registry import declares_differentiable, differentiable_rewards
+
+    name, t, n = cfg.algorithm, cfg.train, cfg.sampling.num_steps
+    parts = {k: (f"rewards.{k}", kw) for k, (_, kw) in parse_mixture(cfg.rewards).items()} if cfg.rewards else \
+        {cfg.reward: ("reward", cfg.reward_kwargs)}
+    for reward, (key, kwargs) in parts.items():
+        if not declares_differentiable(reward, kwargs):
+            raise ConfigError(
+                f"'{key}' {reward} is not differentiable; {name} back-propagates the reward into the model. Use one of "
+                f"{', '.join(differentiable_rewards())} (CLIP-family rewards with kwargs differentiable: true)")
+    if t.micro_batch_size is not None:
+        raise ConfigError(f"'train.micro_batch_size' is not used by {name}: a train batch is one batch of sampling chains; leave it unset")
+    if t.num_inner_epochs != 1:
+        raise ConfigError(f"'train.num_inner_epochs' must be 1 for {name}: it samples anew for every optimiser step")
+    if name == "easytune":
+        e = cfg.easytune
+        if not 0 < e.window_fraction <= 1:
+            raise ConfigError(f"'easytune.window_fraction' must be in (0, 1], got {e.window_fraction}")
+        _one_of(e.score_on, ("x0", "x_prev"), "easytune.score_on")
+        if not 0 <= e.curriculum_fraction <= 1:
+            raise ConfigError(f"'easytune.curriculum_fraction' must be in [0, 1], got {e.curriculum_fraction}")
+        _positive(e.reward_scale, "easytune.reward_scale")
+        return
+    d = cfg.draft
+    _one_of(d.mode, ("draft_k", "refl", "alignprop"), "draft.mode")
+    if d.k is not None and not 1 <= d.k <= n:
+        raise ConfigError(f"'draft.k' must be in 1..sampling.num_steps ({n}), or null for all steps; got {d.k}")
+    lo_hi = list(d.refl_range)
+    if len(lo_hi) != 2 or not 0 <= lo_hi[0] < lo_hi[1] <= 1:
+        raise ConfigError(f"'draft.refl_range' must be [lo, hi] fractions of the steps with 0 <= lo < hi <= 1, got {lo_hi}")
+    if not 0 <= d.keep_prob <= 1:
+        raise ConfigError(f"'draft.keep_prob' must be in [0, 1], got {d.keep_prob}")
+    _positive(d.reward_scale, "draft.reward_scale")
 
 
 def _apply_lm_defaults(cfg: RunConfig) -> None:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -58,3 +59,19 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
 def list_rewards() -> list[str]:
     """Registered reward names, sorted."""
     return sorted(_REGISTRY)
+
+
+def declares_differentiable(name: str, kwargs: dict[str, Any] | None = None) -> bool:
+    """Whether `build_reward(name, **kwargs)` would let gradients reach the samples, read without building it
+    (no weights load): the constructor's `differentiable` argument for rewards that take one (the CLIP
+    family: tensor instead of PIL preprocessing), else the class's `differentiable` attribute."""
+    cls = _REGISTRY[name]
+    param = inspect.signature(cls.__init__).parameters.get("differentiable")
+    if param is not None:
+        return bool((kwargs or {}).get("differentiable", param.default))
+    return bool(cls.differentiable)
+
+
+def differentiable_rewards() -> list[str]:
+    """Registered rewards that are, or can be made (`differentiable=True`), differentiable; sorted."""
+    return [n for n in list_rewards() if declares_differentiable(n, {"differentiable": True})]

@@ -29,12 +29,16 @@ TINY = [
 class ConstantProxy(Reward):
     """A stand-in for the learned proxy: PROXY_VALUE for every image, so the gap is known exactly."""
 
+    differentiable = True  # as the proxy it replaces: easytune / draft train on it (their runs load the real one)
+
     def score(self, samples, prompts, metadata):
         return torch.full((len(samples),), PROXY_VALUE)
 
 
 class MissingProxy(Reward):
     """A registered proxy whose weights are not there (as before they are trained)."""
+
+    differentiable = True
 
     def __init__(self):
         raise FileNotFoundError("toy proxy weights not found")

@@ -7,6 +7,8 @@ ALGORITHMS = Registry("algorithm")
 
 def _register_builtin() -> None:
     from diffrl.trainers.crd import CRD
+    from diffrl.trainers.draft import Draft
+    from diffrl.trainers.easytune import EasyTune
     from diffrl.trainers.grpo import GRPO
     from diffrl.trainers.nft import DiffusionNFT
     from diffrl.trainers.prdp import PRDP
@@ -15,6 +17,8 @@ def _register_builtin() -> None:
     ALGORITHMS.register("nft")(DiffusionNFT)
     ALGORITHMS.register("crd")(CRD)
     ALGORITHMS.register("prdp")(PRDP)
+    ALGORITHMS.register("easytune")(EasyTune)
+    ALGORITHMS.register("draft")(Draft)
 
 
 _register_builtin()

@@ -21,9 +21,9 @@ class RolloutBatch:
     group_ids: torch.Tensor  # [B] prompt index within the iteration (global across processes)
     cond: object  # diffrl.pipelines.Condition with B rows
     trajectory: Trajectory  # latents [B, N + 1, *S], log_probs [B, N]
-    images: torch.Tensor  # [B, 3, H, W] in [0, 1]
-    rewards: torch.Tensor  # [B]; non-finite entries are kept here and masked by `valid`
-    valid: torch.Tensor  # [B] bool: reward was finite
+    images: torch.Tensor | None  # [B, 3, H, W] in [0, 1]; None until update() samples (samples_in_update)
+    rewards: torch.Tensor | None  # [B]; non-finite entries are kept here and masked by `valid`
+    valid: torch.Tensor | None  # [B] bool: reward was finite
     advantages: torch.Tensor | None = None  # [B]
     reward_components: dict[str, torch.Tensor] | None = None  # a reward mixture's parts, name -> [B]
 
@@ -41,6 +41,16 @@ class Algorithm(abc.ABC):
     """Rollout sampler on flow models when sampling.sampler is None (UNets default to ddim)."""
     default_guidance_scale: ClassVar[float] = 4.5
     """sampling.guidance_scale when the config leaves it None (Flow-GRPO SD3.5: 4.5)."""
+    samples_in_update: ClassVar[bool] = False
+    """True: update() draws the iteration's samples itself, with gradients, from the initial noise
+    batch.trajectory.latents[:, 0] and batch.cond, and leaves the chains' first and last latents in
+    batch.trajectory and the decoded samples in batch.images; the loop then scores them for the log
+    (reward-backprop methods: the weights may change inside one chain). False: the loop samples
+    without gradients and scores before update()."""
+    needs_differentiable_reward: ClassVar[bool] = False
+    """True: the training reward must let gradients reach the samples (checked by config validation)."""
+    reward = None
+    """The training reward (a diffrl.rewards.Reward), set by the loop after construction."""
 
     def __init__(self, cfg, policy, sampler, accelerator):
         self.cfg, self.policy, self.sampler, self.accelerator = cfg, policy, sampler, accelerator

@@ -1,6 +1,9 @@
 """The loop every algorithm shares: sample -> decode -> reward -> advantages -> update -> log ->
 evaluate -> checkpoint, under accelerate (one CPU, one GPU, many GPUs or nodes: the same code).
 
+Reward-backprop methods (EasyTune, DRaFT; `Algorithm.samples_in_update`) sample inside update() with
+gradients; for them the loop draws the prompts and initial noise, and scores the samples afterwards.
+
 Processes never split a prompt group: each draws whole groups, and advantages are computed on the
 gathered batch of all processes. Every random draw is seeded by (seed, iteration, process), so a
 resumed run continues exactly and processes never share initial noise.
@@ -24,7 +27,7 @@ from diffrl.config import RunConfig, resolve_sampler, save_config, to_flat_dict
 from diffrl.core import PerPromptStatTracker, zero_std_fraction
 from diffrl.data import draw_prompt_indices, load_prompts
 from diffrl.rewards.mixture import RolloutScorer
-from diffrl.rollout import sample
+from diffrl.rollout import Trajectory, sample
 from diffrl.sampling import make_sampler
 from diffrl.trainers import ALGORITHMS
 from diffrl.trainers.base import RolloutBatch
@@ -109,6 +112,7 @@ class Trainer(TrainLoop):
         self.ema = [q.detach().clone() for q in params] if t.ema else None
         self.tracker = PerPromptStatTracker(std_scope=cfg.grpo.std_scope, ddof=cfg.grpo.std_ddof, eps=cfg.grpo.std_eps)
         self.algorithm = ALGORITHMS.get(cfg.algorithm)(cfg, self.policy, self.sampler, acc)
+        self.algorithm.reward = self.reward
         self.iteration = 0
         self.samples_seen = 0
         if cfg.resume:
@@ -130,6 +134,12 @@ class Trainer(TrainLoop):
         cond = self.policy.encode_prompt(prompts[::K], cfg.sampling.negative_prompt).repeat_interleave(K)
         noise = self.policy.initial_noise(P * K, generator=gen).to(acc.device)  # [B, *S]: one draw per sample
         schedule = self.policy.schedule(cfg.sampling.num_steps)
+        if self.algorithm.samples_in_update:  # update() samples with gradients from this noise; scored after it
+            return RolloutBatch(
+                prompts=prompts, metadata=metadata, group_ids=group_ids.to(acc.device), cond=cond,
+                trajectory=Trajectory(latents=noise[:, None], log_probs=None, schedule=schedule),
+                images=None, rewards=None, valid=None,
+            )
         chunks, images = [], []
         scorer = RolloutScorer(self.reward, self.reward_pool)  # scores each chunk (in the background if reward_async)
         for start in range(0, P * K, cfg.train.rollout_batch_size):
@@ -154,6 +164,16 @@ class Trainer(TrainLoop):
             trajectory=trajectory, images=images, rewards=rewards, valid=torch.isfinite(rewards),
             reward_components=components,
         )
+
+    @torch.no_grad()
+    def score(self, batch: RolloutBatch) -> None:
+        """Rewards of the samples update() drew (samples_in_update), in rollout_batch_size chunks."""
+        scorer = RolloutScorer(self.reward)
+        for start in range(0, len(batch), self.cfg.train.rollout_batch_size):
+            sl = slice(start, start + self.cfg.train.rollout_batch_size)
+            scorer.submit(batch.images[sl], batch.prompts[sl], batch.metadata[sl])
+        batch.rewards, batch.reward_components = scorer.collect()  # [B]; a mixture's parts, name -> [B]
+        batch.valid = torch.isfinite(batch.rewards)
 
     def rollout_sampler(self, iteration: int):
         """The training sampler, restricted to this iteration's stochastic window when
@@ -288,11 +308,15 @@ class Trainer(TrainLoop):
         t0 = time.perf_counter()
         batch = self.rollout(self.iteration)
         t1 = time.perf_counter()
-        row = self.advantages(batch)
+        in_update = self.algorithm.samples_in_update  # then update() samples and the scores come after it
+        row = {} if in_update else self.advantages(batch)
         gen = derive_generator(cfg.seed, self.iteration, self.rank, 2)
         self.policy.denoiser.train()
         metrics = self.algorithm.update(batch, self.optimizer, gen)
         self.policy.denoiser.eval()
+        if in_update:
+            self.score(batch)
+            row = self.advantages(batch)  # the reward statistics of the log
         self._update_ema()
         t2 = time.perf_counter()
         self.iteration += 1
