@@ -1,7 +1,7 @@
 """ImageReward (Xu et al., 2023): BLIP (ViT-L/16 image encoder, BERT text encoder with cross-attention to
 the image) and an MLP head, trained on human preference rankings. Output ~N(0, 1) over typical images.
 
-    reward = build_reward("imagereward")                # THUDM/ImageReward + bert-base-uncased from the HF cache
+    reward = build_reward("imagereward")                # THUDM/ImageReward + google-bert/bert-base-uncased (HF cache)
     reward = build_reward("imagereward", model="/path/with/ImageReward.pt+med_config.json",
                           tokenizer="/path/to/bert-base-uncased")
     reward = build_reward("imagereward", model="tiny")  # random tiny BLIP (tests)
@@ -156,7 +156,7 @@ class ImageReward(ModelReward):
     """ImageReward-v1.0 score (standardised by the published mean and std)."""
 
     default_model = "THUDM/ImageReward"
-    default_tokenizer = "bert-base-uncased"
+    default_tokenizer = "google-bert/bert-base-uncased"  # the hub's current id (the cache folder is named by it)
     tensor_preprocess = ShortestEdgeCrop(size=IMAGE_SIZE, crop=(IMAGE_SIZE, IMAGE_SIZE), crop_rounding="round")
     """torchvision's Resize(224) + CenterCrop(224) (which rounds the crop offset) as tensor ops."""
 

@@ -4,8 +4,9 @@
     scores = reward(images, prompts, metadata)                     # float32 [B], like the served reward
 
 Batches are split into requests of at most `batch_size` samples. Each request waits at most
-`timeout` seconds for a connection and for each read; connection failures, timeouts and 503s are
-retried `retries` times with exponential backoff (backoff, 2 backoff, ...). A server that stays
+`timeout` seconds for a connection and for each read; connection failures, timeouts, replies cut
+short (a server killed mid-answer) and 503s are retried `retries` times with exponential backoff
+(backoff, 2 backoff, ...), so a server restarted within that window is picked up. A server that stays
 unreachable raises RewardServerError naming the URL, the attempts and the last error; 400 (the
 reward rejected the input), 401 (token) and 500 (the reward failed) raise at once with the server's
 message. Set `reward_async: true` in the run config to score each rollout chunk while the next one
@@ -14,6 +15,7 @@ samples. Not differentiable: gradients do not cross HTTP.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import time
@@ -72,8 +74,9 @@ class RemoteReward(Reward):
                     continue
                 hint = " (set the token: DIFFRL_REWARD_TOKEN or reward_kwargs.token)" if err.code == 401 else ""
                 raise RewardServerError(f"reward server {url} answered HTTP {err.code}: {detail}{hint}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as err:
-                last = str(getattr(err, "reason", err) or type(err).__name__)
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+                # refused / reset / timed out, or a reply cut short (IncompleteRead: the server died mid-answer)
+                last = str(getattr(err, "reason", err)) or type(err).__name__
         raise RewardServerError(
             f"reward server {url} is not answering: {self.retries + 1} attempts in {time.monotonic() - start:.1f} s "
             f"(timeout {self.timeout:g} s each), last error: {last}. Is `diffrl serve-reward` running there?"

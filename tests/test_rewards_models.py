@@ -390,3 +390,56 @@ def test_model_rewards_follow_the_samples_device_and_stay_lazy(images):
     r(images, PROMPTS)
     assert r._loaded and r.clip.device.type == "cpu"
     assert all(not p.requires_grad for p in r.clip.parameters())
+
+
+# ---- where the default weights are looked for ---------------------------------------------------------
+def _hf_download(cache, repo, files):
+    """The layout `hf download REPO FILE...` leaves in the hub cache: models--owner--name/refs/main
+    naming a commit, snapshots/<commit>/FILE (empty files here)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    for name in files:
+        (root / "snapshots" / commit / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "snapshots" / commit / name).write_bytes(b"")
+    return root / "snapshots" / commit
+
+
+# reward -> (attribute holding a default spec, "folder" or "file", files the loader needs in that folder)
+DEFAULT_WEIGHTS = {
+    "pickscore": [("model", "folder", ["config.json"]), ("processor", "folder", ["preprocessor_config.json"])],
+    "clipscore": [("model", "folder", ["config.json"])],
+    "aesthetic": [("model", "folder", ["config.json"]), ("head_spec", "file", [])],
+    "hpsv2": [("checkpoint", "file", [])],
+    "hpsv2.1": [("checkpoint", "file", [])],
+    "imagereward": [("model", "folder", ["ImageReward.pt", "med_config.json"]),
+                    ("tokenizer_spec", "folder", ["vocab.txt"])],
+    "ocr": [("model", "folder", ["config.json", "preprocessor_config.json"])],
+    "vlm_judge": [("model", "folder", ["config.json"])],
+}
+
+
+@pytest.mark.parametrize("name", MODEL_REWARDS)
+def test_default_weights_are_found_where_hf_download_puts_them(name, tmp_path, monkeypatch):
+    """Every default weight spec (README "Rewards" table) is absent from an empty cache and found once
+    `hf download` has filled it; a legacy id without an owner ("bert-base-uncased") would never be."""
+    from huggingface_hub import constants
+
+    from diffrl.rewards.hub import resolve_file, resolve_folder
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    reward = build_reward(name)
+    assert sorted(DEFAULT_WEIGHTS) == sorted(MODEL_REWARDS)
+    for attr, kind, needs in DEFAULT_WEIGHTS[name]:
+        spec = getattr(reward, attr)
+        resolve = (lambda s: resolve_folder(s, reward=name, what=attr, needs=tuple(needs))) if kind == "folder" \
+            else (lambda s: resolve_file(s, reward=name, what=attr, fix_arg=attr))
+        with pytest.raises(FileNotFoundError, match="hf download"):
+            resolve(spec)
+        if kind == "folder":  # `hf download OWNER/NAME`
+            expected = _hf_download(tmp_path, spec, needs)
+        else:  # `hf download OWNER/NAME FILE`
+            repo, filename = "/".join(spec.split("/")[:2]), "/".join(spec.split("/")[2:])
+            expected = _hf_download(tmp_path, repo, [filename]) / filename
+        assert resolve(spec) == expected

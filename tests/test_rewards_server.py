@@ -1,8 +1,17 @@
 """The reward server and its `remote` client: identical scores to in-process scoring, tokens beyond
 loopback, clear errors for dead or hung servers, and a training rollout scored remotely."""
 
+import http.client
+import json
+import select
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
+import types
+import urllib.request
 
 import numpy as np
 import pytest
@@ -13,6 +22,7 @@ pytest.importorskip("uvicorn")
 
 from diffrl.cli import main  # noqa: E402
 from diffrl.rewards import build_reward  # noqa: E402
+from diffrl.rewards import remote as remote_module  # noqa: E402
 from diffrl.rewards.remote import RewardServerError  # noqa: E402
 from diffrl.rewards.server import RewardServer, decode, encode, is_loopback  # noqa: E402
 
@@ -147,3 +157,184 @@ def test_training_rollout_scored_by_a_remote_reward_in_the_background(tmp_path):
         batch = trainer.rollout(0)
     expected = build_reward("colorfulness")(batch.images, batch.prompts)
     torch.testing.assert_close(batch.rewards, expected, rtol=0, atol=0)
+
+
+# ---- a real `diffrl serve-reward` process, killed and restarted under a running client --------------
+class ServeRewardProcess:
+    """`python -m diffrl.cli serve-reward NAME` in a subprocess, as a user starts it. `start()` returns
+    once the server prints its URL and its /info answers (polled, no fixed sleeps)."""
+
+    def __init__(self, log_dir, name="brightness"):
+        self.log_dir, self.name, self.proc, self.url, self.runs = log_dir, name, None, None, 0
+
+    def start(self, port=0, timeout=60.0):
+        self.runs += 1
+        self.log = self.log_dir / f"serve-reward-{self.runs}.log"
+        cmd = [sys.executable, "-m", "diffrl.cli", "serve-reward", self.name, "--port", str(port), "--device", "cpu"]
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+        deadline = time.monotonic() + timeout  # a guard against hanging, not a measurement
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if " at http://" not in line:
+            self.fail(f"printed {line!r} instead of its URL")
+        self.url = line.split(" at ", 1)[1].split()[0]
+        host, port = self.url.removeprefix("http://").rsplit(":", 1)
+        while True:
+            if self.proc.poll() is not None:
+                self.fail(f"exited with {self.proc.returncode}")
+            conn = http.client.HTTPConnection(host, int(port), timeout=2)
+            try:
+                conn.request("GET", "/info")
+                reply = conn.getresponse()
+                if reply.status == 200 and json.loads(reply.read())["reward"] == self.name:
+                    return self
+            except (OSError, http.client.HTTPException):
+                pass  # not listening yet
+            finally:
+                conn.close()
+            if time.monotonic() > deadline:
+                self.fail(f"did not answer /info within {timeout} s")
+            time.sleep(0.05)
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        assert self.proc.wait(timeout=30) == -signal.SIGKILL
+
+    def fail(self, why):
+        self.stop()
+        pytest.fail(f"serve-reward {why}; its log:\n{self.log.read_text()}")
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        if self.proc is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def served(tmp_path):
+    server = ServeRewardProcess(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client_log(monkeypatch):
+    """Records the remote client's attempts (each urlopen: its path, and "ok" if the reply's headers came,
+    else the exception's name) and its backoff waits, which are recorded instead of slept (no test here
+    depends on the clock); `on_sleep(i)`, if set, runs at the i-th wait (1-based)."""
+    log = types.SimpleNamespace(attempts=[], sleeps=[], on_sleep=None)
+    real_urlopen = urllib.request.urlopen
+
+    def urlopen(request, *args, **kwargs):
+        path = request.full_url.split("/", 3)[3]
+        try:
+            reply = real_urlopen(request, *args, **kwargs)
+        except Exception as err:
+            log.attempts.append((path, type(err).__name__))
+            raise
+        log.attempts.append((path, "ok"))
+        return reply
+
+    def sleep(seconds):
+        log.sleeps.append(seconds)
+        if log.on_sleep is not None:
+            log.on_sleep(len(log.sleeps))
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(remote_module, "time", types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic))
+    return log
+
+
+def test_killed_server_fails_after_exactly_the_retries_and_a_restarted_one_is_picked_up(images, served, client_log):
+    expected = build_reward("brightness")(images, PROMPTS)
+    served.start()
+    url = served.url
+    remote = build_reward("remote", url=url, retries=3, backoff=0.25, timeout=10, batch_size=2).load()
+    assert client_log.attempts == [("info", "ok")]
+
+    # 1. a batch of 5 is scored in three requests (2, 2, 1), equal to in-process scoring
+    client_log.attempts.clear()
+    assert torch.equal(remote(images, PROMPTS), expected)
+    assert client_log.attempts == [("score", "ok")] * 3 and client_log.sleeps == []
+
+    # 2. killed mid-run: after the first request of the batch the server dies; the second request is
+    #    tried 1 + retries times, waiting backoff, 2 backoff, 4 backoff, then fails naming the URL
+    client_log.attempts.clear()
+    real_request = remote._request
+    calls = []
+
+    def request_then_kill(path, data=None):
+        calls.append(path)
+        if len(calls) == 2:
+            served.kill()
+        return real_request(path, data)
+
+    remote._request = request_then_kill
+    with pytest.raises(RewardServerError) as err:
+        remote(images, PROMPTS)
+    del remote._request
+    assert client_log.attempts[0] == ("score", "ok")
+    failed = client_log.attempts[1:]
+    assert len(failed) == 1 + 3 and all(path == "score" and outcome != "ok" for path, outcome in failed)
+    assert client_log.sleeps == [0.25, 0.5, 1.0]
+    msg = str(err.value)
+    assert f"{url}/score" in msg and "4 attempts" in msg and "not answering" in msg and "serve-reward" in msg
+    assert "refused" in msg.lower()  # the last error: nothing listens on the port any more
+
+    # the check before training fails the same way, on /info
+    client_log.attempts.clear(), client_log.sleeps.clear()
+    with pytest.raises(RewardServerError, match=f"{url}/info is not answering: 4 attempts"):
+        remote.load()
+    assert len(client_log.attempts) == 4 and len(client_log.sleeps) == 3
+
+    # 3. restarted on the same port during the retry window (at the second wait): the third attempt
+    #    reaches it and the whole batch is scored, nothing lost or reordered
+    client_log.attempts.clear(), client_log.sleeps.clear()
+    client_log.on_sleep = lambda i: served.start(port=int(url.rsplit(":", 1)[1])) if i == 2 else None
+    assert torch.equal(remote(images, PROMPTS), expected)
+    assert served.url == url and served.runs == 2
+    assert [outcome == "ok" for _, outcome in client_log.attempts] == [False, False, True, True, True]
+    assert client_log.sleeps == [0.25, 0.5]
+
+
+def test_reply_cut_short_is_retried_then_reported(images, client_log):
+    """A server dying mid-answer (headers sent, body cut short) is a retryable failure, not a crash."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+
+    def answer_half():
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(1 << 20)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nonly a few bytes")
+
+    threading.Thread(target=answer_half, daemon=True).start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        with pytest.raises(RewardServerError, match="IncompleteRead") as err:
+            build_reward("remote", url=url, retries=2, backoff=0.1)(images, PROMPTS)
+    finally:
+        sock.close()
+    assert f"{url}/score is not answering: 3 attempts" in str(err.value)
+    assert client_log.attempts == [("score", "ok")] * 3  # each got its headers, then lost the body
+    assert client_log.sleeps == [0.1, 0.2]
+
+
+def test_token_and_input_errors_are_not_retried(images, client_log):
+    with RewardServer(build_reward("brightness"), host="0.0.0.0", port=0, token="s3cret") as server:
+        with pytest.raises(RewardServerError, match="HTTP 401.*DIFFRL_REWARD_TOKEN"):
+            build_reward("remote", url=server.url, token="wrong", retries=3)(images, PROMPTS)
+        assert len(client_log.attempts) == 1 and client_log.sleeps == []
+    client_log.attempts.clear()
+    with RewardServer(build_reward("toyworld"), port=0) as server:
+        with pytest.raises(RewardServerError, match="HTTP 400.*metadata"):  # toyworld needs GenEval metadata
+            build_reward("remote", url=server.url, retries=3)(images, PROMPTS)
+    assert len(client_log.attempts) == 1 and client_log.sleeps == []
