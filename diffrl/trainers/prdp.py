@@ -83,8 +83,8 @@ class PRDP(Algorithm):
                             beta=c.beta, eps=c.clip_range, valid=batch.valid[rows])
         (coef,) = torch.autograd.grad(loss, delta)  # [b, T] dL / d delta
         # pass 2: back-propagate sum(coef * log pi_theta), a step at a time
-        n = max(1, math.ceil(T * c.timestep_fraction))
-        order = torch.stack([torch.randperm(T, generator=generator)[:n] for _ in range(len(rows))]).to(rows.device)  # [b, n]
+        n = max(1, int(T * c.timestep_fraction))
+        order = self.draw_steps(len(rows), T, n, generator).to(rows.device)  # [b, n]
         scale = T / n  # unbiased for the sum over all T steps
         calls = math.ceil(len(rows) / self.chunk) * n
         for start in range(0, len(rows), self.chunk):
@@ -98,6 +98,10 @@ class PRDP(Algorithm):
                 with sync:
                     self.accelerator.backward(surrogate)
         return {"loss": loss.item(), **{k: v.item() for k, v in m.items()}}
+
+    def draw_steps(self, b: int, T: int, n: int, generator: torch.Generator) -> torch.Tensor:
+        """The log-prob columns each row back-propagates in pass 2: n of T drawn without replacement. -> [b, n]"""
+        return torch.stack([torch.randperm(T, generator=generator)[:n] for _ in range(b)])
 
     def train_batches(self, batch: RolloutBatch, generator: torch.Generator) -> list[torch.Tensor]:
         """One epoch's train batches: rows of whole prompt groups, groups in random order. -> [train_batch_size] each"""
