@@ -24,10 +24,10 @@ def window_size(num_steps: int, fraction: float) -> int:
 
 def window_start(num_steps: int, size: int, progress: float, curriculum_fraction: float) -> int:
     """First trained step: N - W (the lowest-noise steps), or, while training progress (0..1) is below
-    curriculum_fraction, linearly from 0 (the highest-noise steps) towards N - W."""
+    curriculum_fraction, floor(progress / curriculum_fraction (N - W)): from 0 (the highest-noise steps) towards N - W."""
     if curriculum_fraction <= 0 or progress >= curriculum_fraction:
         return num_steps - size
-    return round(progress / curriculum_fraction * (num_steps - size))
+    return int(progress / curriculum_fraction * (num_steps - size))
 
 
 class EasyTune(RewardBackprop):
