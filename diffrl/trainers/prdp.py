@@ -79,8 +79,9 @@ class PRDP(Algorithm):
         T = delta_old.shape[1]
         # pass 1: the loss at the current weights and its gradient w.r.t. each step's log-ratio
         delta = (self.log_probs(batch, rows) - ref[rows]).requires_grad_()  # [b, T]
-        loss, m = prdp_loss(delta, delta_old[rows], batch.rewards[rows], batch.group_ids[rows],
-                            beta=c.beta, eps=c.clip_range, valid=batch.valid[rows])
+        dev = delta.device  # rewards may sit wherever the reward model left them
+        loss, m = prdp_loss(delta, delta_old[rows], batch.rewards.to(dev)[rows], batch.group_ids.to(dev)[rows],
+                            beta=c.beta, eps=c.clip_range, valid=batch.valid.to(dev)[rows])
         (coef,) = torch.autograd.grad(loss, delta)  # [b, T] dL / d delta
         # pass 2: back-propagate sum(coef * log pi_theta), a step at a time
         n = max(1, int(T * c.timestep_fraction))
