@@ -66,3 +66,17 @@ def test_two_process_crd(tmp_path):
         assert keys, name
         assert all(torch.equal(dumps[0][k], dumps[1][k]) for k in keys), name
     assert any(not torch.equal(dumps[0][f"adapter.old.{i}"], dumps[0][f"adapter.default.{i}"]) for i in range(4))
+
+
+@pytest.mark.multiprocess
+def test_two_process_reward_backprop(tmp_path):
+    """DRaFT-all under DDP: every step's denoiser call (step-checkpointed) before one backward, which DDP's hooks
+    cannot follow, so the update runs under no_sync and averages gradients itself: the LoRA weights, trained on
+    different prompts and noise per rank, stay identical on both ranks."""
+    run_two_processes(tmp_path, "algorithm=draft", "draft.k=null", "reward=colorfulness")
+    dumps = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    keys = [k for k in dumps[0] if k.startswith("param.")]
+    assert keys and all(torch.equal(dumps[0][k], dumps[1][k]) for k in keys)
+    assert not torch.equal(dumps[0]["noise"], dumps[1]["noise"])
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["samples_seen"] == 24 and metrics[-1]["kept_steps"] == 3

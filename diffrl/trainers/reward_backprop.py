@@ -89,11 +89,11 @@ def reward_loss(rewards: torch.Tensor, scale: float) -> torch.Tensor:
 def optimizer_step(loss: torch.Tensor, optimizer, policy, accelerator, max_grad_norm: float) -> float:
     """Backward, gradients averaged over processes, clip, step; returns the gradient norm before clipping.
 
-    A chain may call the denoiser many times before one backward, which DDP's per-forward gradient hooks do
-    not allow, so backward runs without DDP's sync and the gradients are averaged here."""
+    Call it inside `accelerator.no_sync(policy.denoiser)` around the chain's forwards too: a chain may call
+    the denoiser many times before one backward, which DDP's per-forward gradient hooks do not allow, so
+    DDP stays out of it and the gradients are averaged here."""
     params = policy.trainable_parameters()
-    with accelerator.no_sync(policy.denoiser):
-        accelerator.backward(loss)
+    accelerator.backward(loss)
     if accelerator.num_processes > 1:
         for p in params:
             if p.grad is not None:
@@ -125,14 +125,16 @@ class RewardBackprop(Algorithm):
         schedule = batch.trajectory.schedule
         tb = self.cfg.train.train_batch_size
         finals, samples, rows_metrics = [], [], []
-        for start in range(0, len(batch), tb):
-            rows = slice(start, start + tb)
-            chain = Chain(self.policy, self.sampler, schedule, batch.cond.index(rows),
-                          self.cfg.sampling.guidance_scale, self.accelerator, generator)
-            final, images, metrics = self.train_chain(chain, noise[rows], batch.prompts[rows], batch.metadata[rows], optimizer)
-            finals.append(final.detach())
-            samples.append(images.detach().float())
-            rows_metrics.append(metrics)
+        with self.accelerator.no_sync(self.policy.denoiser):  # gradients are averaged by optimizer_step
+            for start in range(0, len(batch), tb):
+                rows = slice(start, start + tb)
+                chain = Chain(self.policy, self.sampler, schedule, batch.cond.index(rows),
+                              self.cfg.sampling.guidance_scale, self.accelerator, generator)
+                final, images, metrics = self.train_chain(chain, noise[rows], batch.prompts[rows], batch.metadata[rows],
+                                                          optimizer)
+                finals.append(final.detach())
+                samples.append(images.detach().float())
+                rows_metrics.append(metrics)
         batch.trajectory = Trajectory(latents=torch.stack([noise, torch.cat(finals)], dim=1), log_probs=None,
                                       schedule=schedule)  # [B, 2, *S]: noise and sample
         batch.images = torch.cat(samples)
