@@ -50,9 +50,9 @@ class SamplingConfig:
     eval_num_steps: int = 40
     """Denoising steps for evaluation images (Flow-GRPO: 40)."""
     guidance_scale: Optional[float] = None
-    """CFG scale of rollouts, training and evaluation (FLUX: embedded guidance); None: the algorithm's, 4.5 for grpo (Flow-GRPO SD3.5), 1.0 CFG-free for nft/crd (DiffusionNFT, CRD)."""
+    """CFG scale of rollouts, training and evaluation (FLUX: embedded guidance); None: the algorithm's, 4.5 for grpo, easytune and draft (Flow-GRPO SD3.5), 1.0 CFG-free for nft/crd (DiffusionNFT, CRD)."""
     sampler: Optional[str] = None
-    """Rollout sampler: "flow_sde", "flow_ode" (Euler), "flow_dpm2" (DPM-Solver++(2M) ODE), "ddim" (eta below); None: flow_sde for grpo and flow_dpm2 for nft/crd (DiffusionNFT) on flow models, ddim on UNets."""
+    """Rollout sampler: "flow_sde", "flow_ode" (Euler), "flow_dpm2" (DPM-Solver++(2M) ODE), "ddim" (eta below); None: flow_sde for grpo, flow_dpm2 for nft/crd (DiffusionNFT) and flow_ode for easytune/draft (deterministic chains) on flow models, ddim on UNets."""
     noise_level: float = 0.7
     """Flow SDE noise level a in std_t = a sqrt(sigma / (1 - sigma)) (Flow-GRPO: 0.7)."""
     sde_window_size: int = 0
