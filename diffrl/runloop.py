@@ -53,8 +53,9 @@ class TrainLoop:
                 self.save()
         bar.close()
         if acc.is_main_process and rows and "eval_reward_mean" in rows[-1]:
-            before = getattr(self, "initial_eval", float("nan"))
+            # a resumed run did not evaluate the base: its before is in the first run's output
+            before = f" (before: {self.initial_eval:.4f})" if hasattr(self, "initial_eval") else ""
             tqdm.write(f"[diffrl] {self.eval_label()} after {self.iteration} iterations: "
-                       f"{rows[-1]['eval_reward_mean']:.4f} (before: {before:.4f})")
+                       f"{rows[-1]['eval_reward_mean']:.4f}{before}")
         acc.end_training()
         return rows
