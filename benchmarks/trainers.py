@@ -56,6 +56,9 @@ ALGORITHM_OVERRIDES: dict[str, tuple[str, ...]] = {
     # the quickstart's GRPO: noise on the first 3 of 10 steps only (MixGRPO / Flow-GRPO-Fast), no KL
     "grpo": ("sampling.sde_window_size=3", "sampling.sde_window_range=[0,3]", "grpo.timestep_fraction=1.0",
              "grpo.clip_range=1.0e-3", "grpo.kl_beta=0.0"),
+    # PRDP: its section's defaults (beta 10, eps 1e-4), the toy recipe's SDE window, and two gradient steps
+    # per sampling epoch (train batches of two whole groups) so that the proximal clip acts
+    "prdp": ("sampling.sde_window_size=3", "sampling.sde_window_range=[0,3]", "train.train_batch_size=16"),
     # nft / crd: their config sections' defaults (the authors'), but with the shared CFG 4.5 of the base
     # recipe so that every method is trained and judged at one guidance scale, and 3 noise levels per
     # sample (the authors train 0.99 of the steps): GRPO's 3 window steps, and a third of the CPU time

@@ -189,9 +189,9 @@ class CRDConfig(ForwardProcessConfig):
 @dataclass
 class PRDPConfig:
     beta: float = 10.0
-    """KL strength: implicit reward differences regress onto reward differences / beta (ALGORITHMS.md: 10 for aesthetic-scale rewards; toy sweep in benchmarks/RESULTS.md)."""
+    """KL strength: implicit reward differences regress onto reward differences / beta (ALGORITHMS.md: 10 for aesthetic-scale rewards; toy sweep, RESULTS.md "PRDP sweep": 25.2 % vs 24.3 % held-out at beta 1, base 23.0 %)."""
     clip_range: Optional[float] = 1e-4
-    """eps: each step's log-ratio is clipped to within eps of the sampling snapshot's, loss max(l, l_clipped) (ALGORITHMS.md: 1e-4; toy sweep); None: no clip (plain RDP)."""
+    """eps: each step's log-ratio is clipped to within eps of the sampling snapshot's, loss max(l, l_clipped) (ALGORITHMS.md: 1e-4; toy sweep: 25.2 % vs 24.3 % at 1e-3, where it never binds); None: no clip (plain RDP)."""
     timestep_fraction: float = 1.0
     """Fraction of each trajectory's steps back-propagated per gradient step, scaled by 1 / fraction (unbiased); the loss always sums every step (PRDP: all steps, 1.0)."""
 
