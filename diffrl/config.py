@@ -95,7 +95,7 @@ class TrainConfig:
     train_batch_size: int = 8
     """Samples per gradient step; must divide prompts_per_iteration * group_size (Flow-GRPO: 8 per GPU)."""
     micro_batch_size: Optional[int] = None
-    """nft/crd: samples per forward/backward pass within a train batch (gradients accumulate; memory knob only); None: the whole train batch."""
+    """nft/crd/prdp: samples per forward/backward pass within a train batch (gradients accumulate; memory knob only); None: the whole train batch."""
     num_inner_epochs: int = 1
     """Passes over each iteration's samples (Flow-GRPO: 1)."""
     learning_rate: float = 3e-4
@@ -514,7 +514,7 @@ def validate(cfg: RunConfig) -> None:
         if t.train_batch_size % t.micro_batch_size:
             raise ConfigError(f"'train.micro_batch_size' ({t.micro_batch_size}) must divide train.train_batch_size ({t.train_batch_size})")
         if cfg.algorithm == "grpo" and t.micro_batch_size != t.train_batch_size:
-            raise ConfigError("'train.micro_batch_size' is used by nft and crd; grpo runs each train batch in one pass: leave it unset")
+            raise ConfigError("'train.micro_batch_size' is used by nft, crd and prdp; grpo runs each train batch in one pass: leave it unset")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"'train.ema_decay' must be in [0, 1), got {t.ema_decay}")
     _one_of(lg.log_with, ("tensorboard", "wandb", "none"), "logging.log_with")
