@@ -59,6 +59,19 @@ class Algorithm(abc.ABC):
     def update(self, batch: RolloutBatch, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict[str, float]:
         """Gradient steps on one scored batch; returns metrics (must include "loss")."""
 
+    def rescore(self, batch: RolloutBatch, rows: torch.Tensor, steps: torch.Tensor, reference: bool = False):
+        """The stored transition x_steps -> x_steps+1 of samples `rows` re-scored under the current (or, with
+        `reference`, the adapter-disabled) model: a sampling.StepOutput with its log-prob. rows, steps: [b] long."""
+        traj = batch.trajectory
+        x_t = traj.latents[rows, steps]  # [b, *S]
+        x_prev = traj.latents[rows, steps + 1]  # [b, *S]
+        ctx = self.policy.reference() if reference else contextlib.nullcontext()
+        with ctx, self.accelerator.autocast():
+            out = self.policy.predict(x_t, traj.schedule.timesteps[steps], batch.cond.index(rows),
+                                      self.cfg.sampling.guidance_scale)  # [b, *S]
+        return self.sampler.step(traj.schedule, steps, x_t, out.to(x_t.dtype), prev_sample=x_prev,
+                                 prediction_type=self.policy.prediction_type)
+
     def rollout_context(self) -> contextlib.AbstractContextManager:
         """Entered around the rollout's sampling: e.g. run a sampling snapshot instead of the trained weights."""
         return contextlib.nullcontext()

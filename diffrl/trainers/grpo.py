@@ -24,21 +24,8 @@ class GRPO(Algorithm):
     record_trajectory = True
 
     def step_log_prob(self, batch: RolloutBatch, rows: torch.Tensor, steps: torch.Tensor, reference: bool = False) -> StepOutput:
-        """Re-score the stored transition x_steps -> x_steps+1 of samples `rows` under the current
-        (or reference) model. rows, steps: [b] long."""
-        traj = batch.trajectory
-        x_t = traj.latents[rows, steps]  # [b, *S]
-        x_prev = traj.latents[rows, steps + 1]  # [b, *S]
-        timestep = traj.schedule.timesteps[steps]  # [b]
-        cond = batch.cond.index(rows)
-        g = self.cfg.sampling.guidance_scale
-        ctx = self.policy.reference() if reference else contextlib.nullcontext()
-        with ctx, self.accelerator.autocast():
-            out = self.policy.predict(x_t, timestep, cond, g)  # [b, *S]
-        return self.sampler.step(
-            traj.schedule, steps, x_t, out.float() if out.dtype != x_t.dtype else out,
-            prev_sample=x_prev, prediction_type=self.policy.prediction_type,
-        )
+        """Re-score the stored transition x_steps -> x_steps+1 of samples `rows`. rows, steps: [b] long."""
+        return self.rescore(batch, rows, steps, reference)
 
     def kl(self, step: StepOutput, ref: StepOutput) -> torch.Tensor:
         """Per-sample KL(step) in the configured convention. -> [b]"""

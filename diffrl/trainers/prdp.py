@@ -43,16 +43,8 @@ class PRDP(Algorithm):
     def step_log_prob(self, batch: RolloutBatch, rows: torch.Tensor, cols: torch.Tensor, reference: bool = False) -> StepOutput:
         """Re-score the stored transitions of `rows` at log-prob columns `cols` under the current (or
         reference) weights. rows, cols: [b] long."""
-        traj = batch.trajectory
-        steps = traj.steps.to(cols.device)[cols]  # [b] schedule step of each column
-        x_t = traj.latents[rows, steps]  # [b, *S]
-        x_prev = traj.latents[rows, steps + 1]  # [b, *S]
-        ctx = self.policy.reference() if reference else contextlib.nullcontext()
-        with ctx, self.accelerator.autocast():
-            out = self.policy.predict(x_t, traj.schedule.timesteps[steps], batch.cond.index(rows),
-                                      self.cfg.sampling.guidance_scale)  # [b, *S]
-        return self.sampler.step(traj.schedule, steps, x_t, out.to(x_t.dtype), prev_sample=x_prev,
-                                 prediction_type=self.policy.prediction_type)
+        steps = batch.trajectory.steps.to(cols.device)[cols]  # [b] schedule step of each column
+        return self.rescore(batch, rows, steps, reference)
 
     @torch.no_grad()
     def log_probs(self, batch: RolloutBatch, rows: torch.Tensor, reference: bool = False) -> torch.Tensor:
