@@ -278,4 +278,4 @@ def test_crd_recipes_load():
     assert image.algorithm == "crd" and image.sampling.guidance_scale == 1.0 and image.crd.ref_guidance_scale == 4.5
     assert image.train.train_batch_size % image.train.group_size == 0
     toy = load_config(ROOT / "configs" / "toy" / "sd3_crd_toyworld.yaml")
-    assert toy.model == "toy-sd3" and toy.reward == "toyworld" and toy.data.eval_reward == "toyworld_accuracy"
+    assert toy.model == "toy-sd3" and toy.reward == "toyworld_accuracy" and toy.data.eval_reward == "toyworld_accuracy"

@@ -213,4 +213,4 @@ def test_nft_recipes_load():
     assert image.algorithm == "nft" and image.sampling.sampler == "flow_dpm2" and image.sampling.guidance_scale == 1.0
     assert image.train.group_size == 24 and image.policy.lora_rank == 32
     toy = load_config(ROOT / "configs" / "toy" / "sd3_nft_toyworld.yaml")
-    assert toy.model == "toy-sd3" and toy.reward == "toyworld" and toy.data.eval_reward == "toyworld_accuracy"
+    assert toy.model == "toy-sd3" and toy.reward == "toyworld_accuracy" and toy.data.eval_reward == "toyworld_accuracy"
