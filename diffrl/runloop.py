@@ -9,11 +9,37 @@ evaluate(tag) -> {"eval_reward_mean": ...}, save(), and eval_label() (how the ev
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
 
 class TrainLoop:
+    def setup_run(self, cfg, accelerator=None) -> None:
+        """cfg, out, accelerator (one CPU, one GPU or torchrun's processes), rank / world, the run seed,
+        and on the main process the output folder, config.yaml and the trackers."""
+        import torch
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from diffrl.config import save_config, to_flat_dict
+
+        self.cfg, self.out = cfg, Path(cfg.output_dir)
+        log_with = None if cfg.logging.log_with == "none" else cfg.logging.log_with
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=cfg.train.mixed_precision, log_with=log_with, project_dir=str(self.out),
+            # without cpu=True accelerate ignores torchrun's WORLD_SIZE on a machine with no GPU
+            cpu=not torch.cuda.is_available(),
+        )
+        acc = self.accelerator
+        set_seed(cfg.seed)  # LoRA initialisation; every later draw is seeded explicitly (derive_generator)
+        self.rank, self.world = acc.process_index, acc.num_processes
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+            if log_with:
+                acc.init_trackers("diffrl", config=to_flat_dict(cfg))
+
     def eval_label(self) -> str:
         """The evaluation metric's name in the before / after lines."""
         return "eval reward"

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 
 from diffrl.runloop import TrainLoop
 from diffrl.checkpoint import load_checkpoint, save_checkpoint
-from diffrl.config import RunConfig, save_config, to_flat_dict
+from diffrl.config import RunConfig
 from diffrl.core import nonconstant_groups, zero_std_fraction
 from diffrl.data import draw_prompt_indices
 from diffrl.lm.losses import lm_loss, make_objective, micro_batch_share
@@ -62,21 +61,8 @@ class LMTrainer(TrainLoop):
     """Builds the policy, rewards and optimiser from a validated RunConfig (an lm_* algorithm) and trains."""
 
     def __init__(self, cfg: RunConfig, accelerator: Accelerator | None = None):
-        self.cfg = cfg
-        self.out = Path(cfg.output_dir)
-        log_with = None if cfg.logging.log_with == "none" else cfg.logging.log_with
-        self.accelerator = accelerator or Accelerator(
-            mixed_precision=cfg.train.mixed_precision, log_with=log_with, project_dir=str(self.out),
-            cpu=not torch.cuda.is_available(),
-        )
+        self.setup_run(cfg, accelerator)
         acc = self.accelerator
-        set_seed(cfg.seed)  # LoRA initialisation; every later draw is seeded explicitly
-        self.rank, self.world = acc.process_index, acc.num_processes
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
-            if log_with:
-                acc.init_trackers("diffrl", config=to_flat_dict(cfg))
 
         p, lm, t = cfg.policy, cfg.lm, cfg.train
         self.policy = LMPolicy.from_pretrained(cfg.model, torch_dtype=DTYPES[p.dtype], device=acc.device)
@@ -187,7 +173,7 @@ class LMTrainer(TrainLoop):
         return torch.cat([torch.nn.functional.pad(x, (0, T - x.shape[1])) for x in parts])  # [B, T]
 
     def update(self, batch: LMBatch, generator: torch.Generator) -> dict[str, float]:
-        cfg, acc, lm, t = self.cfg, self.accelerator, self.cfg.lm, self.cfg.train
+        acc, lm, t = self.accelerator, self.cfg.lm, self.cfg.train
         B = len(batch) if batch.trainable else 0
         n_mini = t.prompts_per_iteration * t.group_size // t.train_batch_size  # optimiser steps per epoch
         mb = t.micro_batch_size or t.train_batch_size

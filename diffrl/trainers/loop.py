@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import gather_object
 
 from diffrl.runloop import TrainLoop
 from diffrl.checkpoint import load_checkpoint, save_checkpoint
-from diffrl.config import RunConfig, resolve_sampler, save_config, to_flat_dict
+from diffrl.config import RunConfig, resolve_sampler
 from diffrl.core import PerPromptStatTracker, zero_std_fraction
 from diffrl.data import draw_prompt_indices, load_prompts
 from diffrl.rewards.mixture import RolloutScorer
@@ -59,22 +59,8 @@ class Trainer(TrainLoop):
         from diffrl.rewards import build_reward
         from diffrl.rewards.mixture import build_training_reward
 
-        self.cfg = cfg
-        self.out = Path(cfg.output_dir)
-        log_with = None if cfg.logging.log_with == "none" else cfg.logging.log_with
-        self.accelerator = accelerator or Accelerator(
-            mixed_precision=cfg.train.mixed_precision, log_with=log_with, project_dir=str(self.out),
-            # without cpu=True accelerate ignores torchrun's WORLD_SIZE on a machine with no GPU
-            cpu=not torch.cuda.is_available(),
-        )
+        self.setup_run(cfg, accelerator)
         acc = self.accelerator
-        set_seed(cfg.seed)  # LoRA initialisation; every later draw uses derive_generator
-        self.rank, self.world = acc.process_index, acc.num_processes
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
-            if log_with:
-                acc.init_trackers("diffrl", config=to_flat_dict(cfg))
 
         p = cfg.policy
         self.policy = load_policy(
