@@ -1,6 +1,7 @@
 """GRPO through the shared loop on the tiny policies: on-policy ratios, what training changes, resume."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -39,6 +40,26 @@ def test_first_update_ratio_is_one_on_policy(tmp_path, model, dtype, tol):
             new = trainer.algorithm.step_log_prob(batch, rows, steps).log_prob
             ratio = torch.exp(new - batch.trajectory.log_probs[rows, steps])
             torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=tol, rtol=0)
+
+
+def test_ddim_set_alpha_to_one_last_step_is_not_trained(tmp_path):
+    """With diffusers' DDIMScheduler default set_alpha_to_one=True the last step's alpha_prev is 1, so at eta 1
+    its variance is 0: the rollout records log-probs for the other steps only, they are finite, and GRPO's
+    surrogate and KL over them are finite (the zero-variance step's log-prob used to be NaN)."""
+    from diffusers import DDIMScheduler
+
+    trainer = make_trainer(tmp_path, "sampling.eta=1.0", "grpo.kl_beta=0.04", "grpo.timestep_fraction=1.0", model="tiny-sd")
+    trainer.policy.pipe.scheduler = DDIMScheduler.from_config(trainer.policy.scheduler.config, set_alpha_to_one=True)
+    batch = trainer.rollout(0)
+    N = trainer.cfg.sampling.num_steps
+    assert float(batch.trajectory.schedule.alphas_cumprod[-1]) == 1.0
+    assert batch.trajectory.steps.tolist() == list(range(N - 1))
+    assert torch.isfinite(batch.trajectory.log_probs).all()
+    trainer.advantages(batch)
+    trainer.policy.denoiser.train()
+    metrics = trainer.algorithm.update(batch, trainer.optimizer, torch.Generator().manual_seed(0))
+    assert all(math.isfinite(metrics[k]) for k in ("loss", "kl", "grad_norm")), metrics
+    assert metrics["grad_norm"] > 0
 
 
 def test_group_members_get_distinct_noise(tmp_path):

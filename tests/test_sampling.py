@@ -230,6 +230,22 @@ def test_ddim_eta1_std_is_ddpm_posterior_std():
         torch.testing.assert_close(step.std.double(), torch.full((2,), posterior, dtype=torch.float64), rtol=1e-5, atol=0)
 
 
+def test_ddim_zero_variance_step_is_deterministic():
+    """alpha_prev == 1 (the last step of a DDIMScheduler with set_alpha_to_one=True, its default) has variance 0
+    for every eta: the step is the DDIM mean, here exactly the x0 prediction (x - sqrt(1 - a_t) eps) / sqrt(a_t),
+    with no log-prob (a density of 0 / 0 was NaN); a batch mixing zero and non-zero variance is refused."""
+    g = torch.Generator().manual_seed(4)
+    x, eps = torch.randn(SHAPE, generator=g, dtype=torch.float64), torch.randn(SHAPE, generator=g, dtype=torch.float64)
+    a_t = 0.9
+    for eta in (0.5, 1.0):
+        step = ddim_step(x, eps, a_t, 1.0, eta=eta, generator=g)
+        assert step.log_prob is None
+        assert torch.equal(step.std, torch.zeros(SHAPE[0], dtype=torch.float64))
+        torch.testing.assert_close(step.prev_sample, (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="zero variance"):
+        ddim_step(x, eps, torch.full((4,), a_t), torch.tensor([1.0, 0.95, 0.95, 0.95]), eta=1.0, generator=g)
+
+
 def test_ddim_per_sample_alphas_equal_scalar_rows():
     g = torch.Generator().manual_seed(8)
     x, out = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)

@@ -37,7 +37,10 @@ def ddim_step(
     sigma_t^2 = (1 - a_prev) / (1 - a_t) (1 - a_t / a_prev); std = eta sigma_t;
     mean = sqrt(a_prev) x0_pred + sqrt(1 - a_prev - std^2) eps_pred; x_prev = mean + std z.
     eta = 1 is DDPM ancestral sampling, eta = 0 is deterministic DDIM (std 0, log_prob None) and
-    matches diffusers `DDIMScheduler.step` with clip_sample=False (same arithmetic order).
+    matches diffusers `DDIMScheduler.step` with clip_sample=False (same arithmetic order). A step whose
+    variance is zero for eta > 0 (alpha_prev == 1, the last step under `set_alpha_to_one=True`) is
+    deterministic too: it returns log_prob None, so the rollout records no log-prob for it and no
+    trainer trains on it (its Gaussian density would be 0 / 0).
 
     `alpha_t`, `alpha_prev`: python float, 0-d tensor or Tensor[B]. Computed in at least float32.
     With `prev_sample` given, no noise is drawn and its log-prob is returned; as in DDPO the
@@ -70,9 +73,13 @@ def ddim_step(
     mean = a_prev ** (0.5) * pred_x0 + direction  # [B, *S]
     std = batch_vector(std_t, B)  # [B]
 
-    if eta == 0:
+    zero = std_t == 0  # [] or [B, 1, ..]: alpha_prev == 1 (DDIMScheduler's set_alpha_to_one) leaves no noise
+    if eta == 0 or bool(zero.all()):  # deterministic: no log-prob, nothing to train on this step
         prev = mean if prev_sample is None else prev_sample.to(dtype)  # [B, *S]
         return StepOutput(prev_sample=prev, mean=mean, std=std, log_prob=None, sde_std=std)
+    if bool(zero.any()):
+        raise ValueError("some samples' DDIM step has zero variance (alpha_prev == 1: a deterministic step with no "
+                         "log-prob); re-score only the trajectory's stochastic steps (Trajectory.steps)")
     if prev_sample is None:
         prev = mean + std_t * draw_noise(x.shape, x, dtype, generator)  # [B, *S]
     else:
