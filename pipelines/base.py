@@ -20,6 +20,11 @@ from diffrl.sampling import Schedule
 ATTENTION_BACKENDS = ("sdpa", "xformers", "native", "flash", "_native_flash", "_native_math", "_native_efficient")
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or float64 when it is float64: a float64 run stays float64 end to end."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 @dataclass
 class Condition:
     """Prompt conditioning for a batch: the adapter's keyword tensors, conditional and unconditional.
@@ -80,7 +85,7 @@ class Policy(abc.ABC):
 
     @abc.abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents [B, *S] -> images [B, 3, H, W] float32 in [0, 1]."""
+        """Latents [B, *S] -> images [B, 3, H, W] in [0, 1], float32 (float64 for a float64 policy)."""
 
     # ---- construction shared by every family ------------------------------------------------
     pipeline_class: ClassVar[type]  # the stock diffusers pipeline this adapter wraps

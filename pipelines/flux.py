@@ -12,7 +12,7 @@ from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
-from diffrl.pipelines.base import Condition, Policy
+from diffrl.pipelines.base import Condition, Policy, at_least_float32
 from diffrl.pipelines.registry import freeze_for_sampling
 from diffrl.sampling import Schedule
 
@@ -121,4 +121,4 @@ class FluxPolicy(Policy):
         vae = self.pipe.vae
         z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         image = vae.decode(z.to(vae.dtype), return_dict=False)[0]  # [B, 3, H, W] in [-1, 1]
-        return (image / 2 + 0.5).clamp(0, 1).float()
+        return at_least_float32((image / 2 + 0.5).clamp(0, 1))

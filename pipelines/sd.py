@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from diffrl.pipelines.base import Condition, Policy
+from diffrl.pipelines.base import Condition, Policy, at_least_float32
 from diffrl.sampling import Schedule
 
 
@@ -149,7 +149,7 @@ class StableDiffusionPolicy(Policy):
         vae = self.vae
         z = latents.to(vae.dtype) / vae.config.scaling_factor  # [B, C, h, w]
         image = vae.decode(z, return_dict=False)[0]  # [B, 3, H, W] in [-1, 1]
-        return (image / 2 + 0.5).clamp(0, 1).float()
+        return at_least_float32((image / 2 + 0.5).clamp(0, 1))
 
     def default_lora_targets(self) -> list[str]:
         return ["to_q", "to_k", "to_v", "to_out.0"]

@@ -2,7 +2,8 @@
 
 A reward maps decoded samples, their prompts and optional per-sample metadata to one float per
 sample. Subclasses implement `score`; callers use `__call__`, which checks the input at the door
-(shape for the declared kinds, batch sizes) and the output (float32 [B] on the samples' device).
+(shape for the declared kinds, batch sizes) and the output (float32 [B] on the samples' device; float64
+for float64 samples).
 
 Sample kinds and their shapes (what `Policy.decode` returns):
     "image"  [B, 3, H, W]     pixel values in [0, 1]
@@ -52,7 +53,7 @@ class Reward(abc.ABC):
     def __call__(
         self, samples: Tensor, prompts: list[str], metadata: list[dict] | None = None
     ) -> Tensor:
-        """Validate, score, and return float32 [B] on samples.device.
+        """Validate, score, and return float32 [B] (float64 for float64 samples) on samples.device.
 
         Runs under torch.no_grad() unless the reward is differentiable.
         """
@@ -67,7 +68,8 @@ class Reward(abc.ABC):
                 f"reward {self._name()!r} returned shape {tuple(scores.shape)} for {kind} samples "
                 f"of batch size {batch}; expected ({batch},)"
             )
-        return scores.to(device=samples.device, dtype=torch.float32)
+        # float32, or float64 for float64 samples (a float64 run is float64 end to end)
+        return scores.to(device=samples.device, dtype=torch.float64 if samples.dtype == torch.float64 else torch.float32)
 
     def to(self, device: torch.device | str) -> Reward:
         """Move any weights to `device`; rewards without weights need nothing. Returns self."""

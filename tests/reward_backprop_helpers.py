@@ -66,28 +66,6 @@ def colorfulness_loss(policy, latents) -> torch.Tensor:
     return -colorfulness(policy.decode(latents)).mean()
 
 
-class Float64Colorfulness:
-    """The colourfulness reward without Reward.__call__'s float32 cast of the scores."""
-
-    differentiable = True
-
-    def __call__(self, samples, prompts, metadata=None):
-        return colorfulness(samples)  # [B], in the samples' dtype
-
-
-def score_in_float64(trainer) -> None:
-    """Decode (tiny-sd3's VAE, SD3Policy.decode without its float32 cast) and score in float64, so that finite
-    differences of the loss resolve what the float64 model computes."""
-    vae = trainer.policy.pipe.vae
-
-    def decode(latents):
-        z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        return (vae.decode(z, return_dict=False)[0] / 2 + 0.5).clamp(0, 1)  # [B, 3, H, W] float64
-
-    trainer.policy.decode = decode
-    trainer.algorithm.reward = Float64Colorfulness()
-
-
 def update_once(trainer, seed: int = 0) -> dict:
     batch = trainer.rollout(0)
     trainer.policy.denoiser.train()

@@ -13,7 +13,7 @@ import torch
 from diffrl.config import ConfigError, load_config
 from diffrl.trainers.easytune import window_size, window_start
 from reward_backprop_helpers import (EXACT, colorfulness_loss, make_trainer, randomize_lora, record_steps,
-                                     score_in_float64, set_params, spy_predict, update_once)
+                                     set_params, spy_predict, update_once)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,6 @@ def test_each_trained_step_backpropagates_one_denoiser_call_from_a_detached_inpu
     trainer = make_trainer(tmp_path, "easytune", *EXACT, "sampling.num_steps=5", "easytune.window_fraction=0.4",
                            f"easytune.score_on={score_on}")
     randomize_lora(trainer)
-    score_in_float64(trainer)
     calls, predict = spy_predict(trainer.policy)
     steps = record_steps(trainer)
     metrics = update_once(trainer)

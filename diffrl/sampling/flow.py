@@ -23,15 +23,16 @@ def flow_ode_step(sample: torch.Tensor, velocity: torch.Tensor, sigma, sigma_pre
     """Euler step x_prev = x + (sigma_prev - sigma) v, deterministic.
 
     Mirrors diffusers `FlowMatchEulerDiscreteScheduler.step` bit-for-bit: the sample is upcast to
-    float32, sigmas are float32, and the result is cast back to the model output's dtype.
-    `sigma`, `sigma_prev`: python float, 0-d tensor or Tensor[B].
+    float32 (a float64 chain stays float64), sigmas likewise, and the result is cast back to the model
+    output's dtype. `sigma`, `sigma_prev`: python float, 0-d tensor or Tensor[B].
     """
-    x = sample.to(torch.float32)  # [B, *S]
-    s = per_sample(sigma, x, torch.float32)  # [] or [B, 1, ..]
-    s_prev = per_sample(sigma_prev, x, torch.float32)  # [] or [B, 1, ..]
+    dtype = torch.promote_types(sample.dtype, torch.float32)
+    x = sample.to(dtype)  # [B, *S]
+    s = per_sample(sigma, x, dtype)  # [] or [B, 1, ..]
+    s_prev = per_sample(sigma_prev, x, dtype)  # [] or [B, 1, ..]
     dt = s_prev - s  # [] or [B, 1, ..]
     prev = (x + dt * velocity).to(velocity.dtype)  # [B, *S]
-    zeros = torch.zeros(x.shape[0], device=x.device, dtype=torch.float32)  # [B]
+    zeros = torch.zeros(x.shape[0], device=x.device, dtype=dtype)  # [B]
     return StepOutput(prev_sample=prev, mean=prev, std=zeros, log_prob=None, sde_std=None)
 
 
