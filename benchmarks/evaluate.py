@@ -11,10 +11,9 @@ sampled with the deterministic sampler (flow ODE / DDIM eta 0). Images are PNGs 
 re-scores everything. Rewards always score the saved 8-bit pixels (generated images are rounded to
 uint8 first), so a resumed run gives exactly the metrics of an uninterrupted one.
 
-Statistics (`summarize`): `std` is the sample standard deviation over images (ddof 1); `stderr` is the
-standard error of the mean over *prompts* (std of the per-prompt means / sqrt(#prompts), ddof 1),
-because images of one prompt are correlated and the prompt set is the sample that would change in a
-re-run; `ci95` is mean +- t(0.975, #prompts - 1) * stderr. With one prompt it falls back to images.
+Statistics are `diffrl.stats`': mean, sample std over images, stderr over prompts (images of one prompt
+are correlated), ci95, per tag and the mean over tags (GenEval's overall score) with its stderr.
+`compare_scores` gives the paired difference of two evaluations on the same prompts and seeds.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ from diffrl.data import PromptSet
 from diffrl.rewards import Reward, build_reward
 from diffrl.rollout import sample
 from diffrl.sampling import make_sampler
+from diffrl.stats import paired, score_summary
 from diffrl.trainers.loop import derive_generator
 
 GRID_IMAGES = 32
@@ -91,61 +91,23 @@ def load_png(path: str | Path) -> torch.Tensor:
 
 
 # ---- statistics ----------------------------------------------------------------------------------
-# two-sided 95 % Student t quantiles t(0.975, df) for df = 1..30
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
-
-def t975(df: int) -> float:
-    """t(0.975, df): a table up to 30 degrees of freedom, a Cornish-Fisher expansion (error < 1e-3) above."""
-    if df < 1:
-        return math.nan
-    if df <= 30:
-        return _T975[df - 1]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
-def _std(xs: list[float]) -> float:
-    """Sample standard deviation (ddof 1); nan for fewer than two values."""
-    if len(xs) < 2:
-        return math.nan
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-
-
-def summarize(values: list[float], groups: list[int]) -> dict:
-    """mean / std / n over the finite `values`; stderr and ci95 clustered by `groups` (prompt indices)."""
-    pairs = [(v, g) for v, g in zip(values, groups) if math.isfinite(v)]
-    xs = [v for v, _ in pairs]
-    n = len(xs)
-    mean = sum(xs) / n if n else math.nan
-    by_group: dict[int, list[float]] = {}
-    for v, g in pairs:
-        by_group.setdefault(g, []).append(v)
-    units = [sum(v) / len(v) for v in by_group.values()] if len(by_group) > 1 else xs  # one prompt: images
-    stderr = _std(units) / math.sqrt(len(units)) if len(units) > 1 else math.nan
-    half = t975(len(units) - 1) * stderr
-    return {"mean": mean, "std": _std(xs), "n": n, "n_prompts": len(by_group), "stderr": stderr,
-            "ci95": [mean - half, mean + half], "nonfinite": len(values) - n}
-
-
 def compute_metrics(rows: list[dict], reward_names: list[str]) -> dict:
-    """Per reward: overall `summarize`, and when any row has a tag, the same per tag plus `mean_over_tags`
-    (the unweighted mean of the per-tag means: GenEval's overall score)."""
-    tags = sorted({r["tag"] for r in rows if r["tag"] is not None})
-    out = {}
-    for name in reward_names:
-        entry = summarize([r[name] for r in rows], [r["prompt_index"] for r in rows])
-        if tags:
-            entry["tags"] = {}
-            for tag in tags + (["untagged"] if any(r["tag"] is None for r in rows) else []):
-                sel = [r for r in rows if (r["tag"] or "untagged") == tag]
-                entry["tags"][tag] = summarize([r[name] for r in sel], [r["prompt_index"] for r in sel])
-            tag_means = [t["mean"] for t in entry["tags"].values()]
-            entry["mean_over_tags"] = sum(tag_means) / len(tag_means)
-        out[name] = entry
-    return out
+    """Per reward: `diffrl.stats.score_summary` over the images (clustered by prompt), with per-tag entries and
+    `mean_over_tags` (GenEval's overall score) ± its stderr when any row has a tag."""
+    tags = [r["tag"] for r in rows]
+    groups = [r["prompt_index"] for r in rows]
+    return {name: score_summary([r[name] for r in rows], groups, tags) for name in reward_names}
+
+
+def compare_scores(before: list[dict], after: list[dict], reward_names: list[str]) -> dict:
+    """Per reward, the paired difference after - before over the same images (`diffrl.stats.paired`); the rows
+    of two `evaluate` runs of one prompt set with the same seeds (the images must match one to one)."""
+    keys = [(r["prompt_index"], r["seed"]) for r in before]
+    if keys != [(r["prompt_index"], r["seed"]) for r in after]:
+        raise ValueError("the two evaluations did not score the same prompts and seeds")
+    tags = [r["tag"] for r in before]
+    groups = [r["prompt_index"] for r in before]
+    return {name: paired([r[name] for r in before], [r[name] for r in after], groups, tags) for name in reward_names}
 
 
 # ---- the harness ---------------------------------------------------------------------------------

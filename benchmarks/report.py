@@ -3,6 +3,7 @@ training_curves.png. Everything is written from the rows and metrics `evaluate` 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -28,7 +29,9 @@ def reward_table(name: str, entry: dict) -> list[str]:
         lines.append(_row(tag, s))
     lines.append(_row("**overall**", entry))
     if "mean_over_tags" in entry:
-        lines += ["", f"Mean over tags (unweighted, GenEval's overall score): {_fmt(entry['mean_over_tags'])}"]
+        lo, hi = entry["mean_over_tags_ci95"]
+        lines = [f"### {name}", "", f"**Mean over tags (GenEval's overall score): {_fmt(entry['mean_over_tags'])} ± "
+                 f"{_fmt(entry['mean_over_tags_stderr'])}** (s.e.; 95% CI {_fmt(lo)} .. {_fmt(hi)})", ""] + lines[2:]
     if entry["nonfinite"]:
         lines += ["", f"{entry['nonfinite']} non-finite scores were left out."]
     return lines + [""]
@@ -93,3 +96,48 @@ def write_report(out: Path, metrics: dict, rows: list[dict], names: list[str], *
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _read_scores(folder: Path) -> list[dict]:
+    path = Path(folder) / "scores.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no scores.jsonl in {folder}: evaluate it first")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_comparison(candidate: str | Path, baseline: str | Path, names: list[str], label: str = "") -> dict:
+    """The paired difference candidate - baseline of two evaluations of one prompt set with the same seeds
+    (`evaluate.compare_scores`): comparison.json and comparison.md in `candidate`, linked from its report.md.
+    Returns {"label", "baseline", "rewards": {name: paired summary}}."""
+    from diffrl.benchmarks.evaluate import compare_scores
+    from diffrl.stats import score_summary
+
+    candidate, baseline = Path(candidate), Path(baseline)
+    after, before = _read_scores(candidate), _read_scores(baseline)
+    diffs = compare_scores(before, after, names)
+    result = {"label": label, "baseline": str(baseline), "rewards": diffs}
+    (candidate / "comparison.json").write_text(json.dumps(result, indent=1))
+    groups, tags = [r["prompt_index"] for r in before], [r["tag"] for r in before]
+    lines = [f"# Paired comparison{': ' + label if label else ''}", "",
+             f"The same {len(before)} images (prompts and seeds) sampled by both models; baseline in `{baseline}`. "
+             "difference = candidate - baseline per image; s.e. over prompts; over tags: the mean of the per-tag "
+             "differences, s.e. combined over tags; 95% CI = difference ± 1.96 s.e.", ""]
+    for name in names:
+        b = score_summary([r[name] for r in before], groups, tags)
+        a = score_summary([r[name] for r in after], groups, tags)
+        d = diffs[name]
+        lines += [f"## {name}", "", "| | baseline | candidate | difference ± s.e. | 95% CI |", "|---|---:|---:|---:|---:|"]
+        keyed = [("mean over tags", "mean_over_tags", "mean_over_tags_stderr")] if "mean_over_tags" in d else []
+        for label_, key, se_key in keyed + [("per image", "mean", "stderr")]:
+            lines.append(f"| {label_} | {_fmt(b[key])} | {_fmt(a[key])} | {d[key]:+.4f} ± {_fmt(d[se_key])} | "
+                         f"{d[key] - 1.959964 * d[se_key]:+.4f} .. {d[key] + 1.959964 * d[se_key]:+.4f} |")
+        for tag, s_ in d.get("tags", {}).items():
+            lines.append(f"| {tag} | {_fmt(b['tags'][tag]['mean'])} | {_fmt(a['tags'][tag]['mean'])} | "
+                         f"{s_['mean']:+.4f} ± {_fmt(s_['stderr'])} | {s_['ci95'][0]:+.4f} .. {s_['ci95'][1]:+.4f} |")
+        lines.append("")
+    (candidate / "comparison.md").write_text("\n".join(lines))
+    report = candidate / "report.md"
+    if report.is_file() and "comparison.md" not in report.read_text():
+        report.write_text(report.read_text() + "\n## Paired comparison\n\n[comparison.md](comparison.md): difference to "
+                          f"`{baseline}` on the same prompts and seeds.\n")
+    return result

@@ -6,12 +6,13 @@ held-out prompt set with the exact scorer.
     python -m diffrl.benchmarks.trainers --algorithms grpo --set train.learning_rate=3e-4 ...
 
 Protocol:
-- Training prompts: the recipe's data.prompts (builtin:toy_train, the shipped set: 300 prompts over
-  the training side of `compositional_split(seed=0)`, the pairs the toy bases were pretrained on).
-  Held-out prompts: `make_prompt_set(--eval-prompts, --eval-prompt-seed, unique=False)` over all pairs
-  (even tag counts; seed 10000 with 300 prompts is the shipped builtin:toy_eval), written to
-  prompts/heldout.jsonl. Two subsets are scored apart: "novel" prompts (absent from the training
-  prompts) and "held-out pairs" prompts (a colour-shape pair never seen in pretraining).
+- Training prompts: the recipe's data.prompts (builtin:toy_train: captions of the "train" split of
+  `toyworld.prompt_split`, over the colour-shape pairs the toy bases were pretrained on).
+- Evaluation: three disjoint prompt sets in prompts/heldout.jsonl, each record flagged with its "split":
+  "unseen" (the first --eval-prompts of builtin:toy_eval, evenly over the tags: captions never trained on),
+  "unseen_pair" (the first --pair-prompts of builtin:toy_eval_pairs: a colour-shape pair pretraining never
+  showed) and "train" (the first --train-prompts of the training prompts). Accuracy is GenEval's overall
+  score, the mean over tags, ± its standard error; the headline is the unseen split.
 - The proxy reward toy_proxy is optional: not registered, --no-proxy, or its weights missing
   (FileNotFoundError) -> the gap is "n/a" and the reason is written in results.md.
 - Equal sample budget: a method's samples per iteration are prompts_per_iteration * group_size of its
@@ -25,7 +26,9 @@ Protocol:
   seeds on the base model (no LoRA) and on every checkpoint's LoRA (`--curve-points` of them per method
   plus the final one), rewards toyworld_accuracy (exact 0/1), toyworld (exact partial credit) and, when
   registered, the learned proxy toy_proxy. proxy - exact gap = mean toy_proxy - mean toyworld on the
-  same images: a gap that grows with training is reward hacking of the proxy.
+  same (unseen) images: a gap that grows with training is reward hacking of the proxy.
+- Long horizon: each method's best curve point and its final one; the drop from best to final in units of
+  the final accuracy's standard error (a recipe that keeps improving, or stays flat, drops by < 2).
 
 Outputs in --output-dir: results.md, results.json, accuracy_vs_samples.png, prompts/heldout.jsonl, runs/<method>/
 (the trainer's output_dir, train.log, benchmark_run.json) and eval/<base|method/iter_N>/ (evaluate's
@@ -122,16 +125,29 @@ def plan_runs(config: str | Path, algorithms: list[str], sample_budget: int, com
 
 
 # ---- prompt sets ---------------------------------------------------------------------------------
-def write_heldout_prompts(path: Path, n: int, seed: int, train_prompts: list[str]) -> Path:
-    """`n` held-out prompts (even tags, all colour-shape pairs) with two flags: "in_training_set" (the
-    prompt is one of `train_prompts`) and "seen_in_pretraining" (only pairs of the pretraining split)."""
-    from diffrl.toyworld import TAGS, compositional_split, enumerate_metadata, make_prompt_set, write_jsonl
+def even_head(rows: list[dict], n: int) -> list[dict]:
+    """The first `n` rows taken evenly over their tags (round-robin over the tags in first-seen order)."""
+    queues: dict = {}
+    for row in rows:
+        queues.setdefault(row.get("tag"), []).append(row)
+    out, depth = [], 0
+    while len(out) < n and any(depth < len(q) for q in queues.values()):
+        out += [q[depth] for q in queues.values() if depth < len(q)][: n - len(out)]
+        depth += 1
+    return out
 
-    train_pairs, _ = compositional_split(seed=0)
-    pretraining = {m["prompt"] for tag in TAGS for m in enumerate_metadata(tag, allowed_pairs=train_pairs)}
-    train = set(train_prompts)
-    rows = [{**m, "in_training_set": m["prompt"] in train, "seen_in_pretraining": m["prompt"] in pretraining}
-            for m in make_prompt_set(n, seed=seed, unique=False)]
+
+def write_heldout_prompts(path: Path, eval_prompts: int, pair_prompts: int, train_prompts: list[dict],
+                          n_train: int) -> Path:
+    """The evaluation prompts, each flagged with its "split": the first `eval_prompts` of builtin:toy_eval
+    ("unseen"), the first `pair_prompts` of builtin:toy_eval_pairs ("unseen_pair") and the first `n_train` of
+    the training prompts ("train"), each evenly over its tags."""
+    from diffrl.data import load_prompts
+    from diffrl.toyworld import write_jsonl
+
+    rows = [{**m, "split": "unseen"} for m in even_head(load_prompts("builtin:toy_eval").metadata, eval_prompts)]
+    rows += [{**m, "split": "unseen_pair"} for m in even_head(load_prompts("builtin:toy_eval_pairs").metadata, pair_prompts)]
+    rows += [{**m, "split": "train"} for m in even_head(train_prompts, n_train)]
     write_jsonl(rows, path)
     return path
 
@@ -190,42 +206,57 @@ def _stat(s: dict) -> dict:
     return {"mean": s["mean"], "stderr": s["stderr"] if math.isfinite(s["stderr"]) else None, "n": s["n"]}
 
 
+def _split_accuracy(rows: list[dict], split_of: list[str], split: str) -> dict | None:
+    """Exact accuracy of one split: the mean over tags ± its stderr (GenEval's overall score), per tag, per image."""
+    from diffrl.stats import score_summary
+
+    sel = [r for r in rows if split_of[r["prompt_index"]] == split]
+    if not sel:
+        return None
+    s = score_summary([r[EXACT] for r in sel], [r["prompt_index"] for r in sel], [r["tag"] for r in sel])
+    se = s.get("mean_over_tags_stderr", s["stderr"])
+    return {"mean": s.get("mean_over_tags", s["mean"]), "stderr": se if math.isfinite(se) else None, "n": s["n"],
+            "per_image": s["mean"], "by_tag": {tag: _stat(t) for tag, t in s.get("tags", {}).items()}}
+
+
 def evaluate_one(policy, lora: Path | None, prompt_set, rewards: list, out_dir: Path, eval_kw: dict,
                  settings: dict) -> dict:
-    """Held-out scores of the base (lora None) or of one LoRA: exact accuracy overall / per tag / on
-    novel prompts / on held-out pairs, exact partial credit, the proxy's mean and the proxy - exact gap."""
+    """Scores of the base (lora None) or of one LoRA: exact accuracy of each split (unseen prompts, unseen
+    colour-shape pairs, training prompts), per tag on the unseen split, and on the unseen split the exact
+    partial credit, the proxy's mean and the proxy - exact gap."""
     from diffrl.benchmarks.evaluate import evaluate
 
     if lora is not None:
-        from diffusers.utils import logging as diffusers_logging
-
-        verbosity = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # a denoiser-only LoRA warns once per text encoder
-        try:
-            policy.load_lora(lora)
-        finally:
-            diffusers_logging.set_verbosity(verbosity)
-    metrics = evaluate(policy, prompt_set, rewards, output_dir=out_dir, progress=False,
-                       settings={**settings, "lora": None if lora is None else str(lora)}, **eval_kw)
-    r = metrics["rewards"]
+        policy.load_lora(lora)
+    evaluate(policy, prompt_set, rewards, output_dir=out_dir, progress=False,
+             settings={**settings, "lora": None if lora is None else str(lora)}, **eval_kw)
     rows = [json.loads(line) for line in (out_dir / "scores.jsonl").read_text().splitlines()]
-    meta = prompt_set.metadata
-
-    def subset(keep) -> float | None:
-        xs = [row[EXACT] for row in rows if keep(meta[row["prompt_index"]])]
-        return sum(xs) / len(xs) if xs else None
-
-    proxy = r[PROXY]["mean"] if PROXY in r else None
+    split_of = [m.get("split", "unseen") for m in prompt_set.metadata]
+    unseen = [r for r in rows if split_of[r["prompt_index"]] == "unseen"]
+    partial = sum(r[PARTIAL] for r in unseen) / len(unseen)
+    proxy = sum(r[PROXY] for r in unseen) / len(unseen) if unseen and PROXY in unseen[0] else None
+    accuracy = _split_accuracy(rows, split_of, "unseen")
     return {
         "eval_dir": str(out_dir),
-        "accuracy": _stat(r[EXACT]),
-        "accuracy_by_tag": {tag: _stat(s) for tag, s in r[EXACT].get("tags", {}).items()},
-        "accuracy_novel": subset(lambda m: not m["in_training_set"]),
-        "accuracy_heldout_pairs": subset(lambda m: not m["seen_in_pretraining"]),
-        "partial": r[PARTIAL]["mean"],
+        "accuracy": accuracy,
+        "accuracy_by_tag": accuracy["by_tag"],
+        "accuracy_unseen_pairs": _split_accuracy(rows, split_of, "unseen_pair"),
+        "accuracy_train": _split_accuracy(rows, split_of, "train"),
+        "partial": partial,
         "proxy": proxy,
-        "gap": None if proxy is None else proxy - r[PARTIAL]["mean"],
+        "gap": None if proxy is None else proxy - partial,
     }
+
+
+def long_horizon(curve: list[dict]) -> dict:
+    """The best curve point and the final one: accuracy drop from best to final, in points and in units of the
+    final accuracy's stderr."""
+    best = max(curve, key=lambda p: p["accuracy"]["mean"])
+    final = curve[-1]
+    drop = best["accuracy"]["mean"] - final["accuracy"]["mean"]
+    se = final["accuracy"]["stderr"]
+    return {"best_samples": best["samples_seen"], "best": best["accuracy"]["mean"], "final": final["accuracy"]["mean"],
+            "drop": drop, "drop_in_stderr": drop / se if se else None}
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -241,15 +272,15 @@ def _acc(s: dict | None) -> str:
 
 def results_table(results: dict) -> list[str]:
     tags = sorted(results["base"]["accuracy_by_tag"])
-    head = ["method", "samples", "train s", "wall s", "peak RSS MB", "peak CUDA MB", "accuracy", "novel acc",
-            "held-out pairs acc", *tags, "partial credit", "proxy − exact"]
+    head = ["method", "samples", "train s", "wall s", "peak RSS MB", "peak CUDA MB", "unseen prompts", "unseen pairs",
+            "train prompts", *tags, "partial credit", "proxy − exact"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
 
     def row(name, samples, run, ev):
         gap = "n/a" if ev["gap"] is None else f"{ev['gap']:+.3f}"
         cells = [name, str(samples), _num(run.get("train_seconds")), _num(run.get("wall_seconds")),
                  _num(run.get("peak_rss_mb"), ".0f"), _num(run.get("peak_cuda_mb"), ".0f"), _acc(ev["accuracy"]),
-                 _num(ev["accuracy_novel"], ".3f"), _num(ev["accuracy_heldout_pairs"], ".3f"),
+                 _acc(ev["accuracy_unseen_pairs"]), _acc(ev["accuracy_train"]),
                  *(_acc(ev["accuracy_by_tag"].get(t)) for t in tags),
                  f"{ev['partial']:.3f}", gap]
         lines.append("| " + " | ".join(cells) + " |")
@@ -264,24 +295,36 @@ def write_markdown(results: dict, path: Path) -> None:
     s = results["settings"]
     lines = [
         "# Trainer benchmark (SynthShapes toy world)", "",
-        f"Model `{s['model']}`, equal sample budget {s['sample_budget']} samples per method; held-out set "
-        f"{s['eval_prompts']} prompts x {s['images_per_prompt']} images ({s['eval_steps']} deterministic steps, "
-        f"CFG {s['guidance_scale']}, seed {s['eval_seed']}).", "",
+        f"Model `{s['model']}`, equal sample budget {s['sample_budget']} samples per method. Evaluation: "
+        f"{s['eval_prompts']} unseen prompts, {s['pair_prompts']} unseen-pair prompts and {s['train_prompts']} training "
+        f"prompts, x {s['images_per_prompt']} images each ({s['eval_steps']} deterministic steps, CFG "
+        f"{s['guidance_scale']}, seed {s['eval_seed']}).", "",
         *results_table(results), "",
-        "accuracy: exact GenEval-rule accuracy (toyworld_accuracy) ± standard error over prompts; per-tag columns the "
-        "same per tag (– when a tag has one prompt and one image). novel acc: accuracy on held-out prompts absent from "
-        "the training prompts; held-out pairs acc: on prompts with a colour-shape pair never seen in pretraining. partial credit: mean exact partial credit (toyworld). train s: summed per-iteration time of the trainer (rollout + update); wall s: the whole "
+        "Accuracy columns: exact GenEval-rule accuracy (toyworld_accuracy) as GenEval reports it, the mean over tags ± "
+        "its standard error (per-tag standard errors over prompts, combined). unseen prompts: captions never trained on "
+        "(builtin:toy_eval); unseen pairs: captions with a colour-shape pair pretraining never showed "
+        "(builtin:toy_eval_pairs); train prompts: the training prompts themselves. Per-tag columns: the unseen prompts "
+        "per tag (– when a tag has one prompt and one image). partial credit: mean exact partial credit (toyworld) on "
+        "the unseen prompts. train s: summed per-iteration time of the trainer (rollout + update); wall s: the whole "
         "training subprocess (start-up, model load, its own evaluations, checkpoints). peak RSS: that subprocess's "
         "maximum resident memory; peak CUDA: torch.cuda.max_memory_allocated from its metrics.jsonl. "
         f"proxy − exact: mean {PROXY} minus mean exact partial credit (toyworld) on the same images"
         + ("" if s["proxy"] else f" (n/a: {s['proxy_note']})") + ".", "",
         "## Accuracy against samples seen", "",
-        "| method | samples | accuracy | proxy − exact |", "|---|---:|---:|---:|",
-        f"| base | 0 | {_acc(results['base']['accuracy'])} | {_num(results['base']['gap'], '+.3f')} |",
+        "| method | samples | unseen prompts | unseen pairs | train prompts | proxy − exact |", "|---|---:|---:|---:|---:|---:|",
+        f"| base | 0 | {_acc(results['base']['accuracy'])} | {_acc(results['base']['accuracy_unseen_pairs'])} | "
+        f"{_acc(results['base']['accuracy_train'])} | {_num(results['base']['gap'], '+.3f')} |",
     ]
     for name, m in results["methods"].items():
         for point in m["curve"]:
-            lines.append(f"| {name} | {point['samples_seen']} | {_acc(point['accuracy'])} | {_num(point['gap'], '+.3f')} |")
+            lines.append(f"| {name} | {point['samples_seen']} | {_acc(point['accuracy'])} | "
+                         f"{_acc(point['accuracy_unseen_pairs'])} | {_acc(point['accuracy_train'])} | {_num(point['gap'], '+.3f')} |")
+    lines += ["", "## Long horizon: best curve point against the final one (unseen prompts)", "",
+              "| method | best at samples | best | final | drop | drop / final s.e. |", "|---|---:|---:|---:|---:|---:|"]
+    for name, m in results["methods"].items():
+        h = m["long_horizon"]
+        lines.append(f"| {name} | {h['best_samples']} | {h['best']:.3f} | {h['final']:.3f} | {h['drop']:+.3f} | "
+                     f"{_num(h['drop_in_stderr'], '.2f')} |")
     lines += ["", "![accuracy against samples seen](accuracy_vs_samples.png)", ""]
     path.write_text("\n".join(lines))
 
@@ -297,7 +340,8 @@ def plot_curves(results: dict, path: Path) -> Path:
     with_gap = results["base"]["gap"] is not None
     fig, axes = plt.subplots(1, 2 if with_gap else 1, figsize=(11 if with_gap else 6, 4), squeeze=False)
     base = results["base"]
-    panels = [("accuracy", lambda e: e["accuracy"]["mean"], lambda e: e["accuracy"]["stderr"], "held-out exact accuracy")]
+    panels = [("accuracy", lambda e: e["accuracy"]["mean"], lambda e: e["accuracy"]["stderr"],
+               "exact accuracy, unseen prompts (mean over tags)")]
     if with_gap:
         panels.append(("gap", lambda e: e["gap"], lambda e: None, f"{PROXY} − toyworld"))
     for ax, (_, value, err, label) in zip(axes[0], panels):
@@ -332,8 +376,8 @@ def run_benchmark(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
-    if args.eval_prompts < 1 or args.images_per_prompt < 1:
-        raise ValueError("--eval-prompts and --images-per-prompt must be >= 1")
+    if args.eval_prompts < 1 or args.images_per_prompt < 1 or args.pair_prompts < 0 or args.train_prompts < 0:
+        raise ValueError("--eval-prompts and --images-per-prompt must be >= 1, --pair-prompts and --train-prompts >= 0")
     if args.overwrite:
         for sub in ("runs", "eval"):
             shutil.rmtree(out / sub, ignore_errors=True)
@@ -344,7 +388,7 @@ def run_benchmark(args) -> dict:
     plans = plan_runs(args.config, algorithms, args.sample_budget, common, out / "runs", args.curve_points)
     base_cfg = load_config(args.config, common)  # evaluation settings shared by every method
     train_prompts = load_prompts(base_cfg.data.prompts)
-    write_heldout_prompts(eval_path, args.eval_prompts, args.eval_prompt_seed, train_prompts.prompts)
+    write_heldout_prompts(eval_path, args.eval_prompts, args.pair_prompts, train_prompts.metadata, args.train_prompts)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # loaded before training so that a missing model fails at once; the trainers load their own copy
     policy = load_policy(base_cfg.model, family=base_cfg.policy.family, torch_dtype=DTYPES[base_cfg.policy.dtype],
@@ -388,9 +432,9 @@ def run_benchmark(args) -> dict:
             raise RuntimeError(f"{plan.algorithm} saw {samples} samples, not the budget {args.sample_budget}")
         runs[plan.algorithm] = {
             "samples_per_iteration": plan.samples_per_iteration, "max_iterations": plan.max_iterations,
-            "samples_seen": samples, "train_seconds": sum(r["seconds"] for r in rows),
+            "samples_seen": samples, "train_seconds": sum(r.get("seconds", 0.0) for r in rows),  # row 0: the base model's evaluation
             "wall_seconds": record["wall_seconds"], "peak_rss_mb": record["peak_rss_mb"],
-            "peak_cuda_mb": max(r["peak_memory_mb"] for r in rows) if torch.cuda.is_available() else None,
+            "peak_cuda_mb": max(r.get("peak_memory_mb", 0.0) for r in rows) if torch.cuda.is_available() else None,
             "run_dir": str(plan.run_dir), "overrides": plan.overrides,
         }
 
@@ -411,7 +455,7 @@ def run_benchmark(args) -> dict:
             curve.append({"iteration": iteration, "samples_seen": samples, **ev})
         if not curve or curve[-1]["samples_seen"] != run["samples_seen"]:
             raise RuntimeError(f"{name}: no final checkpoint in {run['run_dir']}/checkpoints")
-        run["curve"], run["final"] = curve, curve[-1]
+        run["curve"], run["final"], run["long_horizon"] = curve, curve[-1], long_horizon(curve)
 
     results = {
         "settings": {
@@ -419,7 +463,8 @@ def run_benchmark(args) -> dict:
             "sample_budget": args.sample_budget, "eval_prompts": args.eval_prompts,
             "images_per_prompt": args.images_per_prompt, "eval_steps": steps,
             "guidance_scale": base_cfg.sampling.guidance_scale, "eval_seed": args.eval_seed,
-            "eval_prompt_seed": args.eval_prompt_seed, "train_prompts": base_cfg.data.prompts, "heldout_prompts": str(eval_path),
+            "pair_prompts": args.pair_prompts, "train_prompts": args.train_prompts,
+            "train_prompt_set": base_cfg.data.prompts, "heldout_prompts": str(eval_path),
             "device": device, "proxy": not proxy_note, "proxy_note": proxy_note,
         },
         "base": base,
@@ -444,9 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algorithms", default=None, help="comma-separated subset of diffrl.trainers.ALGORITHMS (default: all)")
     p.add_argument("--sample-budget", type=int, default=1024, help="samples each method sees in training")
     p.add_argument("--curve-points", type=int, default=4, help="checkpoints evaluated per method (the final one included)")
-    p.add_argument("--eval-prompts", type=int, default=300, help="held-out prompts, spread evenly over the tags")
-    p.add_argument("--eval-prompt-seed", type=int, default=10_000,
-                   help="seed of the held-out prompt set (10000 with 300 prompts: builtin:toy_eval)")
+    p.add_argument("--eval-prompts", type=int, default=300, help="unseen prompts (builtin:toy_eval, evenly over the tags)")
+    p.add_argument("--pair-prompts", type=int, default=100, help="unseen-pair prompts (builtin:toy_eval_pairs)")
+    p.add_argument("--train-prompts", type=int, default=100, help="training prompts scored too (training accuracy)")
     p.add_argument("--images-per-prompt", type=int, default=1, help="held-out images per prompt")
     p.add_argument("--eval-steps", type=int, default=None, help="deterministic sampling steps (default: sampling.eval_num_steps)")
     p.add_argument("--eval-seed", type=int, default=0, help="first noise seed of the held-out images")

@@ -172,6 +172,9 @@ def _eval(args) -> int:
     if args.lora and not Path(args.lora).is_dir():
         print(f"diffrl eval: --lora folder not found: {args.lora}", file=sys.stderr)
         return 2
+    if args.compare_to and args.compare_to != "base" and not Path(args.compare_to).is_dir():
+        print(f"diffrl eval: --compare-to is 'base' or a LoRA folder; not found: {args.compare_to}", file=sys.stderr)
+        return 2
     if args.run_dir and not (Path(args.run_dir) / "metrics.jsonl").is_file():
         print(f"diffrl eval: --run-dir has no metrics.jsonl: {args.run_dir}", file=sys.stderr)
         return 2
@@ -181,21 +184,45 @@ def _eval(args) -> int:
     if policy is None:
         return 2
     from diffrl.benchmarks.evaluate import evaluate
+    from diffrl.benchmarks.report import write_comparison
+    from diffrl.stats import headline
 
     settings = {"model": args.model, "lora": args.lora, "resolution": args.resolution, "dtype": args.dtype,
                 "model_seed": args.model_seed, **_rlg_settings(args)}
+    common = dict(images_per_prompt=args.images_per_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
+                  seed=args.seed, batch_size=args.batch_size, negative_prompt=args.negative_prompt)
     try:
-        metrics = evaluate(policy, prompt_set, args.rewards, images_per_prompt=args.images_per_prompt, steps=args.steps,
-                           guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
-                           output_dir=args.output_dir, negative_prompt=args.negative_prompt, run_dir=args.run_dir,
-                           settings=settings)
+        metrics = evaluate(policy, prompt_set, args.rewards, output_dir=args.output_dir, run_dir=args.run_dir,
+                           settings=settings, **common)
+        comparison = None
+        if args.compare_to:
+            # the baseline: the same model, prompts and seeds, with the other LoRA (or none), into OUTPUT/baseline
+            baseline_lora = None if args.compare_to == "base" else args.compare_to
+            del policy
+            baseline = _load_policy(argparse.Namespace(**{**vars(args), "lora": baseline_lora, "rlg_scale": None}), "eval")
+            if baseline is None:
+                return 2
+            evaluate(baseline, prompt_set, args.rewards, output_dir=Path(args.output_dir) / "baseline",
+                     settings={**settings, "lora": baseline_lora, **{k: None for k in _rlg_settings(args)}}, **common)
+            comparison = write_comparison(args.output_dir, Path(args.output_dir) / "baseline", args.rewards,
+                                          label=f"{args.lora or 'base'} vs {args.compare_to}")
     except ValueError as exc:  # e.g. resuming into a folder made with other settings
         print(f"diffrl eval: {exc}", file=sys.stderr)
         return 2
     for name, m in metrics["rewards"].items():
         lo, hi = m["ci95"]
-        print(f"{name}: {m['mean']:.4f} (95% CI {lo:.4f} .. {hi:.4f}, {m['n']} images)")
-    print(f"diffrl: wrote scores.jsonl, metrics.json, report.md and plots to {args.output_dir}")
+        line = f"{name}: {m['mean']:.4f} per image (95% CI {lo:.4f} .. {hi:.4f}, {m['n']} images)"
+        if "mean_over_tags" in m:  # GenEval's overall score leads
+            line = (f"{name}: {m['mean_over_tags']:.4f} ± {m['mean_over_tags_stderr']:.4f} mean over "
+                    f"{len(m['tags'])} tags (± s.e.); {m['mean']:.4f} per image, {m['n']} images")
+        print(line)
+        if comparison is not None:
+            d = comparison["rewards"][name]
+            value, se = headline(d)
+            print(f"  paired difference vs {args.compare_to}: {value:+.4f} ± {se:.4f} (95% CI {value - 1.96 * se:+.4f} .. "
+                  f"{value + 1.96 * se:+.4f}){' over tags' if 'mean_over_tags' in d else ''}, on the same {d['n']} images (prompts x seeds)")
+    print(f"diffrl: wrote scores.jsonl, metrics.json, report.md and plots to {args.output_dir}"
+          + ("; comparison.md / comparison.json with the baseline in baseline/" if comparison is not None else ""))
     return 0
 
 
@@ -252,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="first seed; image j of prompt i uses seed + i * images_per_prompt + j")
     ev.add_argument("--batch-size", type=int, default=8, help="images per denoiser batch (across prompts)")
     ev.add_argument("--run-dir", default=None, help="a training output_dir: also plot its metrics.jsonl")
+    ev.add_argument("--compare-to", default=None, metavar="base|LORA",
+                    help="also evaluate a baseline on the same prompts and seeds (base: the model without LoRA; or "
+                         "another LoRA folder) into OUTPUT_DIR/baseline and report the paired difference with its 95%% CI")
     ev.add_argument("--model-seed", type=int, default=0, help="weights seed of the built-in tiny models")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     ev.add_argument("--device", default="cuda" if _cuda() else "cpu")

@@ -75,11 +75,17 @@ class DataConfig:
     prompts: str = "builtin:animals"
     """Training prompts: "builtin:<name>" (assets/prompts/<name>.txt), a .txt file (one a line) or a GenEval-style .jsonl."""
     eval_prompts: Optional[str] = None
-    """Evaluation prompts in the same forms; None uses the training prompts."""
+    """Evaluation prompts in the same forms (the headline set, reported as eval_*); None uses the training prompts."""
+    eval_name: str = "eval"
+    """What the headline evaluation set is called in the before / after lines (e.g. unseen_prompts)."""
     num_eval_prompts: int = 8
-    """How many evaluation prompts to sample (fixed seeds) at each evaluation."""
+    """How many evaluation prompts (the first ones, fixed seeds) to sample at each evaluation."""
     eval_images_per_prompt: int = 1
     """Images per evaluation prompt."""
+    eval_sets: dict[str, Any] = field(default_factory=dict)
+    """More evaluation sets, reported apart as eval_<name>_*: name -> prompt spec, or {prompts: spec, num_prompts: N} (e.g. {train_prompts: {prompts: builtin:toy_train, num_prompts: 100}})."""
+    eval_batch_size: Optional[int] = None
+    """Images per denoiser batch while evaluating (a speed / memory knob); None: train.rollout_batch_size."""
     eval_reward: Optional[str] = None
     """Reward reported at evaluation (e.g. toyworld_accuracy while training on toyworld); None: the training reward."""
 
@@ -471,6 +477,7 @@ def validate(cfg: RunConfig) -> None:
     _one_of(cfg.reward, list_rewards(), "reward")
     if cfg.data.eval_reward is not None:
         _one_of(cfg.data.eval_reward, list_rewards(), "data.eval_reward")
+    eval_set_specs(cfg.data)
     _validate_mixture(cfg)
     try:
         family = cfg.policy.family or resolve_family(cfg.model)
@@ -566,6 +573,31 @@ def validate(cfg: RunConfig) -> None:
         _validate_prdp(cfg, sampler, flow)
     if ALGORITHMS.get(cfg.algorithm).needs_differentiable_reward:
         _validate_reward_backprop(cfg)
+
+
+def eval_set_specs(data: DataConfig) -> dict[str, tuple[str | None, int]]:
+    """The evaluation sets, headline first: name -> (prompt spec, how many of its first prompts); a spec of
+    None is the training prompts. Raises ConfigError naming the field of a malformed entry."""
+    _positive(data.num_eval_prompts, "data.num_eval_prompts")
+    _positive(data.eval_images_per_prompt, "data.eval_images_per_prompt")
+    if data.eval_batch_size is not None:
+        _positive(data.eval_batch_size, "data.eval_batch_size")
+    if not data.eval_name.isidentifier():
+        raise ConfigError(f"'data.eval_name' must be a plain name (letters, digits, _), got {data.eval_name!r}")
+    specs = {data.eval_name: (data.eval_prompts, data.num_eval_prompts)}
+    for name, entry in data.eval_sets.items():
+        key = f"data.eval_sets.{name}"
+        if not str(name).isidentifier() or name in specs:
+            raise ConfigError(f"'{key}': a set needs a plain name (letters, digits, _) other than {sorted(specs)}")
+        if isinstance(entry, str):
+            entry = {"prompts": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompts"), str) or set(entry) - {"prompts", "num_prompts"}:
+            raise ConfigError(f"'{key}' must be a prompt spec or {{prompts: SPEC, num_prompts: N}}, got {entry!r}")
+        n = entry.get("num_prompts", data.num_eval_prompts)
+        if not isinstance(n, int) or n < 1:
+            raise ConfigError(f"'{key}.num_prompts' must be an integer >= 1, got {n!r}")
+        specs[name] = (entry["prompts"], n)
+    return specs
 
 
 def _validate_mixture(cfg: RunConfig) -> None:

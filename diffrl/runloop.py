@@ -3,7 +3,12 @@
 metrics.jsonl (+ accelerate trackers), evaluate / plot / checkpoint on schedule, report before -> after.
 
 A trainer mixing this in provides: cfg, accelerator, out (Path), iteration, train_iteration() -> row,
-evaluate(tag) -> {"eval_reward_mean": ...}, save(), and eval_label() (how the eval metric is named).
+evaluate(tag) -> {"eval_reward_mean": ...}, save(), and optionally eval_label() (how the eval metric is
+named) and eval_line(row) (the evaluation figures of a row, for the before / after lines).
+
+The before-training evaluation is row 0 of metrics.jsonl (iteration 0, samples_seen 0), so curves start
+at the base model. Trackers get the scalars grouped as train/..., eval/..., time/... and the evaluation
+panels as images.
 """
 
 from __future__ import annotations
@@ -12,6 +17,18 @@ import json
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+
+TIME_KEYS = ("seconds", "time_rollout", "time_update", "peak_memory_mb")
+
+
+def tracker_name(key: str) -> str:
+    """The grouped tracker name of a metrics.jsonl key: eval_x -> eval/x, timings -> time/x, the rest train/x."""
+    if key.startswith("eval_"):
+        return "eval/" + key[len("eval_"):]
+    if key in TIME_KEYS or key.startswith("time_"):
+        return "time/" + key.removeprefix("time_")
+    return "train/" + key
 
 
 class TrainLoop:
@@ -44,21 +61,42 @@ class TrainLoop:
         """The evaluation metric's name in the before / after lines."""
         return "eval reward"
 
+    def eval_line(self, row: dict) -> str:
+        """The evaluation figures of a metrics row, as the before / after lines print them."""
+        return f"{row['eval_reward_mean']:.4f}"
+
     def log(self, row: dict) -> None:
         if not self.accelerator.is_main_process:
             return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.cfg.logging.log_with != "none":
-            self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["iteration"])
+            scalars = {tracker_name(k): v for k, v in row.items() if k != "iteration" and isinstance(v, (int, float))}
+            self.accelerator.log(scalars, step=row["iteration"])
+
+    def log_image(self, key: str, path: Path) -> None:
+        """An image file (an evaluation panel) to every tracker, at the current iteration."""
+        if self.cfg.logging.log_with == "none" or not self.accelerator.is_main_process:
+            return
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as img:
+            pixels = np.asarray(img.convert("RGB"))  # [H, W, 3] uint8
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({key: pixels[None]}, step=self.iteration, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({key: [pixels]}, step=self.iteration)
 
     def train(self) -> list[dict]:
         cfg, acc, lg = self.cfg, self.accelerator, self.cfg.logging
         rows = []
-        if self.iteration == 0:
-            self.initial_eval = self.evaluate(f"iter_{0:06d}")["eval_reward_mean"]
+        if self.iteration == 0:  # the base model: row 0 of metrics.jsonl
+            row = {"iteration": 0, "samples_seen": 0, **self.evaluate(f"iter_{0:06d}")}
+            self.log(row)
             if acc.is_main_process:
-                tqdm.write(f"[diffrl] {self.eval_label()} before training: {self.initial_eval:.4f}")
+                tqdm.write(f"[diffrl] {self.eval_label()} before training: {self.eval_line(row)}")
         bar = tqdm(total=cfg.max_iterations, initial=self.iteration, desc=f"{cfg.algorithm} {cfg.model}",
                    disable=not (lg.progress and acc.is_main_process), dynamic_ncols=True)
         while self.iteration < cfg.max_iterations:
@@ -79,9 +117,6 @@ class TrainLoop:
                 self.save()
         bar.close()
         if acc.is_main_process and rows and "eval_reward_mean" in rows[-1]:
-            # a resumed run did not evaluate the base: its before is in the first run's output
-            before = f" (before: {self.initial_eval:.4f})" if hasattr(self, "initial_eval") else ""
-            tqdm.write(f"[diffrl] {self.eval_label()} after {self.iteration} iterations: "
-                       f"{rows[-1]['eval_reward_mean']:.4f}{before}")
+            tqdm.write(f"[diffrl] {self.eval_label()} after {self.iteration} iterations: {self.eval_line(rows[-1])}")
         acc.end_training()
         return rows

@@ -33,9 +33,27 @@ def save_grid(images: torch.Tensor, captions: list[str], path: str | Path, cols:
     return path
 
 
+def eval_series(rows: list[dict]) -> dict[str, list[tuple[int, float, float]]]:
+    """Evaluation curves of metrics.jsonl rows: set label -> [(iteration, headline, stderr)], the headline the
+    mean over tags when the rows have it, else the mean ("eval" is the headline set, eval_<name>_* the others)."""
+    series: dict[str, list[tuple[int, float, float]]] = {}
+    for r in rows:
+        for key in r:
+            if not (key.startswith("eval_") and key.endswith("reward_mean")):
+                continue
+            prefix = key[: -len("reward_mean")]  # eval_ or eval_<name>_
+            label = "eval" if prefix == "eval_" else prefix[len("eval_"):-1]
+            value = r.get(prefix + "mean_over_tags", r[key])
+            se = r.get(prefix + "mean_over_tags_stderr", r.get(prefix + "reward_stderr", float("nan")))
+            series.setdefault(label, []).append((r["iteration"], value, se))
+    return series
+
+
 def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path:
-    """Training curves from metrics.jsonl: reward (mean +- std, and eval), loss, KL / clip fraction."""
+    """Training curves from metrics.jsonl: train reward (mean +- std), every evaluation set (± stderr, from the
+    base model at iteration 0), loss, KL / clip fraction."""
     import json
+    import math
 
     import matplotlib
 
@@ -43,22 +61,24 @@ def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    it = [r["iteration"] for r in rows]
+    train = [r for r in rows if "reward_mean" in r]  # row 0 is the before-training evaluation only
+    it = [r["iteration"] for r in train]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    mean = [r["reward_mean"] for r in rows]
-    std = [r["reward_std"] for r in rows]
+    mean = [r["reward_mean"] for r in train]
+    std = [r["reward_std"] for r in train]
     axes[0].plot(it, mean, label="train reward (mean)")
     axes[0].fill_between(it, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
-    ev = [(r["iteration"], r["eval_reward_mean"]) for r in rows if "eval_reward_mean" in r]
-    if ev:
-        axes[0].plot(*zip(*ev), "o-", label="eval reward (fixed seeds)")
+    for label, points in eval_series(rows).items():
+        xs, ys, es = zip(*points)
+        axes[0].errorbar(xs, ys, yerr=[e if math.isfinite(e) else 0.0 for e in es], marker="o", capsize=3,
+                         label=f"{label} (fixed seeds)")
     axes[0].set_title("reward")
     axes[0].legend(fontsize=8)
-    axes[1].plot(it, [r["loss"] for r in rows])
+    axes[1].plot(it, [r["loss"] for r in train])
     axes[1].set_title("loss")
     for key in ("kl", "clip_frac", "zero_std_frac"):
-        if key in rows[0]:
-            axes[2].plot(it, [r.get(key, float("nan")) for r in rows], label=key)
+        if train and key in train[0]:
+            axes[2].plot(it, [r.get(key, float("nan")) for r in train], label=key)
     axes[2].set_title("diagnostics")
     axes[2].legend(fontsize=8)
     for ax in axes:

@@ -172,7 +172,14 @@ class Policy(abc.ABC):
         net = self._base_denoiser()
         if self.has_lora and "default" in net.peft_config:
             net.delete_adapters("default")
-        self.pipeline().load_lora_weights(str(directory), adapter_name="default")
+        from diffusers.utils import logging as diffusers_logging
+
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # a denoiser-only LoRA warns once per text encoder it lacks
+        try:
+            self.pipeline().load_lora_weights(str(directory), adapter_name="default")
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
         net.requires_grad_(False)
         for name, p in net.named_parameters():
             if ".lora_A." in name or ".lora_B." in name:

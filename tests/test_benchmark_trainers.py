@@ -18,7 +18,7 @@ from diffrl.trainers import ALGORITHMS
 BUDGET = 8  # 2 iterations of 2 prompts x 2 samples
 PROXY_VALUE = 0.75
 TINY = [
-    "--model", "tiny-sd3", "--sample-budget", str(BUDGET), "--curve-points", "2", "--eval-prompts", "6", "--images-per-prompt", "1", "--eval-steps", "2", "--eval-batch-size", "3",
+    "--model", "tiny-sd3", "--sample-budget", str(BUDGET), "--curve-points", "2", "--eval-prompts", "6", "--pair-prompts", "2", "--train-prompts", "3", "--images-per-prompt", "1", "--eval-steps", "2", "--eval-batch-size", "3",
     "--threads", "1",
     "--set", "train.prompts_per_iteration=2", "--set", "train.group_size=2", "--set", "train.train_batch_size=4",
     "--set", "train.rollout_batch_size=4", "--set", "sampling.num_steps=3", "--set", "sampling.eval_num_steps=2",
@@ -63,7 +63,7 @@ def test_outputs_and_table_rows(bench_run):
     md = (out / "results.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ")]
     header = rows[0].split(" | ")
-    assert "accuracy" in header and "proxy − exact |" in header[-1]
+    assert {"unseen prompts", "unseen pairs", "train prompts"} <= set(header) and "proxy − exact |" in header[-1]
     for tag in ("single_object", "two_object", "counting", "colors", "position", "color_attr"):
         assert tag in header
     names = [r.split(" | ")[0].removeprefix("| ") for r in rows[1:]]
@@ -79,24 +79,35 @@ def test_equal_sample_budget_read_back_from_metrics(bench_run):
     for name, m in results["methods"].items():
         rows = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         seen[name] = rows[-1]["samples_seen"]
-        assert m["samples_seen"] == seen[name] and m["max_iterations"] == len(rows) == BUDGET // m["samples_per_iteration"]
+        assert m["samples_seen"] == seen[name] and m["max_iterations"] == len(rows) - 1 == BUDGET // m["samples_per_iteration"]
         # --curve-points 2: a checkpoint half way and the final one, each evaluated
         assert [p["samples_seen"] for p in m["curve"]] == [BUDGET // 2, BUDGET]
     assert set(seen.values()) == {BUDGET}
 
 
 def test_base_row_equals_an_independent_evaluation(bench_run, tmp_path):
+    """The base row's three accuracies are GenEval's mean over tags of an independent `evaluate` of each split."""
     out, results = bench_run
     prompts = load_prompts(str(out / "prompts" / "heldout.jsonl"))
-    assert len(prompts) == 6 and len({m["tag"] for m in prompts.metadata}) == 6  # one prompt per tag
+    splits = [m["split"] for m in prompts.metadata]
+    assert splits == ["unseen"] * 6 + ["unseen_pair"] * 2 + ["train"] * 3
+    assert len({m["tag"] for m in prompts.metadata[:6]}) == 6  # one unseen prompt per tag
     policy = load_policy("tiny-sd3", resolution=32)
-    metrics = evaluate(policy, prompts, ["toyworld_accuracy", "toyworld"], images_per_prompt=1, steps=2,
-                       guidance_scale=4.5, seed=0, batch_size=3, output_dir=tmp_path / "eval", progress=False)
     base = results["base"]
-    acc = metrics["rewards"]["toyworld_accuracy"]
-    assert base["accuracy"]["mean"] == acc["mean"]
-    assert base["partial"] == metrics["rewards"]["toyworld"]["mean"]
-    assert {t: s["mean"] for t, s in base["accuracy_by_tag"].items()} == {t: s["mean"] for t, s in acc["tags"].items()}
+    for split, key in (("unseen", "accuracy"), ("unseen_pair", "accuracy_unseen_pairs"), ("train", "accuracy_train")):
+        keep = [i for i, s in enumerate(splits) if s == split]
+        subset = type(prompts)([prompts.prompts[i] for i in keep], [prompts.metadata[i] for i in keep])
+        metrics = evaluate(policy, subset, ["toyworld_accuracy", "toyworld"], images_per_prompt=1, steps=2,
+                           guidance_scale=4.5, seed=0, batch_size=3, output_dir=tmp_path / split, progress=False)
+        acc = metrics["rewards"]["toyworld_accuracy"]
+        rows = [json.loads(line) for line in (tmp_path / split / "scores.jsonl").read_text().splitlines()]
+        per_tag = {}
+        for r in rows:
+            per_tag.setdefault(r["tag"], []).append(r["toyworld_accuracy"])
+        assert base[key]["mean"] == pytest.approx(sum(sum(v) / len(v) for v in per_tag.values()) / len(per_tag))
+        if split == "unseen":
+            assert base["partial"] == pytest.approx(metrics["rewards"]["toyworld"]["mean"])
+            assert {t: s["mean"] for t, s in base["accuracy_by_tag"].items()} == {t: s["mean"] for t, s in acc["tags"].items()}
 
 
 def test_proxy_gap_is_proxy_minus_exact_partial_credit(bench_run):
@@ -117,18 +128,16 @@ def test_time_and_memory_are_positive(bench_run):
         assert (m["peak_cuda_mb"] is None) == (not torch.cuda.is_available())
 
 
-def test_heldout_flags_and_the_shipped_eval_set(bench_run, tmp_path):
+def test_heldout_sets_are_disjoint_from_training_and_long_horizon_is_reported(bench_run):
     out, results = bench_run
     train = set(load_prompts("builtin:toy_train").prompts)
     rows = load_prompts(str(out / "prompts" / "heldout.jsonl")).metadata
-    assert all(r["in_training_set"] == (r["prompt"] in train) for r in rows)
-    # seed 10000 with 300 prompts is the shipped builtin:toy_eval, flags included
-    path = bench.write_heldout_prompts(tmp_path / "h.jsonl", 300, 10_000, sorted(train))
-    ours, shipped = load_prompts(str(path)).metadata, load_prompts("builtin:toy_eval").metadata
-    assert [(m["prompt"], m["seen_in_pretraining"]) for m in ours] == [(m["prompt"], m["seen_in_pretraining"]) for m in shipped]
-    assert any(not m["seen_in_pretraining"] for m in ours) and any(not m["in_training_set"] for m in ours)
-    for ev in [results["base"], results["methods"]["grpo"]["final"]]:
-        assert 0.0 <= ev["accuracy_novel"] <= 1.0
+    assert all((r["prompt"] in train) == (r["split"] == "train") for r in rows)
+    for m in results["methods"].values():
+        h = m["long_horizon"]
+        best = max(p["accuracy"]["mean"] for p in m["curve"])
+        assert h["best"] == best and h["final"] == m["final"]["accuracy"]["mean"] and h["drop"] == best - h["final"]
+    assert "## Long horizon" in (out / "results.md").read_text()
 
 
 @pytest.mark.parametrize("proxy, flag, note", [(MissingProxy, [], "toy_proxy unavailable: toy proxy weights not found"),

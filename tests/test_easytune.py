@@ -86,7 +86,7 @@ def test_two_iterations_change_every_lora_tensor_and_nothing_frozen(tmp_path, mo
     for n, p in net.named_parameters():
         assert torch.equal(p, before[n]) != (n in trainable), n
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in logged] == [1, 2] and logged[-1]["samples_seen"] == 8
+    assert [r["iteration"] for r in logged] == [0, 1, 2] and logged[-1]["samples_seen"] == 8
     for key in ("reward_mean", "reward_std", "loss", "reward_grad_mean", "grad_norm", "optimizer_steps", "time_update"):
         assert key in logged[-1] and torch.isfinite(torch.tensor(logged[-1][key])), key
     assert rows[-1]["optimizer_steps"] == 2  # window round(0.2 * 4) = 1 step x 2 train batches of 2

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from diffrl import cli
-from diffrl.benchmarks.evaluate import evaluate, summarize
+from diffrl.benchmarks.evaluate import evaluate
 from diffrl.data import load_prompts
 from diffrl.pipelines.registry import load_policy
 from diffrl.rewards import list_rewards
@@ -106,15 +106,6 @@ def test_metrics_agree_with_scores_and_tags(policy, geneval, tmp_path):
             assert m["tags"][tag]["mean"] == pytest.approx(statistics.fmean(sel), abs=1e-12)
             assert m["tags"][tag]["n"] == 4
         assert m["mean_over_tags"] == pytest.approx(statistics.fmean([m["tags"][t]["mean"] for t in m["tags"]]))
-
-
-def test_summarize_by_hand():
-    # prompts 0 and 1, two images each: prompt means 1 and 3 -> stderr = stdev([1, 3]) / sqrt(2) = 1
-    s = summarize([0.0, 2.0, 3.0, 3.0, math.nan], [0, 0, 1, 1, 1])
-    assert s["mean"] == 2.0 and s["n"] == 4 and s["nonfinite"] == 1 and s["n_prompts"] == 2
-    assert s["std"] == pytest.approx(math.sqrt(2.0))  # deviations -2, 0, 1, 1 -> 6 / 3
-    assert s["stderr"] == pytest.approx(1.0)
-    assert s["ci95"] == pytest.approx([2.0 - 12.706, 2.0 + 12.706])
 
 
 def test_resume_loads_existing_images(policy, geneval, tmp_path, monkeypatch):
@@ -212,3 +203,36 @@ def test_cli_missing_run_dir_metrics_fails_early(tmp_path, capsys, monkeypatch):
                      "--output-dir", str(tmp_path / "e")])
     assert code == 2 and "metrics.jsonl" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "e")
+
+
+def test_cli_compare_to_base_reports_the_paired_difference(tmp_path, capsys):
+    """--compare-to base evaluates the model without the LoRA on the same prompts and seeds into OUTPUT/baseline:
+    its images are those of a plain evaluation of the base, and comparison.json's difference is the mean of the
+    per-image differences of the two scores.jsonl files, with a zero stderr when the two models are the same."""
+    import torch
+
+    policy = load_policy("tiny-sd3", resolution=32)
+    policy.add_lora(4, 8)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    policy.save_lora(tmp_path / "lora")
+    common = ["eval", "--model", "tiny-sd3", "--steps", str(STEPS), "--resolution", "32", "--device", "cpu",
+              "--prompts", "builtin:toy_eval", "--num-prompts", "3", "--images-per-prompt", "2", "--rewards", "brightness"]
+    assert cli.main([*common, "--lora", str(tmp_path / "lora"), "--compare-to", "base", "--output-dir", str(tmp_path / "e")]) == 0
+    assert "paired difference vs base" in capsys.readouterr().out
+    assert cli.main([*common, "--output-dir", str(tmp_path / "plain")]) == 0
+    tuned, base, plain = _rows(tmp_path / "e"), _rows(tmp_path / "e" / "baseline"), _rows(tmp_path / "plain")
+    assert [r["brightness"] for r in base] == [r["brightness"] for r in plain]
+    assert [r["brightness"] for r in tuned] != [r["brightness"] for r in base]
+    d = json.loads((tmp_path / "e" / "comparison.json").read_text())["rewards"]["brightness"]
+    diffs = [a["brightness"] - b["brightness"] for a, b in zip(tuned, base)]
+    assert d["mean"] == pytest.approx(statistics.fmean(diffs), abs=1e-12)
+    per_prompt = [statistics.fmean(diffs[2 * i : 2 * i + 2]) for i in range(3)]  # stderr over the 3 prompts
+    assert d["stderr"] == pytest.approx(statistics.stdev(per_prompt) / math.sqrt(3), abs=1e-12)
+    assert (tmp_path / "e" / "comparison.md").is_file() and "comparison.md" in (tmp_path / "e" / "report.md").read_text()
+    # the base against itself: every image identical, a difference of exactly 0
+    assert cli.main([*common, "--compare-to", "base", "--output-dir", str(tmp_path / "same")]) == 0
+    same = json.loads((tmp_path / "same" / "comparison.json").read_text())["rewards"]["brightness"]
+    assert same["mean"] == 0.0 and same["stderr"] == 0.0

@@ -85,13 +85,14 @@ def test_two_iterations_change_every_lora_tensor_and_nothing_frozen(tmp_path):
         else:
             assert torch.equal(p, before[n]), f"frozen tensor {n} changed"
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in rows] == [1, 2]
-    assert rows[-1]["samples_seen"] == 12
+    assert [r["iteration"] for r in rows] == [0, 1, 2]  # row 0: the base model's evaluation
+    assert rows[0]["samples_seen"] == 0 and "eval_reward_mean" in rows[0] and "loss" not in rows[0]
+    assert rows[-1]["samples_seen"] == 12 and "eval_gain" in rows[-1]
     for key in ("reward_mean", "reward_std", "loss", "seconds", "kl", "clip_frac", "ratio_mean", "ratio_max",
                 "grad_norm", "zero_std_frac", "time_rollout", "time_update"):
         assert key in rows[-1]
     assert (tmp_path / "config.yaml").is_file()
-    assert (tmp_path / "images" / "iter_000002.png").is_file()
+    assert (tmp_path / "images" / "iter_000002.png").is_file() and (tmp_path / "eval" / "iter_000000.jsonl").is_file()
     assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 

@@ -23,8 +23,8 @@ def test_diffrl_train_dispatches_lm_recipes(tmp_path, capsys):
                "train.prompts_per_iteration=2", "train.rollout_batch_size=16", "train.train_batch_size=16",
                "logging.progress=false"])
     assert rc == 0
-    (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert row["iteration"] == 1 and "eval_reward_mean" in row
+    base, row = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert base["iteration"] == 0 and row["iteration"] == 1 and "eval_reward_mean" in base and "eval_reward_mean" in row
     saved = load_config(out / "config.yaml")
     assert saved.algorithm == "lm_dapo" and saved.lm.clip_high == 0.28 and saved.lm.dynamic_sampling is True
     assert (out / "checkpoints" / "iter_000001" / "lora" / "adapter_config.json").is_file()

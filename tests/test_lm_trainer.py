@@ -45,12 +45,12 @@ def test_two_iterations_change_every_lora_tensor_and_nothing_frozen(tmp_path):
         else:
             assert torch.equal(p, before[n]), f"frozen tensor {n} changed"
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in rows] == [1, 2] and rows[-1]["samples_seen"] == 24
+    assert [r["iteration"] for r in rows] == [0, 1, 2] and rows[-1]["samples_seen"] == 24
     for key in ("reward_mean", "reward_std", "reward_exact_match", "loss", "policy_loss", "kl", "clip_frac", "ratio_mean",
                 "ratio_max", "entropy", "grad_norm", "zero_std_frac", "completion_length", "eval_reward_mean",
                 "time_rollout", "time_update", "peak_memory_mb"):
         assert key in rows[-1], key
-    assert rows[-1]["kl"] > 0 and rows[0]["ratio_mean"] != 1.0  # the 2nd mini-batch is off-policy: old log-probs
+    assert rows[-1]["kl"] > 0 and rows[1]["ratio_mean"] != 1.0  # the 2nd mini-batch is off-policy: old log-probs
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert len((tmp_path / "eval" / "iter_000002.jsonl").read_text().splitlines()) == 16
     # the LoRA result loads with peft's own loader and reproduces the trained model

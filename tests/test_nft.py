@@ -104,7 +104,7 @@ def test_two_iterations_change_every_lora_tensor_and_nothing_frozen(tmp_path, mo
         assert torch.equal(params[n], before[n]), f"frozen tensor {n} changed"
     assert trainer.algorithm.updates.steps == 4  # 6 samples / 3 per step, 2 iterations
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in logged] == [1, 2]
+    assert [r["iteration"] for r in logged] == [0, 1, 2]
     for key in ("loss", "policy_loss", "kl", "old_deviate", "grad_norm", "r_mean", "old_decay", "reward_mean",
                 "eval_reward_mean", "time_rollout", "time_update"):
         assert key in rows[-1], key

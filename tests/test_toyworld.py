@@ -423,3 +423,45 @@ def test_toy_prompt_sets_round_trip(tmp_path):
     write_jsonl(rows, tmp_path / "sub" / "toy.jsonl")
     back = read_jsonl(tmp_path / "sub" / "toy.jsonl")
     assert back == rows and [list(r) for r in back] == [list(r) for r in rows]
+
+
+# ---- the shipped prompt split ---------------------------------------------------------------------------
+def test_train_and_eval_prompt_sets_share_no_prompt_and_no_scene():
+    """builtin:toy_train and the held-out sets share no caption text, nor a reordering of one ("a circle and a
+    square" / "a square and a circle", a position caption and its mirror); every caption of the grammar is in
+    exactly one split; the shipped files are what builtin_prompt_sets draws."""
+    from diffrl.data import load_prompts
+    from diffrl.toyworld.prompts import SPLITS, builtin_prompt_sets, prompt_split, scene_key
+
+    sets = {name: load_prompts(f"builtin:{name}").metadata for name in ("toy_train", "toy_eval", "toy_eval_pairs")}
+    assert sets == builtin_prompt_sets()
+    train = {m["prompt"] for m in sets["toy_train"]}
+    for name in ("toy_eval", "toy_eval_pairs"):
+        assert not train & {m["prompt"] for m in sets[name]}, name
+        assert not {scene_key(m) for m in sets["toy_train"]} & {scene_key(m) for m in sets[name]}, name
+    split = prompt_split()
+    captions = [m["prompt"] for s in SPLITS for m in split[s]]
+    assert len(captions) == len(set(captions)) == sum(len(enumerate_metadata(t)) for t in TAGS) == 240
+    # the scene key groups exactly the reorderings: "a circle left of a square" == "a square right of a circle"
+    pos = {m["prompt"]: scene_key(m) for m in enumerate_metadata("position")}
+    assert pos["a circle left of a square"] == pos["a square right of a circle"] != pos["a circle right of a square"]
+
+
+def test_split_flags_follow_the_compositional_split():
+    """toy_train and toy_eval use only colour-shape pairs pretraining saw; every toy_eval_pairs prompt names a
+    pair it never saw; each set covers its tags evenly (50 per tag; pairs: colors and color_attr)."""
+    from collections import Counter
+
+    from diffrl.data import load_prompts
+
+    train_pairs, held = compositional_split(seed=0)
+
+    def pairs(m):
+        return {(e["color"], e["class"]) for e in m["include"] if "color" in e}
+
+    for name, expect_held in (("toy_train", False), ("toy_eval", False), ("toy_eval_pairs", True)):
+        rows = load_prompts(f"builtin:{name}").metadata
+        assert all(bool(pairs(m) & held) == expect_held for m in rows), name
+        counts = Counter(m["tag"] for m in rows)
+        assert set(counts.values()) == {50}, (name, counts)
+    assert {m["split"] for m in load_prompts("builtin:toy_eval").metadata} == {"unseen"}

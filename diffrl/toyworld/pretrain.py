@@ -31,31 +31,22 @@ LATENT_CHANNELS = 4
 
 
 # ---- data --------------------------------------------------------------------------------------
-def toy_prompt_sets(eval_prompts: int = 300) -> tuple[list[dict], list[dict]]:
-    """(train, eval) prompt sets of the shipped toy models (assets/prompts/toy_{train,eval}.jsonl).
+def toy_eval_prompts(eval_prompts: int = 300) -> list[dict]:
+    """Pretraining's evaluation prompts: the first `eval_prompts` of builtin:toy_eval (captions over the
+    pretraining pairs) and a sixth as many of builtin:toy_eval_pairs (pairs pretraining never shows)."""
+    from diffrl.toyworld.prompts import builtin_prompt_sets
 
-    train (for reward fine-tuning): 300 prompts spread evenly over the 6 tags, using only the
-    colour-shape pairs of the training split (the captions pretraining saw). eval: `eval_prompts`
-    prompts spread evenly over the tags from the whole grammar, so some use the held-out pairs
-    ("seen_in_pretraining": false).
-    """
-    from diffrl.toyworld import TAGS, compositional_split, enumerate_metadata, make_prompt_set
-
-    train_pairs, _ = compositional_split(seed=0)
-    seen = {m["prompt"] for tag in TAGS for m in enumerate_metadata(tag, allowed_pairs=train_pairs)}
-    train = make_prompt_set(300, seed=1, allowed_pairs=train_pairs, unique=False)
-    evaluation = make_prompt_set(eval_prompts, seed=10_000, allowed_pairs=None, unique=False)
-    for m in evaluation:
-        m["seen_in_pretraining"] = m["prompt"] in seen
-    return train, evaluation
+    sets = builtin_prompt_sets()
+    return sets["toy_eval"][:eval_prompts] + sets["toy_eval_pairs"][: max(1, eval_prompts // 6)]
 
 
 def write_builtin_prompt_sets(folder: str | Path) -> None:
+    """Write assets/prompts/{toy_train,toy_eval,toy_eval_pairs}.jsonl (prompts.builtin_prompt_sets)."""
     from diffrl.toyworld import write_jsonl
+    from diffrl.toyworld.prompts import builtin_prompt_sets
 
-    train, evaluation = toy_prompt_sets()
-    write_jsonl(train, Path(folder) / "toy_train.jsonl")
-    write_jsonl(evaluation, Path(folder) / "toy_eval.jsonl")
+    for name, rows in builtin_prompt_sets().items():
+        write_jsonl(rows, Path(folder) / f"{name}.jsonl")
 
 
 @dataclass
@@ -265,10 +256,11 @@ def evaluate_accuracy(pipe, family: str, metadata: list[dict], steps: int = 20, 
         m.train()
     per_tag: dict[str, list[float]] = {}
     for meta, r in zip(metadata, results):
-        per_tag.setdefault(meta["tag"], []).append(float(r.correct))
+        if meta.get("split") != "unseen_pair":  # reported apart, as "unseen"
+            per_tag.setdefault(meta["tag"], []).append(float(r.correct))
     out = {tag: sum(v) / len(v) for tag, v in sorted(per_tag.items())}
     out["overall"] = sum(out.values()) / len(out)  # mean over tags, as GenEval reports it
-    unseen = [float(r.correct) for m, r in zip(metadata, results) if not m.get("seen_in_pretraining", True)]
+    unseen = [float(r.correct) for m, r in zip(metadata, results) if m.get("split") == "unseen_pair"]
     if unseen:
         out["unseen"] = sum(unseen) / len(unseen)
     out["partial"] = sum(r.partial for r in results) / len(results)
@@ -286,10 +278,10 @@ def pretrain(args) -> Path:
     train_pairs, heldout_pairs = compositional_split(seed=0)
     data = render_dataset(args.num_scenes, seed=args.seed, allowed_pairs=train_pairs)
     # evaluation: prompts spread evenly over tags; some use colour-shape pairs never seen in pretraining
-    heldout = toy_prompt_sets(args.eval_prompts)[1]
+    heldout = toy_eval_prompts(args.eval_prompts)
     seen = set(data.prompts)
     log(f"[pretrain-toy] {len(data.prompts)} scenes ({len(seen)} distinct captions); {len(heldout)} evaluation prompts, "
-        f"{sum(not m['seen_in_pretraining'] for m in heldout)} never seen in pretraining")
+        f"{sum(m['split'] == 'unseen_pair' for m in heldout)} with a colour-shape pair never seen in pretraining")
 
     steps_before = 0
     if args.init_from:

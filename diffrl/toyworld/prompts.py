@@ -17,6 +17,10 @@ name. Captions follow GenEval's templates with "a photo of" dropped ("an" before
 
 `allowed_pairs`, a set of (colour, shape), restricts the coloured objects a prompt may name
 (compositional splits: see compositional_split).
+
+`prompt_split` partitions the 240 captions by text into the reward fine-tuning split ("train"), the
+held-out captions over pretraining's colour-shape pairs ("unseen") and the captions naming a pair
+pretraining never showed ("unseen_pair"); `builtin_prompt_sets` draws the shipped prompt files from it.
 """
 
 from __future__ import annotations
@@ -163,6 +167,90 @@ def compositional_split(
         if {c for c, _ in train} == set(COLORS) and {s for _, s in train} == set(SHAPES):
             return train, held
     raise ValueError(f"cannot hold out {k} pairs and keep every colour and shape in training")
+
+
+SPLITS: tuple[str, ...] = ("train", "unseen", "unseen_pair")
+"""The three prompt splits of the toy world (see prompt_split)."""
+
+
+def scene_key(metadata: dict) -> tuple:
+    """A key shared by the captions that ask for the same scene, whatever their word order:
+    "a circle and a square" / "a square and a circle", and a position caption and its mirror
+    ("a circle left of a square" / "a square right of a circle")."""
+    entries = metadata["include"]
+    if metadata["tag"] == "position":
+        ref, target = entries[0]["class"], entries[1]["class"]
+        rel = entries[1]["position"][0]
+        from .world import OPPOSITE
+
+        return ("position", *min((target, rel, ref), (ref, OPPOSITE[rel], target)))
+    objects = sorted((e["class"], e.get("color") or "", e["count"]) for e in entries)
+    return (metadata["tag"], *objects)
+
+
+def prompt_split(seed: int = 0, eval_fraction: float = 0.5) -> dict[str, list[dict]]:
+    """Every caption of the grammar in exactly one of SPLITS, deterministic in `seed`:
+
+    - "unseen_pair": the captions naming a colour-shape pair held out of pretraining
+      (compositional_split(seed=0), the split the shipped toy bases were trained on);
+    - of the rest, per tag, scenes (captions grouped by `scene_key`, so a caption and its reordering
+      land on the same side) go to "unseen" with `eval_fraction` (at least one scene, and at least
+      one left for training) and to "train" otherwise.
+
+    Reward fine-tuning draws from "train" only; "unseen" and "unseen_pair" captions are never trained
+    on, so accuracy on them measures generalisation, not memorisation.
+    """
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"eval_fraction must lie in (0, 1), got {eval_fraction}")
+    train_pairs, _ = compositional_split(seed=0)
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[dict]] = {name: [] for name in SPLITS}
+    for tag in TAGS:
+        seen = {m["prompt"] for m in enumerate_metadata(tag, allowed_pairs=train_pairs)}
+        scenes: dict[tuple, list[dict]] = {}
+        for row in enumerate_metadata(tag):
+            if row["prompt"] in seen:
+                scenes.setdefault(scene_key(row), []).append(row)
+            else:
+                out["unseen_pair"].append(row)
+        keys = sorted(scenes)
+        n_eval = min(max(1, int(eval_fraction * len(keys))), len(keys) - 1)
+        held = {keys[i] for i in rng.permutation(len(keys))[:n_eval]}
+        for key in keys:
+            out["unseen" if key in held else "train"].extend(scenes[key])
+    return out
+
+
+def draw_records(pool: list[dict], n: int, seed: int, split: str, tags: Iterable[str] = TAGS) -> list[dict]:
+    """`n` records from `pool`, evenly over `tags` (up to one); within a tag the captions take turns in
+    seeded shuffled rounds, so each appears floor or ceil of (its tag's share / its tag's captions) times.
+    Returned in a shuffled order; each record gains "split": `split`."""
+    tags = [t for t in tags if any(m["tag"] == t for m in pool)]
+    rng = np.random.default_rng(seed)
+    shares = {t: n // len(tags) + (i < n % len(tags)) for i, t in enumerate(tags)}
+    rows = []
+    for tag in tags:
+        captions = [m for m in pool if m["tag"] == tag]
+        order: list[int] = []
+        while len(order) < shares[tag]:
+            order.extend(rng.permutation(len(captions)).tolist())
+        rows += [{**captions[i], "split": split} for i in order[: shares[tag]]]
+    return [rows[i] for i in rng.permutation(len(rows))]
+
+
+def builtin_prompt_sets(seed: int = 0) -> dict[str, list[dict]]:
+    """The shipped prompt files (assets/prompts/<name>.jsonl), drawn from `prompt_split(seed)`:
+
+    - toy_train: 300 records of "train" captions, 50 per tag (reward fine-tuning);
+    - toy_eval: 300 records of "unseen" captions, 50 per tag (the held-out headline set);
+    - toy_eval_pairs: 100 records of "unseen_pair" captions (50 colors, 50 color_attr).
+    """
+    split = prompt_split(seed)
+    return {
+        "toy_train": draw_records(split["train"], 300, seed=1, split="train"),
+        "toy_eval": draw_records(split["unseen"], 300, seed=10_000, split="unseen"),
+        "toy_eval_pairs": draw_records(split["unseen_pair"], 100, seed=20_000, split="unseen_pair"),
+    }
 
 
 def vocabulary() -> list[str]:

@@ -12,7 +12,7 @@ resumed run continues exactly and processes never share initial noise.
 from __future__ import annotations
 
 import dataclasses
-import math
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,12 +23,13 @@ from accelerate.utils import gather_object
 
 from diffrl.runloop import TrainLoop
 from diffrl.checkpoint import load_checkpoint, save_checkpoint
-from diffrl.config import RunConfig, resolve_sampler
+from diffrl.config import RunConfig, eval_set_specs, resolve_sampler
 from diffrl.core import PerPromptStatTracker, zero_std_fraction
-from diffrl.data import draw_prompt_indices, load_prompts
+from diffrl.data import PromptSet, draw_prompt_indices, load_prompts
 from diffrl.rewards.mixture import RolloutScorer
 from diffrl.rollout import Trajectory, sample
 from diffrl.sampling import make_sampler
+from diffrl.stats import headline, paired, score_summary
 from diffrl.trainers import ALGORITHMS
 from diffrl.trainers.base import RolloutBatch
 
@@ -49,6 +50,12 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+PANEL_CELLS = 32
+"""Images in an evaluation panel (8 x 4 cells of 160 px: 1280 x 816 px, a grid a person can read) ..."""
+PANEL_IMAGES = 4
+"""... from the first prompts, up to 4 images of each."""
 
 
 class Trainer(TrainLoop):
@@ -86,7 +93,10 @@ class Trainer(TrainLoop):
         self.eval_reward_name = cfg.data.eval_reward or self.reward._name()  # a mixture names its parts
         self.eval_reward = self.reward if cfg.data.eval_reward is None else build_reward(cfg.data.eval_reward).to(acc.device)
         self.prompts = load_prompts(cfg.data.prompts)
-        self.eval_prompts = load_prompts(cfg.data.eval_prompts) if cfg.data.eval_prompts else self.prompts
+        self.eval_sets: dict[str, PromptSet] = {}  # headline first; each its first num_prompts prompts
+        for name, (spec, n) in eval_set_specs(cfg.data).items():
+            full = self.prompts if spec is None else load_prompts(spec)
+            self.eval_sets[name] = PromptSet(full.prompts[:n], full.metadata[:n])
 
         t = cfg.train
         params = self.policy.trainable_parameters()
@@ -208,34 +218,99 @@ class Trainer(TrainLoop):
         }
 
     # ---- evaluation --------------------------------------------------------------------------
+    def eval_prefix(self, index: int, name: str) -> str:
+        """Metric-name prefix of evaluation set `index`: eval_ for the headline set, eval_<name>_ for the others."""
+        return "eval_" if index == 0 else f"eval_{name}_"
+
     @torch.no_grad()
     def evaluate(self, tag: str) -> dict[str, float]:
-        """Deterministic (ODE / DDIM eta 0) samples of fixed eval prompts and seeds; a captioned grid."""
+        """Every evaluation set (data.eval_prompts, then data.eval_sets): deterministic samples (ODE / DDIM eta 0)
+        of its prompts from fixed seeds, scored by the eval reward.
+
+        Returns per set: reward_mean / reward_stderr (stderr over prompts), with tagged prompts the mean over
+        tags and its stderr (GenEval's overall score), and, once the before-training scores are on disk, the
+        paired gain over them (same prompts and seeds). Writes every image's score to eval/<tag>.jsonl and a
+        captioned panel of its first images to images/<tag>[_<set>].png (also to the trackers)."""
         cfg, acc = self.cfg, self.accelerator
-        n = min(cfg.data.num_eval_prompts, len(self.eval_prompts))
-        prompts = [self.eval_prompts.prompts[i] for i in range(n) for _ in range(cfg.data.eval_images_per_prompt)]
-        metadata = [self.eval_prompts.metadata[i] for i in range(n) for _ in range(cfg.data.eval_images_per_prompt)]
+        K = cfg.data.eval_images_per_prompt
+        metrics, rows = {}, []
+        before = self._eval_scores("iter_000000") if tag != "iter_000000" else None
+        for index, (name, prompt_set) in enumerate(self.eval_sets.items()):
+            images, scores = self._sample_eval_set(prompt_set, K, derive_generator(7_777, index))
+            set_rows = [{"set": name, "prompt_index": b // K, "image_index": b % K, "prompt": prompt_set.prompts[b // K],
+                         "tag": prompt_set.metadata[b // K].get("tag"), "score": v} for b, v in enumerate(scores.tolist())]
+            rows += set_rows
+            tags = [r["tag"] for r in set_rows] if any(r["tag"] for r in set_rows) else None
+            values, groups = [r["score"] for r in set_rows], [r["prompt_index"] for r in set_rows]
+            summary = score_summary(values, groups, tags)
+            prefix = self.eval_prefix(index, name)
+            metrics[f"{prefix}reward_mean"], metrics[f"{prefix}reward_stderr"] = summary["mean"], summary["stderr"]
+            if "mean_over_tags" in summary:
+                metrics[f"{prefix}mean_over_tags"] = summary["mean_over_tags"]
+                metrics[f"{prefix}mean_over_tags_stderr"] = summary["mean_over_tags_stderr"]
+            if before is not None and len(before.get(name, [])) == len(values):
+                metrics[f"{prefix}gain"], metrics[f"{prefix}gain_stderr"] = headline(paired(before[name], values, groups, tags))
+            if acc.is_main_process:
+                self._save_panel(images, set_rows, tag if index == 0 else f"{tag}_{name}", f"eval/{name}")
+        if acc.is_main_process:
+            (self.out / "eval").mkdir(parents=True, exist_ok=True)
+            with open(self.out / "eval" / f"{tag}.jsonl", "w") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in rows)
+        return metrics
+
+    def _sample_eval_set(self, prompt_set: PromptSet, K: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """K images per prompt of `prompt_set` from noise drawn once for the whole set (an image does not depend
+        on its batch-mates): (images [P * K, 3, H, W], eval reward [P * K])."""
+        cfg, acc = self.cfg, self.accelerator
+        prompts = [p for p in prompt_set.prompts for _ in range(K)]
+        metadata = [m for m in prompt_set.metadata for _ in range(K)]
+        batch = cfg.data.eval_batch_size or cfg.train.rollout_batch_size
         with self._ema_weights():
             cond = self.policy.encode_prompt(prompts, cfg.sampling.negative_prompt)
-            # fixed eval seeds, independent of the run seed, so runs are compared on the same noise
-            noise = self.policy.initial_noise(len(prompts), generator=derive_generator(7_777)).to(acc.device)
+            noise = self.policy.initial_noise(len(prompts), generator=generator).to(acc.device)  # [P * K, *S]
             schedule = self.policy.schedule(cfg.sampling.eval_num_steps)
             images = []
-            for start in range(0, len(prompts), cfg.train.rollout_batch_size):
-                sl = slice(start, start + cfg.train.rollout_batch_size)
+            for start in range(0, len(prompts), batch):
+                sl = slice(start, start + batch)
                 with acc.autocast():
                     traj = sample(self.policy, cond.index(sl), self.eval_sampler, schedule,
                                   cfg.sampling.guidance_scale, latents=noise[sl], record=False)
                     images.append(self.policy.decode(traj.final).float())
-        images = torch.cat(images)
-        rewards = self.eval_reward(images, prompts, metadata).float()
-        if acc.is_main_process:
-            from diffrl.visual import save_grid
+        images = torch.cat(images)  # [P * K, 3, H, W]
+        return images, self.eval_reward(images, prompts, metadata).float().cpu()
 
-            save_grid(images, [f"{p}\nreward {r:.3f}" for p, r in zip(prompts, rewards.tolist())],
-                      self.out / "images" / f"{tag}.png")
-        finite = rewards[torch.isfinite(rewards)]
-        return {"eval_reward_mean": finite.mean().item() if len(finite) else math.nan}
+    def _save_panel(self, images: torch.Tensor, rows: list[dict], name: str, tracker_key: str) -> None:
+        """A panel of PANEL_CELLS images (8 per row) captioned with prompt and score: the first prompts with up to
+        PANEL_IMAGES images each (32 prompts x 1, 16 x 2, 8 x 4); every image's score is in eval/<tag>.jsonl."""
+        from diffrl.visual import save_grid
+
+        per_prompt = min(PANEL_IMAGES, self.cfg.data.eval_images_per_prompt)
+        keep = [b for b, r in enumerate(rows) if r["image_index"] < per_prompt][:PANEL_CELLS]
+        path = save_grid(images[keep], [f"{rows[b]['prompt']}\nreward {rows[b]['score']:.3f}" for b in keep],
+                         self.out / "images" / f"{name}.png", cols=8)
+        self.log_image(tracker_key, path)
+
+    def _eval_scores(self, tag: str) -> dict[str, list[float]] | None:
+        """Per set, the scores an earlier evaluation wrote to eval/<tag>.jsonl (None when it is not there)."""
+        path = self.out / "eval" / f"{tag}.jsonl"
+        if not path.is_file():
+            return None
+        out: dict[str, list[float]] = {}
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            out.setdefault(row["set"], []).append(row["score"])
+        return out
+
+    def eval_line(self, row: dict) -> str:
+        """Each set's headline (mean over tags, or mean) ± stderr, and the paired gain when the row has it."""
+        parts, tagged = [], False
+        for index, name in enumerate(self.eval_sets):
+            p = self.eval_prefix(index, name)
+            tagged |= f"{p}mean_over_tags" in row
+            value, se = row.get(f"{p}mean_over_tags", row[f"{p}reward_mean"]), row.get(f"{p}mean_over_tags_stderr", row[f"{p}reward_stderr"])
+            gain = f" (paired gain {row[f'{p}gain']:+.3f} ± {row[f'{p}gain_stderr']:.3f})" if f"{p}gain" in row else ""
+            parts.append(f"{name} {value:.3f} ± {se:.3f}{gain}")
+        return ", ".join(parts) + (" (GenEval mean over tags ± s.e.)" if tagged else " (mean ± s.e.)")
 
     # ---- state -------------------------------------------------------------------------------
     def _ema_weights(self):
