@@ -87,7 +87,7 @@ def resolve_model_dir(model: str) -> Path:
         raise FileNotFoundError(
             f"model {model!r} is neither a local folder nor a snapshot in the Hugging Face cache "
             f"({hub_cache_dir()}; set HF_HUB_CACHE / HF_HOME to use another). Fix: on a machine with network, "
-            f"`huggingface-cli download {model}` (then copy the cache here), or pass the local folder path."
+            f"`hf download {model}` (then copy the cache here), or pass the local folder path."
         ) from err
     if not (snap / "model_index.json").is_file():
         raise FileNotFoundError(

@@ -262,7 +262,7 @@ def test_uncached_hub_id_names_the_cache_and_the_fix(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as err:
         SD3Policy.from_pretrained("someone/not-a-cached-model")
     msg = str(err.value)
-    assert "someone/not-a-cached-model" in msg and str(tmp_path / "hub") in msg and "huggingface-cli download" in msg
+    assert "someone/not-a-cached-model" in msg and str(tmp_path / "hub") in msg and "hf download someone/not-a-cached-model" in msg
 
 
 def test_registry_names_and_suggestions():
