@@ -435,6 +435,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key = getattr(exc, "full_key", None) or "?"
         msg = str(exc).splitlines()[0]
         raise ConfigError(f"invalid value for '{key}': {msg}") from None
+    if cfg.train.mixed_precision == "False":  # YAML 1.1 reads a bare `no` (accelerate's spelling) as false
+        cfg.train.mixed_precision = "no"
     apply_algorithm_defaults(cfg)
     validate(cfg)
     return cfg

@@ -93,3 +93,9 @@ def test_help_lists_every_option(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     assert "train" in capsys.readouterr().out
+
+
+def test_mixed_precision_no_survives_yaml():
+    """`train.mixed_precision=no` on the command line (YAML reads a bare no as false) means accelerate's "no"."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
