@@ -172,3 +172,37 @@ def test_bf16_base_trains_float32_lora(tmp_path, model):
     row = trainer.train()[0]
     assert torch.isfinite(torch.tensor(row["loss"]))
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.trainable_parameters()))
+
+
+def test_skipping_zero_advantage_rows_leaves_the_gradient_unchanged(tmp_path):
+    """Without KL, samples whose advantage is 0 are not re-scored; the loss is still the mean over the whole train
+    batch, so the gradient equals the one computed with every row (float64), while fewer samples run."""
+    trainer = make_trainer(tmp_path, "policy.dtype=float64", "grpo.kl_beta=0", "grpo.timestep_fraction=1.0", "train.train_batch_size=6",
+                           "train.max_grad_norm=0")
+    batch = trainer.rollout(0)
+    trainer.advantages(batch)
+    batch.advantages = torch.tensor([0.0, 1.5, -1.5, 0.0, 0.0, 0.7], dtype=torch.float64)  # rows 0, 3, 4 learn nothing
+    params = trainer.policy.trainable_parameters()
+    with torch.no_grad():  # LoRA B starts at 0: give every tensor a value so that every gradient is non-zero
+        for p in params:
+            p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1), dtype=p.dtype))
+    grads = []
+    real_step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: grads.append([p.grad.clone() for p in params])
+    metrics = trainer.algorithm.update(batch, trainer.optimizer, torch.Generator().manual_seed(0))
+    assert metrics["trained_frac"] == 0.5
+    # the same update with every row re-scored: the surrogate written out over all six rows
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.optimizer.step = real_step
+    g, N = trainer.cfg.grpo, batch.trajectory.log_probs.shape[1]
+    rows = torch.arange(6)
+    for j in range(N):
+        cols = torch.full((6,), j)
+        step = trainer.algorithm.step_log_prob(batch, rows, batch.trajectory.steps[cols])
+        ratio = torch.exp(step.log_prob - batch.trajectory.log_probs[rows, cols])
+        adv = batch.advantages
+        surrogate = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - g.clip_range, 1 + g.clip_range))
+        (surrogate.mean() / N).backward()
+    for a, p in zip(grads[0], params):
+        torch.testing.assert_close(a, p.grad, rtol=1e-10, atol=1e-14)
+    assert any(p.grad.abs().sum() > 0 for p in params)

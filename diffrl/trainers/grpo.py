@@ -6,6 +6,11 @@ random `timestep_fraction` of the stochastic steps (all of them, or the SDE wind
 Flow-GRPO-Fast), plus beta * KL(step) against the reference (the same
 network with the LoRA adapter disabled). Gradients accumulate over those steps; one optimiser step
 per train batch (Flow-GRPO, Liu et al. 2025; DDPO, Black et al. 2023).
+
+Without KL (kl_beta 0) a sample whose advantage is 0 (a group whose rewards are all equal, common with a
+0/1 reward) adds nothing to the loss or its gradient, so its re-scoring forward and backward are skipped;
+the loss stays the mean over the whole train batch, so the gradient is unchanged. The diagnostics
+(clip_frac, ratio_mean, ...) are then over the samples that train.
 """
 
 from __future__ import annotations
@@ -43,14 +48,21 @@ class GRPO(Algorithm):
         mb = cfg.train.train_batch_size
         params = self.policy.trainable_parameters()
         sums: dict[str, float] = {}
-        count = 0
+        count, trained = 0, 0
         ratio_max = 0.0
+        grad_norms: list[float] = []
 
         for _ in range(cfg.train.num_inner_epochs):
             order = torch.randperm(B, generator=generator)  # [B]
             step_order = torch.stack([torch.randperm(N, generator=generator) for _ in range(B)])  # [B, N]
             for start in range(0, B, mb):
                 rows = order[start : start + mb].to(adv.device)  # [b]
+                w_sum = weight[rows].sum().clamp_min(1)  # the loss is a mean over the whole train batch ...
+                if g.kl_beta == 0:  # ... but a row with advantage 0 has surrogate 0 and no gradient: skip its forward
+                    learns = (adv[rows] != 0) & (weight[rows] > 0)  # [b]
+                    # with none, one row still runs (its gradient is 0): every process makes the same backward calls
+                    rows = rows[learns] if learns.any() else rows[:1]
+                trained += len(rows)
                 for j in range(n_train):
                     cols = step_order[rows.cpu(), j].to(adv.device)  # [b]: log-prob columns
                     steps = step_index.to(adv.device)[cols]  # [b]: their schedule steps
@@ -67,7 +79,7 @@ class GRPO(Algorithm):
                         kl = self.kl(step, ref)  # [b]
                         loss_rows = surrogate + g.kl_beta * kl
                     w = weight[rows]
-                    loss = (loss_rows * w).sum() / w.sum().clamp_min(1) / n_train
+                    loss = (loss_rows * w).sum() / w_sum / n_train
                     last = j == n_train - 1
                     sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy.denoiser)
                     with sync:
@@ -75,7 +87,7 @@ class GRPO(Algorithm):
                     ratio = torch.exp(step.log_prob.detach() - old)
                     for key, value in (
                         ("loss", loss.item() * n_train),
-                        ("policy_loss", (surrogate.detach() * w).sum().item() / max(w.sum().item(), 1)),
+                        ("policy_loss", (surrogate.detach() * w).sum().item() / w_sum.item()),
                         ("kl", kl.detach().mean().item()),
                         ("clip_frac", float(m["clip_frac"])),
                         ("ratio_mean", ratio.mean().item()),
@@ -83,10 +95,11 @@ class GRPO(Algorithm):
                         sums[key] = sums.get(key, 0.0) + value
                     ratio_max = max(ratio_max, ratio.max().item())
                     count += 1
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.item() * n_train
+                grad_norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf")).item())
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         metrics = {k: v / count for k, v in sums.items()}
+        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["ratio_max"] = ratio_max
+        metrics["trained_frac"] = trained / (B * cfg.train.num_inner_epochs)  # samples whose forward ran
         return metrics
