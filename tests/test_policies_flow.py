@@ -216,7 +216,7 @@ def test_float64_policy_samples_and_backpropagates(policies, family):
     x64 = run_policy(p64, noise.double(), g)
     assert x64.dtype == torch.float64
     torch.testing.assert_close(x64.float(), run_policy(p32, noise, g), rtol=0, atol=1e-4)  # same weights
-    assert p64.decode(x64).dtype == torch.float32
+    assert p64.decode(x64).dtype == torch.float64  # a float64 run stays float64 through decode
     p64.add_lora(rank=2, alpha=2)
     guided_prediction(p64, noise.double(), g).sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float64 for p in p64.trainable_parameters())

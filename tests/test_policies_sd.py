@@ -253,7 +253,7 @@ def test_float64_sampling_and_lora_backward(policies):
     torch.testing.assert_close(out64, stock, atol=1e-5, rtol=1e-5)
     out32 = _ode(policies["epsilon"], 4, 5.0, noise.float())  # same seed-0 weights in float32
     torch.testing.assert_close(out64.float(), out32, atol=1e-3, rtol=1e-4)
-    assert p64.decode(out64).dtype == torch.float32
+    assert p64.decode(out64).dtype == torch.float64  # a float64 run stays float64 through decode
 
     p64.add_lora(rank=2, alpha=2.0)
     cond = p64.encode_prompt(PROMPTS)
