@@ -91,23 +91,46 @@ def load_png(path: str | Path) -> torch.Tensor:
 
 
 # ---- statistics ----------------------------------------------------------------------------------
+def _by_split(rows: list[dict], summarize_rows) -> dict:
+    """{split: summarize_rows(rows of that split)} when the prompts carry a "split" (e.g. the toy world's train /
+    unseen / unseen_pair sets evaluated together); {} otherwise."""
+    splits = sorted({r["split"] for r in rows if r.get("split") is not None})
+    return {split: summarize_rows([r for r in rows if r.get("split") == split]) for split in splits}
+
+
 def compute_metrics(rows: list[dict], reward_names: list[str]) -> dict:
     """Per reward: `diffrl.stats.score_summary` over the images (clustered by prompt), with per-tag entries and
-    `mean_over_tags` (GenEval's overall score) ± its stderr when any row has a tag."""
-    tags = [r["tag"] for r in rows]
-    groups = [r["prompt_index"] for r in rows]
-    return {name: score_summary([r[name] for r in rows], groups, tags) for name in reward_names}
+    `mean_over_tags` (GenEval's overall score) ± its stderr when any row has a tag; the same per split under
+    "splits" when the prompts carry one."""
+    def summary(name):
+        def of(sel):
+            return score_summary([r[name] for r in sel], [r["prompt_index"] for r in sel], [r["tag"] for r in sel])
+        entry = of(rows)
+        if splits := _by_split(rows, of):
+            entry["splits"] = splits
+        return entry
+
+    return {name: summary(name) for name in reward_names}
 
 
 def compare_scores(before: list[dict], after: list[dict], reward_names: list[str]) -> dict:
-    """Per reward, the paired difference after - before over the same images (`diffrl.stats.paired`); the rows
-    of two `evaluate` runs of one prompt set with the same seeds (the images must match one to one)."""
+    """Per reward, the paired difference after - before over the same images (`diffrl.stats.paired`), per split
+    too when the prompts carry one; the rows of two `evaluate` runs of one prompt set with the same seeds (the
+    images must match one to one)."""
     keys = [(r["prompt_index"], r["seed"]) for r in before]
     if keys != [(r["prompt_index"], r["seed"]) for r in after]:
         raise ValueError("the two evaluations did not score the same prompts and seeds")
-    tags = [r["tag"] for r in before]
-    groups = [r["prompt_index"] for r in before]
-    return {name: paired([r[name] for r in before], [r[name] for r in after], groups, tags) for name in reward_names}
+    out = {}
+    for name in reward_names:
+        def diff(indices):
+            return paired([before[i][name] for i in indices], [after[i][name] for i in indices],
+                          [before[i]["prompt_index"] for i in indices], [before[i]["tag"] for i in indices])
+        entry = diff(range(len(before)))
+        splits = sorted({r["split"] for r in before if r.get("split") is not None})
+        if splits:
+            entry["splits"] = {s: diff([i for i, r in enumerate(before) if r.get("split") == s]) for s in splits}
+        out[name] = entry
+    return out
 
 
 # ---- the harness ---------------------------------------------------------------------------------
@@ -195,6 +218,7 @@ def evaluate(
         scores = {r.name: r(images.to(device), prompts, metadata).tolist() for r in reward_fns}
         for b, (i, j) in enumerate(chunk):
             rows.append({"prompt_index": i, "image_index": j, "prompt": prompts[b], "tag": metadata[b].get("tag"),
+                         **({"split": metadata[b]["split"]} if "split" in metadata[b] else {}),
                          "seed": seeds[b], "file": files[b], **{n: scores[n][b] for n in names}})
         grid_images.extend(images[: max(0, GRID_IMAGES - len(grid_images))])
         bar.set_postfix(generated=n_generated, loaded=len(rows) - n_generated, refresh=False)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from diffrl.stats import headline
 from diffrl.visual import plot_metrics, save_grid
 
 
@@ -32,6 +33,12 @@ def reward_table(name: str, entry: dict) -> list[str]:
         lo, hi = entry["mean_over_tags_ci95"]
         lines = [f"### {name}", "", f"**Mean over tags (GenEval's overall score): {_fmt(entry['mean_over_tags'])} ± "
                  f"{_fmt(entry['mean_over_tags_stderr'])}** (s.e.; 95% CI {_fmt(lo)} .. {_fmt(hi)})", ""] + lines[2:]
+    if entry.get("splits"):
+        lines += ["", "By split (each its own prompts; mean over tags ± s.e. when tagged):", "",
+                  "| split | images | prompts | headline ± s.e. | per image |", "|---|---:|---:|---:|---:|"]
+        for split, s in entry["splits"].items():
+            value, se = headline(s)
+            lines.append(f"| {split} | {s['n']} | {s['n_prompts']} | {_fmt(value)} ± {_fmt(se)} | {_fmt(s['mean'])} |")
     if entry["nonfinite"]:
         lines += ["", f"{entry['nonfinite']} non-finite scores were left out."]
     return lines + [""]
@@ -131,6 +138,9 @@ def write_comparison(candidate: str | Path, baseline: str | Path, names: list[st
         for label_, key, se_key in keyed + [("per image", "mean", "stderr")]:
             lines.append(f"| {label_} | {_fmt(b[key])} | {_fmt(a[key])} | {d[key]:+.4f} ± {_fmt(d[se_key])} | "
                          f"{d[key] - 1.959964 * d[se_key]:+.4f} .. {d[key] + 1.959964 * d[se_key]:+.4f} |")
+        for split, s_ in d.get("splits", {}).items():
+            value, se = headline(s_)
+            lines.append(f"| split {split} | | | {value:+.4f} ± {_fmt(se)} | {value - 1.959964 * se:+.4f} .. {value + 1.959964 * se:+.4f} |")
         for tag, s_ in d.get("tags", {}).items():
             lines.append(f"| {tag} | {_fmt(b['tags'][tag]['mean'])} | {_fmt(a['tags'][tag]['mean'])} | "
                          f"{s_['mean']:+.4f} ± {_fmt(s_['stderr'])} | {s_['ci95'][0]:+.4f} .. {s_['ci95'][1]:+.4f} |")

@@ -163,12 +163,12 @@ def _eval(args) -> int:
             print(f"diffrl eval: {flag} must be >= 1, got {value}", file=sys.stderr)
             return 2
     try:
-        prompt_set = load_prompts(args.prompts)
+        sets = [load_prompts(spec) for spec in args.prompts]
     except (ValueError, FileNotFoundError) as exc:
         print(f"diffrl eval: {exc}", file=sys.stderr)
         return 2
-    if args.num_prompts is not None:
-        prompt_set = type(prompt_set)(prompt_set.prompts[: args.num_prompts], prompt_set.metadata[: args.num_prompts])
+    n = args.num_prompts
+    prompt_set = type(sets[0])([p for s in sets for p in s.prompts[:n]], [m for s in sets for m in s.metadata[:n]])
     if args.lora and not Path(args.lora).is_dir():
         print(f"diffrl eval: --lora folder not found: {args.lora}", file=sys.stderr)
         return 2
@@ -216,11 +216,17 @@ def _eval(args) -> int:
             line = (f"{name}: {m['mean_over_tags']:.4f} ± {m['mean_over_tags_stderr']:.4f} mean over "
                     f"{len(m['tags'])} tags (± s.e.); {m['mean']:.4f} per image, {m['n']} images")
         print(line)
+        for split, s in m.get("splits", {}).items():
+            value, se = headline(s)
+            print(f"  {split}: {value:.4f} ± {se:.4f}{' mean over tags' if 'mean_over_tags' in s else ''}, {s['n']} images")
         if comparison is not None:
             d = comparison["rewards"][name]
             value, se = headline(d)
             print(f"  paired difference vs {args.compare_to}: {value:+.4f} ± {se:.4f} (95% CI {value - 1.96 * se:+.4f} .. "
                   f"{value + 1.96 * se:+.4f}){' over tags' if 'mean_over_tags' in d else ''}, on the same {d['n']} images (prompts x seeds)")
+            for split, s in d.get("splits", {}).items():
+                value, se = headline(s)
+                print(f"    {split}: {value:+.4f} ± {se:.4f}")
     print(f"diffrl: wrote scores.jsonl, metrics.json, report.md and plots to {args.output_dir}"
           + ("; comparison.md / comparison.json with the baseline in baseline/" if comparison is not None else ""))
     return 0
@@ -268,8 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--model", default="tiny-sd3", help="tiny-sd | tiny-sd3 | tiny-flux | local diffusers folder | cached hub id")
     ev.add_argument("--lora", default=None, help="LoRA folder written by training (checkpoints/iter_*/lora)")
-    ev.add_argument("--prompts", required=True, help="a prompt file (.txt / GenEval-style .jsonl with metadata) or builtin:<name>")
-    ev.add_argument("--num-prompts", type=int, default=None, help="evaluate only the first N prompts")
+    ev.add_argument("--prompts", required=True, nargs="+", metavar="SPEC",
+                    help="prompt files (.txt / GenEval-style .jsonl with metadata) or builtin:<name>, evaluated together; "
+                         "records with a \"split\" (e.g. builtin:toy_eval builtin:toy_eval_pairs builtin:toy_train) are "
+                         "also reported per split")
+    ev.add_argument("--num-prompts", type=int, default=None, help="evaluate only the first N prompts of each file")
     ev.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt")
     ev.add_argument("--rewards", nargs="+", required=True, metavar="NAME", help="reward names (diffrl.rewards.list_rewards())")
     ev.add_argument("--steps", type=int, default=40, help="denoising steps (deterministic ODE / DDIM)")

@@ -219,7 +219,8 @@ def test_cli_compare_to_base_reports_the_paired_difference(tmp_path, capsys):
             p.copy_(0.3 * torch.randn(p.shape, generator=gen))
     policy.save_lora(tmp_path / "lora")
     common = ["eval", "--model", "tiny-sd3", "--steps", str(STEPS), "--resolution", "32", "--device", "cpu",
-              "--prompts", "builtin:toy_eval", "--num-prompts", "3", "--images-per-prompt", "2", "--rewards", "brightness"]
+              "--prompts", "builtin:toy_eval", "builtin:toy_train", "--num-prompts", "2", "--images-per-prompt", "2",
+              "--rewards", "brightness"]
     assert cli.main([*common, "--lora", str(tmp_path / "lora"), "--compare-to", "base", "--output-dir", str(tmp_path / "e")]) == 0
     assert "paired difference vs base" in capsys.readouterr().out
     assert cli.main([*common, "--output-dir", str(tmp_path / "plain")]) == 0
@@ -229,8 +230,16 @@ def test_cli_compare_to_base_reports_the_paired_difference(tmp_path, capsys):
     d = json.loads((tmp_path / "e" / "comparison.json").read_text())["rewards"]["brightness"]
     diffs = [a["brightness"] - b["brightness"] for a, b in zip(tuned, base)]
     assert d["mean"] == pytest.approx(statistics.fmean(diffs), abs=1e-12)
-    per_prompt = [statistics.fmean(diffs[2 * i : 2 * i + 2]) for i in range(3)]  # stderr over the 3 prompts
-    assert d["stderr"] == pytest.approx(statistics.stdev(per_prompt) / math.sqrt(3), abs=1e-12)
+    per_prompt = [statistics.fmean(diffs[2 * i : 2 * i + 2]) for i in range(4)]  # stderr over the 4 prompts
+    assert d["stderr"] == pytest.approx(statistics.stdev(per_prompt) / math.sqrt(4), abs=1e-12)
+    # the two files' records carry their split: each reported apart (GenEval's mean over its tags)
+    for split, rows in (("unseen", range(0, 4)), ("train", range(4, 8))):
+        by_tag = {}
+        for i in rows:
+            by_tag.setdefault(base[i]["tag"], []).append(diffs[i])
+        assert d["splits"][split]["mean_over_tags"] == pytest.approx(statistics.fmean(statistics.fmean(v) for v in by_tag.values()))
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())["rewards"]["brightness"]
+    assert set(metrics["splits"]) == {"unseen", "train"} and "By split" in (tmp_path / "e" / "report.md").read_text()
     assert (tmp_path / "e" / "comparison.md").is_file() and "comparison.md" in (tmp_path / "e" / "report.md").read_text()
     # the base against itself: every image identical, a difference of exactly 0
     assert cli.main([*common, "--compare-to", "base", "--output-dir", str(tmp_path / "same")]) == 0
