@@ -20,11 +20,6 @@ from diffrl.sampling import make_sampler
 MODELS = {"toy-sd3": SD3Policy, "toy-sd": StableDiffusionPolicy}
 
 
-def recorded(model):
-    folder = Path(str(files("diffrl.assets") / "toy" / model.removeprefix("toy-")))
-    return json.loads((folder / "toy_pretrain.json").read_text())
-
-
 @pytest.mark.parametrize("model", MODELS)
 def test_shipped_model_loads_through_the_standard_policy_and_matches_the_stock_pipeline(model):
     policy = load_policy(model)
@@ -42,18 +37,20 @@ def test_shipped_model_loads_through_the_standard_policy_and_matches_the_stock_p
     torch.testing.assert_close(ours, stock, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # 300 images at 20 steps per model: about a minute each on 2 cores
 @pytest.mark.parametrize("model", MODELS)
 def test_eval_reproduces_the_recorded_base_accuracy(model, tmp_path):
-    """Pretraining recorded the held-out accuracy (mean over tags) on builtin:toy_eval with its own noise;
-    the harness, with other seeds, must land within 3.5 standard errors of it."""
-    rec = recorded(model)
+    """base_accuracy.json records the base's accuracy (mean over tags) on builtin:toy_eval, measured with seed 0;
+    the harness with other noise (seed 1000) must land within 3.5 standard errors of it."""
+    rec = json.loads((Path(str(files("diffrl.assets") / "toy" / model.removeprefix("toy-"))) / "base_accuracy.json").read_text())
+    rec = rec["toy_eval"]
     policy = load_policy(model)
     metrics = evaluate(policy, load_prompts("builtin:toy_eval"), ["toyworld_accuracy"], images_per_prompt=1,
-                       steps=20, guidance_scale=4.5, seed=0, batch_size=100, output_dir=tmp_path, progress=False)
+                       steps=20, guidance_scale=4.5, seed=1000, batch_size=100, output_dir=tmp_path, progress=False)
     acc = metrics["rewards"]["toyworld_accuracy"]
-    got = acc["mean_over_tags"]
-    p = rec["overall"]
+    got, p = acc["mean_over_tags"], rec["mean_over_tags"]
     # two independent 300-image estimates, 50 per tag: the standard error of their difference
-    se = math.sqrt(2 * sum(rec[t] * (1 - rec[t]) / 50 for t in acc["tags"]) / len(acc["tags"]) ** 2)
+    tags = rec["tags"]
+    se = math.sqrt(2 * sum(tags[t] * (1 - tags[t]) / 50 for t in tags) / len(tags) ** 2)
     assert abs(got - p) < 3.5 * max(se, 0.01), (got, p, se)
-    assert 0.2 <= p <= 0.6, p  # clearly imperfect (headroom for RL) yet well above chance
+    assert 0.15 <= p <= 0.6, p  # clearly imperfect (headroom for RL) yet well above chance
