@@ -31,7 +31,7 @@ from diffrl.rewards import Reward, build_reward
 from diffrl.rollout import sample
 from diffrl.sampling import make_sampler
 from diffrl.stats import paired, score_summary
-from diffrl.trainers.loop import derive_generator
+from diffrl.runtime import derive_generator
 
 GRID_IMAGES = 32
 """How many images (the first ones, in prompt order) go into grid.png."""

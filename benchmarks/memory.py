@@ -78,7 +78,8 @@ def run_worker(args) -> dict:
     import torch
 
     from diffrl.config import load_config
-    from diffrl.trainers.loop import Trainer, derive_generator
+    from diffrl.runtime import derive_generator
+    from diffrl.trainers.loop import Trainer
 
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(load_config(None, worker_overrides(args.method, args.steps[0], args.model, args.batch, out)))

@@ -371,7 +371,7 @@ def run_benchmark(args) -> dict:
     from diffrl.pipelines.registry import load_policy
     from diffrl.rewards import build_reward, list_rewards
     from diffrl.trainers import ALGORITHMS
-    from diffrl.trainers.loop import DTYPES
+    from diffrl.runtime import DTYPES
 
     if args.threads:
         torch.set_num_threads(args.threads)

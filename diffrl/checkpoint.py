@@ -24,7 +24,7 @@ STATE_FILE = "state.json"
 
 
 def _named_trainable(policy) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in policy._base_denoiser().named_parameters() if p.requires_grad}
+    return {n: p for n, p in policy.trainable_module().named_parameters() if p.requires_grad}
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -64,7 +64,7 @@ def save_checkpoint(
     if policy.has_lora:
         policy.save_lora(tmp / "lora")
     else:
-        policy._base_denoiser().save_pretrained(tmp / "denoiser", safe_serialization=True)
+        policy.trainable_module().save_pretrained(tmp / "denoiser", safe_serialization=True)
     save_file({n: p.detach().contiguous().cpu() for n, p in _named_trainable(policy).items()}, tmp / "trainable.safetensors")
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
     save_file(opt_tensors, tmp / "optimizer.safetensors")

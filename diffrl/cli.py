@@ -84,7 +84,7 @@ def _load_policy(args, command: str):
     """The policy of --model (--dtype, --device, --resolution, --model-seed) with --lora applied; None
     after printing the reason when the model cannot be found."""
     from diffrl.pipelines.registry import load_policy
-    from diffrl.trainers.loop import DTYPES
+    from diffrl.runtime import DTYPES
 
     try:
         policy = load_policy(args.model, torch_dtype=DTYPES[args.dtype], device=args.device, resolution=args.resolution, seed=args.model_seed)

@@ -288,7 +288,7 @@ class RLGuidedPolicy:
                  batched: bool = True):
         self.policy = policy
         self.guidance = as_schedule(scale)
-        self.call = GuidedCall(policy._base_denoiser(), base_denoiser, batched)
+        self.call = GuidedCall(policy.trainable_module(), base_denoiser, batched)
         self._timesteps: torch.Tensor | None = None  # [N] of the last schedule(n)
 
     def __getattr__(self, name):  # the rest of the Policy interface

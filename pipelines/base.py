@@ -103,30 +103,31 @@ class Policy(abc.ABC):
     def pipeline(self):
         """The stock diffusers pipeline built from this policy's own components (no copies), holding the
         unwrapped denoiser (training may have replaced `self.denoiser` with a DDP/FSDP wrapper)."""
-        setattr(self.pipe, self.lora_component, self._base_denoiser())
+        setattr(self.pipe, self.lora_component, self.trainable_module())
         return self.pipe
 
     # ---- shared by every family -------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return next(self._base_denoiser().parameters()).device
+        return next(self.trainable_module().parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self._base_denoiser().parameters()).dtype
+        return next(self.trainable_module().parameters()).dtype
 
-    def _base_denoiser(self) -> nn.Module:
-        """The denoiser with any DDP/FSDP/compile wrapper removed."""
-        net = self.denoiser
-        while hasattr(net, "module") and isinstance(net.module, nn.Module):
-            net = net.module
-        return getattr(net, "_orig_mod", net)
+    def trainable_module(self) -> nn.Module:
+        """The denoiser network itself (UNet / transformer, with its LoRA adapters), any DDP / DeepSpeed /
+        torch.compile wrapper that accelerate.prepare put around `denoiser` removed: what is trained, saved and
+        inspected."""
+        from accelerate.utils import extract_model_from_parallel
+
+        return extract_model_from_parallel(self.denoiser)
 
     def add_lora(self, rank: int, alpha: float, target_modules: list[str] | None = None, dropout: float = 0.0) -> None:
         """Attach a peft LoRA adapter named "default" to the denoiser; base weights are frozen."""
         from peft import LoraConfig
 
-        net = self._base_denoiser()
+        net = self.trainable_module()
         net.requires_grad_(False)
         config = LoraConfig(
             r=rank,
@@ -155,7 +156,7 @@ class Policy(abc.ABC):
 
         if not self.has_lora:
             raise RuntimeError(f"{type(self).__name__}.save_lora() needs a LoRA adapter; call add_lora() first")
-        net = self._base_denoiser()
+        net = self.trainable_module()
         pipe = self.pipeline()
         c = self.lora_component  # "unet" | "transformer"
         type(pipe).save_lora_weights(
@@ -169,7 +170,7 @@ class Policy(abc.ABC):
     def load_lora(self, directory) -> None:
         """Load LoRA weights saved by `save_lora` (or any diffusers LoRA for this family) as the
         trainable "default" adapter, replacing an existing one; base weights stay frozen."""
-        net = self._base_denoiser()
+        net = self.trainable_module()
         if self.has_lora and "default" in net.peft_config:
             net.delete_adapters("default")
         from diffusers.utils import logging as diffusers_logging
@@ -187,10 +188,10 @@ class Policy(abc.ABC):
 
     @property
     def has_lora(self) -> bool:
-        return bool(getattr(self._base_denoiser(), "_hf_peft_config_loaded", False))
+        return bool(getattr(self.trainable_module(), "_hf_peft_config_loaded", False))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self._base_denoiser().parameters() if p.requires_grad]
+        return [p for p in self.trainable_module().parameters() if p.requires_grad]
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
@@ -200,7 +201,7 @@ class Policy(abc.ABC):
                 f"{type(self).__name__}.reference() needs a LoRA adapter: a full fine-tune has no frozen reference "
                 "in memory. Add LoRA (policy.lora_rank > 0) or set the KL coefficient to 0."
             )
-        net = self._base_denoiser()
+        net = self.trainable_module()
         net.disable_adapters()
         try:
             yield
@@ -217,7 +218,7 @@ class Policy(abc.ABC):
 
         if not self.has_lora:
             raise RuntimeError(f"{type(self).__name__}.add_adapter_copy() needs the trainable LoRA adapter; call add_lora() first")
-        net = self._base_denoiser()
+        net = self.trainable_module()
         if name in net.peft_config:
             raise ValueError(f"adapter {name!r} already exists on the {self.lora_component}")
         with warnings.catch_warnings():  # peft warns whenever a second adapter joins a model
@@ -230,7 +231,7 @@ class Policy(abc.ABC):
 
     def adapter_parameters(self, name: str = "default") -> list[nn.Parameter]:
         """The LoRA tensors of adapter `name`, in the same (module) order for every adapter."""
-        net = self._base_denoiser()
+        net = self.trainable_module()
         marks = (f".lora_A.{name}.", f".lora_B.{name}.")
         params = [p for n, p in net.named_parameters() if any(m in n for m in marks)]
         if not params:
@@ -241,7 +242,7 @@ class Policy(abc.ABC):
     def use_adapter(self, name: str) -> Iterator[None]:
         """Run the network with LoRA adapter `name` instead of "default" (use under torch.no_grad(): peft
         marks the active adapter trainable until "default" is restored on exit)."""
-        net = self._base_denoiser()
+        net = self.trainable_module()
         net.set_adapter(name)
         try:
             yield
@@ -249,7 +250,7 @@ class Policy(abc.ABC):
             net.set_adapter("default")
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
-        net = self._base_denoiser()
+        net = self.trainable_module()
         if enabled:
             net.enable_gradient_checkpointing()
         else:
@@ -258,7 +259,7 @@ class Policy(abc.ABC):
     def set_attention_backend(self, backend: str = "sdpa") -> None:
         """"sdpa" (PyTorch scaled_dot_product_attention, the default), "xformers" (CUDA only), or a
         diffusers attention-dispatcher backend name ("flash", "_native_flash", ...)."""
-        net = self._base_denoiser()
+        net = self.trainable_module()
         if backend == "sdpa":
             if hasattr(net, "reset_attention_backend"):
                 net.reset_attention_backend()

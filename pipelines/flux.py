@@ -102,7 +102,7 @@ class FluxPolicy(Policy):
         b, _, h, w = x_t.shape
         net = self.denoiser
         guidance = None
-        if self._base_denoiser().config.guidance_embeds:
+        if self.trainable_module().config.guidance_embeds:
             guidance = torch.full([b], float(guidance_scale), device=x_t.device, dtype=torch.float32)
         img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x_t.device, x_t.dtype)  # [h/2 * w/2, 3]
         v = net(

@@ -120,7 +120,7 @@ class StableDiffusionPolicy(Policy):
         from diffusers.utils.torch_utils import randn_tensor
 
         f = self.pipe.vae_scale_factor
-        shape = (batch_size, self._base_denoiser().config.in_channels, self.height // f, self.width // f)
+        shape = (batch_size, self.trainable_module().config.in_channels, self.height // f, self.width // f)
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
         return noise * self.scheduler.init_noise_sigma  # [B, C, h, w]
 

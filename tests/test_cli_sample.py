@@ -10,7 +10,7 @@ from diffrl import cli
 from diffrl.pipelines.registry import load_policy
 from diffrl.rollout import sample
 from diffrl.sampling import make_sampler
-from diffrl.trainers.loop import derive_generator
+from diffrl.runtime import derive_generator
 
 
 def test_sample_writes_images_matching_a_direct_rollout(tmp_path):

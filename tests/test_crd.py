@@ -169,7 +169,7 @@ def test_the_kl_anchors_to_the_cfg_guided_reference_with_the_adaptive_weight(tmp
 def test_two_iterations_change_every_lora_tensor_and_nothing_frozen(tmp_path, model):
     trainer = make_trainer(tmp_path, "max_iterations=2", "train.train_batch_size=6", "train.micro_batch_size=3", model=model)
     assert trainer.sampler.kind == "flow_dpm2"
-    net, policy = trainer.policy._base_denoiser(), trainer.policy
+    net, policy = trainer.policy.trainable_module(), trainer.policy
     params = dict(net.named_parameters())
     lora = {n for n in params if ".lora_A.default." in n or ".lora_B.default." in n}
     frozen = {n for n in params if "lora_" not in n}

@@ -78,7 +78,7 @@ def test_curriculum_moves_the_trained_steps_and_resume_is_exact(tmp_path):
 @pytest.mark.parametrize("model", ["tiny-sd", "tiny-sd3"])
 def test_two_iterations_change_every_lora_tensor_and_nothing_frozen(tmp_path, model):
     trainer = make_trainer(tmp_path, "easytune", "max_iterations=2", "train.group_size=4", model=model)
-    net = trainer.policy._base_denoiser()
+    net = trainer.policy.trainable_module()
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     assert trainable and all("lora" in n for n in trainable)

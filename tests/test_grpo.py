@@ -74,7 +74,7 @@ def test_group_members_get_distinct_noise(tmp_path):
 
 def test_two_iterations_change_every_lora_tensor_and_nothing_frozen(tmp_path):
     trainer = make_trainer(tmp_path, "max_iterations=2", "grpo.kl_beta=0.04", "train.learning_rate=1e-3")
-    net = trainer.policy._base_denoiser()
+    net = trainer.policy.trainable_module()
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     trainable = {n for n, p in net.named_parameters() if p.requires_grad}
     assert trainable and all("lora" in n for n in trainable)

@@ -31,7 +31,7 @@ from diffrl.pipelines.sd import StableDiffusionPolicy
 from diffrl.pipelines.sd3 import SD3Policy
 from diffrl.rollout import sample
 from diffrl.sampling import make_sampler
-from diffrl.trainers.loop import derive_generator
+from diffrl.runtime import derive_generator
 
 FAMILIES = {"sd3": SD3Policy, "sd": StableDiffusionPolicy, "flux": FluxPolicy}
 GUIDANCE = {"sd3": 4.5, "sd": 5.0, "flux": 3.5}  # CFG for sd3 / sd, the distilled guidance embedding for flux
@@ -112,7 +112,7 @@ def test_schedule_weights_by_hand():
 def raw_output(policy, family, x, t, cond, branch):
     """One unguided denoiser call on one branch ("cond" / "uncond"), written out against the module."""
     emb = getattr(cond, branch)
-    net = policy._base_denoiser()
+    net = policy.trainable_module()
     if family == "sd3":
         return net(hidden_states=x, timestep=t, encoder_hidden_states=emb["encoder_hidden_states"],
                    pooled_projections=emb["pooled_projections"], return_dict=False)[0]
@@ -174,7 +174,7 @@ def test_guided_output_is_affine_in_w(family):
 def test_a_separate_base_denoiser():
     """Two denoisers: the policy holds the tuned weights, base_denoiser the base; same result as LoRA on/off."""
     policy = tuned_policy("sd3", torch.float64)
-    base_net = copy.deepcopy(policy._base_denoiser())
+    base_net = copy.deepcopy(policy.trainable_module())
     with torch.no_grad():
         base_net.disable_adapters()
     cond = policy.encode_prompt(PROMPTS)
@@ -304,7 +304,7 @@ def test_per_step_cost_with_a_separate_base_denoiser(loras):
 
 def test_rollout_cost_is_one_doubled_forward_per_step():
     policy = tuned_policy("sd3")
-    sizes = count_forwards(policy._base_denoiser(), "sd3")
+    sizes = count_forwards(policy.trainable_module(), "sd3")
     guided = RLGuidedPolicy(policy, 1.5)
     with torch.no_grad():
         sample(guided, policy.encode_prompt(PROMPTS), make_sampler("flow_ode"), guided.schedule(STEPS), 4.5,

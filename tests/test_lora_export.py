@@ -37,7 +37,7 @@ def exported(request, tmp_path_factory):
     with torch.no_grad():
         for p in policy.trainable_parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    assert all(p.abs().sum() > 0 for n, p in policy._base_denoiser().named_parameters() if "lora_B" in n)
+    assert all(p.abs().sum() > 0 for n, p in policy.trainable_module().named_parameters() if "lora_B" in n)
     policy.save_lora(root / "lora")
     return policy, pipe_cls, guidance, root
 
@@ -87,7 +87,7 @@ def test_policy_load_lora_restores_a_trainable_adapter(exported):
     noise = policy.initial_noise(len(PROMPTS), torch.Generator().manual_seed(1))
     torch.testing.assert_close(policy_images(fresh, noise, guidance), policy_images(policy, noise, guidance), rtol=0, atol=1e-6)
 
-    names = [n for n, p in fresh._base_denoiser().named_parameters() if p.requires_grad]
+    names = [n for n, p in fresh.trainable_module().named_parameters() if p.requires_grad]
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
     assert len(names) == len(policy.trainable_parameters())
     with fresh.reference():

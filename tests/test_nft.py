@@ -83,7 +83,7 @@ def test_nft_gradient_at_the_old_policy_is_advantage_weighted_flow_matching(beta
 
 
 def lora_and_frozen(trainer):
-    net = trainer.policy._base_denoiser()
+    net = trainer.policy.trainable_module()
     params = dict(net.named_parameters())
     lora = {n for n in params if ".lora_A.default." in n or ".lora_B.default." in n}
     frozen = {n for n in params if "lora_" not in n}

@@ -161,9 +161,9 @@ def test_lora_reference_and_trainable_parameters(family):
     with torch.no_grad():
         torch.testing.assert_close(guided_prediction(policy, noise, g), base, rtol=0, atol=0)  # lora_B starts at 0
 
-    names = [n for n, p in policy._base_denoiser().named_parameters() if p.requires_grad]
+    names = [n for n, p in policy.trainable_module().named_parameters() if p.requires_grad]
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
-    lora = [p for n, p in policy._base_denoiser().named_parameters() if "lora_" in n]
+    lora = [p for n, p in policy.trainable_module().named_parameters() if "lora_" in n]
     assert {id(p) for p in policy.trainable_parameters()} == {id(p) for p in lora}
     for name in ("vae", "text_encoder", "text_encoder_2"):
         assert not any(p.requires_grad for p in getattr(policy.pipe, name).parameters())
@@ -184,7 +184,7 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(family):
     policy.add_lora(rank=4, alpha=4)
     perturb_lora(policy, scale=0.1)
     noise, g = noise_for(policy), GUIDANCE[family]
-    net = policy._base_denoiser()
+    net = policy.trainable_module()
 
     def grads():
         for p in policy.trainable_parameters():
@@ -226,7 +226,7 @@ def test_tiny_models_are_seeded(policies):
     for family, policy in policies.items():
         again = FAMILIES[family].tiny(seed=0)
         other = FAMILIES[family].tiny(seed=1)
-        a, b, c = (dict(m._base_denoiser().named_parameters()) for m in (policy, again, other))
+        a, b, c = (dict(m.trainable_module().named_parameters()) for m in (policy, again, other))
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert any(not torch.equal(a[k], c[k]) for k in a)
 

@@ -258,7 +258,7 @@ def test_step_subsampling_is_unbiased(tmp_path, monkeypatch):
 @pytest.mark.parametrize("model", ["tiny-sd", "tiny-sd3"])
 def test_two_iterations_change_every_lora_tensor_and_nothing_frozen(tmp_path, model):
     trainer = make_trainer(tmp_path, "max_iterations=2", "train.num_inner_epochs=2", model=model)
-    net = trainer.policy._base_denoiser()
+    net = trainer.policy.trainable_module()
     params = dict(net.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
     assert trainable and all("lora" in n for n in trainable)

@@ -84,7 +84,7 @@ def test_windows_are_drawn_per_iteration_inside_the_range(tmp_path):
 def test_grpo_with_a_window_trains_and_changes_the_lora(tmp_path):
     trainer = make_trainer(tmp_path, "max_iterations=1", "sampling.sde_window_size=1", "grpo.timestep_fraction=1.0",
                            "train.learning_rate=1e-3", "grpo.kl_beta=0.04")
-    net = trainer.policy._base_denoiser()
+    net = trainer.policy.trainable_module()
     before = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
     rows = trainer.train()
     assert rows[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-4)

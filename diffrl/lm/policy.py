@@ -218,9 +218,9 @@ class LMPolicy:
             raise RuntimeError("no reference policy: add LoRA (its adapter is disabled for the reference) or call "
                                "keep_reference_copy() for a full fine-tune")
 
-    # ---- checkpoint.py's policy interface ---------------------------------------------------------
-    def _base_denoiser(self) -> nn.Module:
-        """The network whose trainable tensors diffrl.checkpoint saves (the name is the diffusion policies')."""
+    # ---- the policy interface diffrl.checkpoint uses -----------------------------------------------
+    def trainable_module(self) -> nn.Module:
+        """The network whose trainable tensors checkpoints save (as `Policy.trainable_module` of the diffusion policies)."""
         return self.unwrapped
 
     def save_lora(self, directory: str | Path) -> None:

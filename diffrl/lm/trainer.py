@@ -31,7 +31,7 @@ from diffrl.lm.losses import lm_loss, make_objective, micro_batch_share
 from diffrl.lm.policy import LMPolicy, Rollout, SamplingSettings
 from diffrl.lm.rewards import WeightedRewards, resolve_lm_reward
 from diffrl.lm.tasks import load_lm_dataset
-from diffrl.trainers.loop import DTYPES, derive_generator, peak_memory_mb
+from diffrl.runtime import DTYPES, derive_generator, peak_memory_mb
 
 __all__ = ["LMBatch", "LMTrainer"]
 

@@ -230,7 +230,7 @@ class FinalSampleUpdates:
                         for key, value in metrics.items():
                             sums[key] = sums.get(key, 0.0) + value
                         calls += 1
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
+                grad_norm = self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.item()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

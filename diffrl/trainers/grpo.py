@@ -95,7 +95,7 @@ class GRPO(Algorithm):
                         sums[key] = sums.get(key, 0.0) + value
                     ratio_max = max(ratio_max, ratio.max().item())
                     count += 1
-                grad_norms.append(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf")).item())
+                grad_norms.append(self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf")).item())
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         metrics = {k: v / count for k, v in sums.items()}

@@ -28,29 +28,11 @@ from diffrl.core import PerPromptStatTracker, zero_std_fraction
 from diffrl.data import PromptSet, draw_prompt_indices, load_prompts
 from diffrl.rewards.mixture import RolloutScorer
 from diffrl.rollout import Trajectory, sample
+from diffrl.runtime import DTYPES, derive_generator, peak_memory_mb
 from diffrl.sampling import make_sampler
 from diffrl.stats import headline, paired, score_summary
 from diffrl.trainers import ALGORITHMS
 from diffrl.trainers.base import RolloutBatch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-def derive_generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded from a tuple of ints (seed, iteration, process, purpose)."""
-    seed = 0
-    for k in keys:
-        seed = (seed * 1_000_003 + int(k)) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
 
 PANEL_CELLS = 32
 """Images in an evaluation panel (8 x 4 cells of 160 px: 1280 x 816 px, a grid a person can read) ..."""
@@ -76,7 +58,7 @@ class Trainer(TrainLoop):
         if p.lora_rank > 0:
             self.policy.add_lora(p.lora_rank, p.lora_alpha, p.lora_targets)
         else:
-            self.policy._base_denoiser().requires_grad_(True)
+            self.policy.trainable_module().requires_grad_(True)
         if p.gradient_checkpointing:
             self.policy.enable_gradient_checkpointing()
         self.policy.set_attention_backend(p.attention_backend)

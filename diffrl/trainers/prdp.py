@@ -116,7 +116,7 @@ class PRDP(Algorithm):
         for _ in range(cfg.train.num_inner_epochs):
             for rows in self.train_batches(batch, generator):
                 metrics = self.accumulate_gradients(batch, rows, delta_old, ref, generator)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
+                grad_norm = self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
                 metrics["grad_norm"] = grad_norm.item()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
