@@ -27,7 +27,7 @@ def _train(args) -> int:
     except ConfigError as exc:
         print(f"diffrl: invalid config: {exc}", file=sys.stderr)
         return 2
-    from diffrl.config import LM_ALGORITHMS
+    from diffrl.lm.config import LM_ALGORITHMS
 
     if cfg.algorithm in LM_ALGORITHMS:  # language-model RL on the shared core (diffrl.lm)
         from diffrl.lm.trainer import LMTrainer as Trainer

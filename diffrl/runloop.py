@@ -22,6 +22,30 @@ from tqdm.auto import tqdm
 TIME_KEYS = ("seconds", "time_rollout", "time_update", "peak_memory_mb")
 
 
+def save_config(cfg, path: str | Path) -> None:
+    """A run's config (any config dataclass) as YAML: the resolved config.yaml of an output folder."""
+    from omegaconf import OmegaConf
+
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def flat_config(cfg) -> dict:
+    """Dotted keys -> scalars (for tracker hyper-parameter tables)."""
+    from omegaconf import OmegaConf
+
+    out = {}
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+    walk(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    return out
+
+
 def tracker_name(key: str) -> str:
     """The grouped tracker name of a metrics.jsonl key: eval_x -> eval/x, timings -> time/x, the rest train/x."""
     if key.startswith("eval_"):
@@ -39,8 +63,6 @@ class TrainLoop:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from diffrl.config import save_config, to_flat_dict
-
         self.cfg, self.out = cfg, Path(cfg.output_dir)
         log_with = None if cfg.logging.log_with == "none" else cfg.logging.log_with
         self.accelerator = accelerator or Accelerator(
@@ -55,7 +77,7 @@ class TrainLoop:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
             if log_with:
-                acc.init_trackers("diffrl", config=to_flat_dict(cfg))
+                acc.init_trackers("diffrl", config=flat_config(cfg))
 
     def eval_label(self) -> str:
         """The evaluation metric's name in the before / after lines."""

@@ -6,13 +6,14 @@ models or weights.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import json
 import os
 from pathlib import Path
 
 import torch
+
+from diffrl.core.registry import suggest
 
 POLICY_FAMILIES = {
     "sd": "diffrl.pipelines.sd:StableDiffusionPolicy",
@@ -109,10 +110,8 @@ def _family_of_dir(folder: Path) -> str:
 
 def _unknown(model: str) -> ValueError:
     names = sorted(TINY_MODELS | set(SHIPPED_MODELS))
-    close = difflib.get_close_matches(model, names, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
     return ValueError(
-        f"unknown model {model!r}.{hint} Valid names: {', '.join(names)}, a local diffusers folder "
+        f"unknown model {model!r}.{suggest(model, names)} Valid names: {', '.join(names)}, a local diffusers folder "
         "(with model_index.json), or a hub id present in the local Hugging Face cache."
     )
 

@@ -1,5 +1,5 @@
-"""Reward mixtures: several rewards, weighted (optionally per prompt source), and how they become
-advantages; plus the rollout scorer that can score chunks in the background.
+"""Reward mixtures: several rewards, weighted (optionally per prompt source); plus the rollout scorer that can
+score chunks in the background. Rewards produce scores; diffrl.core.combine_rewards turns them into advantages.
 
 In a run config:
 
@@ -11,13 +11,12 @@ Weights: w_k for reward k, or, for a sample whose metadata "source" names an ent
 reward_source_weights, that entry's weights (rewards it omits weigh 0 there). A reward weighing 0 on a
 sample is not part of its score: it may be NaN there (ocr on a prompt without quoted text).
 
-Advantages (ALGORITHMS.md, multi-reward), groups = samples of the same prompt string:
+Advantages (diffrl.core.combine_rewards with `sample_weights`), groups = samples of the same prompt string:
     sum_then_normalize   A = group_advantages(sum_k w_k r_k)          (Flow-GRPO); identical to a
                          single reward whose value is the weighted sum
     normalize_then_sum   a_k = group_advantages(r_k) over the samples where w_k != 0 (0 elsewhere),
                          s = sum_k w_k a_k, A = (s - mean(s)) / (std(s) + eps)   (GDPO / MR-GRPO)
-with the run's std scope, ddof and eps; diffrl.core.combine_rewards is the same maths when every
-weight is non-zero everywhere (tests/test_rewards_mixture.py checks both against float64).
+with the run's std scope, ddof and eps (tests/test_rewards_mixture.py checks both against float64).
 """
 
 from __future__ import annotations
@@ -30,13 +29,45 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffrl.core.advantages import COMBINE_MODES, _safe_denominator, _std, group_advantages
+from diffrl.core.advantages import COMBINE_MODES
 
 from .base import Reward
 from .registry import build_reward
 
 SOURCE_KEY = "source"
 """The metadata field naming a prompt's source set (a field of a .jsonl prompt record)."""
+
+
+def check_mixture(cfg) -> None:
+    """A run's reward options (reward, reward_kwargs, rewards, reward_combine, reward_source_weights) before any reward
+    loads: diffrl.checks.ConfigError naming the field."""
+    from diffrl.checks import ConfigError, one_of
+    from diffrl.rewards.registry import list_rewards
+
+    one_of(cfg.reward, list_rewards(), "reward")
+    one_of(cfg.reward_combine, COMBINE_MODES, "reward_combine")
+    if not cfg.rewards:
+        if cfg.reward_source_weights:
+            raise ConfigError("'reward_source_weights' needs a mixture in 'rewards' (e.g. rewards: {pickscore: 1.0, ocr: 0.7})")
+        return
+    if cfg.reward_kwargs:
+        raise ConfigError("'reward_kwargs' belongs to 'reward'; with a mixture in 'rewards' give each reward's "
+                          "kwargs as rewards.NAME: {weight: w, kwargs: {...}}")
+    for name in cfg.rewards:
+        one_of(name, list_rewards(), f"rewards.{name}")
+    try:
+        parse_mixture(cfg.rewards)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for source, table in cfg.reward_source_weights.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"'reward_source_weights.{source}' must map reward names to weights, got {table!r}")
+        for name, weight in table.items():
+            if name not in cfg.rewards:
+                raise ConfigError(f"'reward_source_weights.{source}.{name}' is not a reward of the mixture "
+                                  f"({', '.join(cfg.rewards)})")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise ConfigError(f"'reward_source_weights.{source}.{name}' must be a number, got {weight!r}")
 
 
 def parse_mixture(spec: Mapping[str, Any]) -> dict[str, tuple[float, dict]]:
@@ -135,34 +166,6 @@ class RewardMixture(Reward):
         return self.total(self.score_components(samples, prompts, metadata), metadata)
 
     # ---- advantages --------------------------------------------------------------------------
-    def advantages(self, components: Mapping[str, Tensor], prompts: list[str], metadata: list[dict] | None, *,
-                   std_scope: str = "global", ddof: int = 0, eps: float = 1e-4) -> Tensor:
-        """Advantages [B] (float64) of samples whose weighted rewards are all finite (see the module
-        docstring). Groups are prompt strings, as in the single-reward PerPromptStatTracker path."""
-        group_ids = prompt_group_ids(prompts)  # [B]
-        batch = len(prompts)
-        weights = self.sample_weights(metadata, batch)
-        values = {}
-        for name, value in components.items():
-            v = value.detach().cpu().double()  # [B]
-            active = weights[name] != 0
-            if not bool(torch.isfinite(v[active]).all()):
-                raise ValueError(f"reward {name!r} has non-finite values where its weight is non-zero; "
-                                 "pass only the valid samples")
-            values[name] = torch.where(active, v, torch.zeros_like(v))
-        if self.combine == "sum_then_normalize":
-            total = sum(weights[n] * values[n] for n in values)  # [B]
-            return group_advantages(total, group_ids, std_scope=std_scope, ddof=ddof, eps=eps)
-        summed = torch.zeros(batch, dtype=torch.float64)
-        for name, v in values.items():
-            active = weights[name] != 0  # [B]
-            if not bool(active.any()):
-                continue
-            a = torch.zeros(batch, dtype=torch.float64)
-            a[active] = group_advantages(v[active], group_ids[active], std_scope=std_scope, ddof=ddof, eps=eps)
-            summed += weights[name] * a
-        return (summed - summed.mean()) / _safe_denominator(_std(summed, ddof) + eps)  # [B]
-
     def component_metrics(self, components: Mapping[str, Tensor]) -> dict[str, float]:
         """reward_<name>_mean / _std over each component's finite values."""
         out = {}

@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from diffrl.core.registry import suggest
 
 from .base import SAMPLE_KINDS, Reward
 
@@ -48,11 +49,7 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
         cls = _REGISTRY[name]
     except KeyError:
         valid = list_rewards()
-        close = difflib.get_close_matches(name, valid, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"unknown reward {name!r}.{hint} Valid rewards: {', '.join(valid)}"
-        ) from None
+        raise ValueError(f"unknown reward {name!r}.{suggest(name, valid)} Valid rewards: {', '.join(valid)}") from None
     return cls(**kwargs)
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffrl.config import ConfigError, load_config, resolve_sampler
+from diffrl.config import ConfigError, load_config
+from diffrl.sections import resolve_sampler
+from diffrl.trainers import ALGORITHMS
 from diffrl.core import nft_policy_loss
 from diffrl.trainers.loop import Trainer
 
@@ -179,8 +181,10 @@ def test_nft_defaults_are_the_authors():
     assert cfg.sampling.guidance_scale == 1.0  # CFG-free unless set
     assert load_config(None, ["algorithm=nft", "sampling.guidance_scale=4.5"]).sampling.guidance_scale == 4.5
     assert load_config(None, []).sampling.guidance_scale == 4.5  # grpo keeps Flow-GRPO's CFG
-    assert resolve_sampler(cfg, flow=True) == "flow_dpm2" and resolve_sampler(cfg, flow=False) == "ddim"
-    assert resolve_sampler(load_config(None, []), flow=True) == "flow_sde"  # grpo
+    nft_default, grpo_default = ALGORITHMS.get("nft").default_flow_sampler, ALGORITHMS.get("grpo").default_flow_sampler
+    assert resolve_sampler(cfg.sampling, nft_default, flow=True) == "flow_dpm2"
+    assert resolve_sampler(cfg.sampling, nft_default, flow=False) == "ddim"
+    assert resolve_sampler(load_config(None, []).sampling, grpo_default, flow=True) == "flow_sde"  # grpo
 
 
 @pytest.mark.parametrize(

@@ -262,18 +262,10 @@ def test_float64_sampling_and_lora_backward(policies):
 
 
 def test_pipeline_unwraps_a_wrapped_denoiser(policies):
-    class Wrapper(nn.Module):  # stands in for DDP / accelerate's wrapper
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
-        def forward(self, *args, **kwargs):
-            return self.module(*args, **kwargs)
-
     policy = StableDiffusionPolicy.tiny(seed=0)
     unet = policy.denoiser
-    policy.denoiser = Wrapper(unet)
-    assert policy.pipeline().unet is unet
+    policy.denoiser = nn.DataParallel(unet)  # a wrapper with .module, unwrapped as accelerate unwraps DDP
+    assert policy.trainable_module() is unet and policy.pipeline().unet is unet
     noise = _noise(policy)
     torch.testing.assert_close(_ode(policy, 2, 5.0, noise), _ode(policies["epsilon"], 2, 5.0, noise), atol=0, rtol=0)
 

@@ -26,7 +26,7 @@ from .kl import KL_ESTIMATORS, flow_grpo_kl, gaussian_kl, kl_estimator
 from .losses import LOSSES, clipped_surrogate, log_ratio_to_ratio, policy_gradient
 from .negative_aware import gradient_preserving_clamp, nft_correct_rate, nft_token_loss
 from .prdp import prdp_loss, same_group_pairs
-from .registry import Registry, UnknownNameError
+from .registry import Registry, UnknownNameError, suggest
 
 __all__ = [
     "ADVANTAGES",
@@ -35,6 +35,7 @@ __all__ = [
     "LOSSES",
     "PerPromptStatTracker",
     "Registry",
+    "suggest",
     "UnknownNameError",
     "adaptive_sq_error",
     "aggregate",

@@ -212,8 +212,11 @@ def combine_rewards(
             (``ddof`` and ``eps`` from ``adv_kwargs``).
 
     ``weights[k]`` is a float or a per-sample ``[B]`` tensor (weights that depend on the prompt's
-    source set). ``adv_kwargs`` (``std_scope``, ``ddof``, ``eps``, ``clip``) go to
-    :func:`group_advantages`; ``clip`` is applied once, to the final advantages.
+    source set). Where a reward's weight is 0 it is not part of the sample's score: its value there is
+    ignored (it may be NaN, e.g. OCR on a prompt without text) and, in ``normalize_then_sum``, the reward's
+    group normalisation runs over the samples where its weight is non-zero only. ``adv_kwargs``
+    (``std_scope``, ``ddof``, ``eps``, ``clip``) go to :func:`group_advantages`; ``clip`` is applied once,
+    to the final advantages.
     """
     if mode not in COMBINE_MODES:
         raise ValueError(f"mode must be one of {COMBINE_MODES}, got {mode!r}")
@@ -231,26 +234,33 @@ def combine_rewards(
     ddof = adv_kwargs.get("ddof", 0)
     eps = adv_kwargs.get("eps", 1e-4)
 
-    def weighted(name: str, value: Tensor) -> Tensor:
-        w = weights[name]
-        if isinstance(w, Tensor):
-            if w.shape != value.shape:
-                raise ValueError(f"weight tensor for {name!r} must have shape {tuple(value.shape)}, got {tuple(w.shape)}")
-            w = w.to(device=value.device, dtype=value.dtype)
-        return w * value  # [B]
-
     names = list(rewards)
-    shape = rewards[names[0]].shape
+    shape, dtype = rewards[names[0]].shape, rewards[names[0]].dtype
+    w, active, values = {}, {}, {}
     for name in names:
         if rewards[name].shape != shape:
             raise ValueError(f"all rewards must have the same shape; {name!r} has {tuple(rewards[name].shape)}, "
                              f"{names[0]!r} has {tuple(shape)}")
+        value = rewards[name].to(dtype)  # [B]
+        weight = torch.as_tensor(weights[name], device=value.device, dtype=dtype)  # [] or [B]
+        if weight.ndim and weight.shape != shape:
+            raise ValueError(f"weight tensor for {name!r} must have shape {tuple(shape)}, got {tuple(weight.shape)}")
+        w[name] = weight.expand(shape)  # [B]
+        active[name] = w[name] != 0  # [B]
+        if not bool(torch.isfinite(value[active[name]]).all()):
+            raise ValueError(f"reward {name!r} has non-finite values where its weight is non-zero; pass only the valid samples")
+        values[name] = torch.where(active[name], value, torch.zeros_like(value))  # [B]
 
     if mode == "sum_then_normalize":
-        total = sum(weighted(n, rewards[n].to(rewards[names[0]].dtype)) for n in names)  # [B]
+        total = sum(w[n] * values[n] for n in names)  # [B]
         adv = group_advantages(total, group_ids, **adv_kwargs)  # [B]
     else:
-        total = sum(weighted(n, group_advantages(rewards[n], group_ids, **adv_kwargs)) for n in names)  # [B]
+        total = torch.zeros(shape, dtype=dtype, device=values[names[0]].device)  # [B]
+        for n in names:
+            if bool(active[n].any()):
+                a = torch.zeros_like(total)  # [B]
+                a[active[n]] = group_advantages(values[n][active[n]], group_ids[active[n]], **adv_kwargs)
+                total = total + w[n] * a
         adv = (total - total.mean()) / _safe_denominator(_std(total, ddof) + eps)  # [B]
     if clip is not None:
         if clip <= 0:

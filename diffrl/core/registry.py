@@ -9,9 +9,16 @@ from __future__ import annotations
 import difflib
 from typing import Callable, Generic, Iterator, TypeVar
 
-__all__ = ["Registry", "UnknownNameError"]
+__all__ = ["Registry", "UnknownNameError", "suggest"]
 
 T = TypeVar("T", bound=Callable)
+
+
+def suggest(name: object, valid) -> str:
+    """" Did you mean 'x'?" for the valid name closest to `name` (difflib), or "" when none is close: the one
+    spelling-hint helper every registry and config check uses."""
+    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.5)
+    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 class UnknownNameError(KeyError, ValueError):
@@ -55,9 +62,7 @@ class Registry(Generic[T]):
         except (KeyError, TypeError):
             pass
         valid = self.names()
-        close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.5)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise UnknownNameError(f"Unknown {self.kind} {name!r}.{hint} Valid names: {', '.join(valid)}.")
+        raise UnknownNameError(f"Unknown {self.kind} {name!r}.{suggest(name, valid)} Valid names: {', '.join(valid)}.")
 
     def names(self) -> list[str]:
         """Sorted registered names."""

@@ -24,7 +24,6 @@ from accelerate import Accelerator
 
 from diffrl.runloop import TrainLoop
 from diffrl.checkpoint import load_checkpoint, save_checkpoint
-from diffrl.config import RunConfig
 from diffrl.core import nonconstant_groups, zero_std_fraction
 from diffrl.data import draw_prompt_indices
 from diffrl.lm.losses import lm_loss, make_objective, micro_batch_share
@@ -58,9 +57,9 @@ def _seed(*keys: int) -> int:
 
 
 class LMTrainer(TrainLoop):
-    """Builds the policy, rewards and optimiser from a validated RunConfig (an lm_* algorithm) and trains."""
+    """Builds the policy, rewards and optimiser from a validated diffrl.config.RunConfig (an lm_* algorithm) and trains."""
 
-    def __init__(self, cfg: RunConfig, accelerator: Accelerator | None = None):
+    def __init__(self, cfg, accelerator: Accelerator | None = None):
         self.setup_run(cfg, accelerator)
         acc = self.accelerator
 

@@ -51,6 +51,14 @@ class Algorithm(abc.ABC):
     """True: the training reward must let gradients reach the samples (checked by config validation)."""
     reward = None
     """The training reward (a diffrl.rewards.Reward), set by the loop after construction."""
+    config_class: ClassVar[type | None] = None
+    """The dataclass of this algorithm's config section (RunConfig.<name>), with a check(key) of its own fields."""
+
+    @classmethod
+    def validate(cls, cfg, ctx) -> None:
+        """Cross-section checks of a run with this algorithm, before any model loads: cfg is the RunConfig, ctx the
+        diffrl.checks.RunContext (model family, rollout sampler) the run-wide checks resolved. Raises
+        diffrl.checks.ConfigError naming the field. Every section's own fields are checked elsewhere."""
 
     def __init__(self, cfg, policy, sampler, accelerator):
         self.cfg, self.policy, self.sampler, self.accelerator = cfg, policy, sampler, accelerator

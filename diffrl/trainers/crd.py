@@ -16,18 +16,66 @@ of the group size.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from diffrl.checks import ConfigError, check_fields, decay_schedule, non_negative, positive
 from diffrl.core import crd_implicit_reward, crd_kl_weight, crd_policy_loss, mean_sq, optimality
+from diffrl.core.forward_process import CRD_LOSSES
 from diffrl.trainers.base import Algorithm, RolloutBatch
-from diffrl.trainers.forward_process import FinalSampleUpdates, LoraSnapshots, NoisedBatch
+from diffrl.trainers.forward_process import (FinalSampleUpdates, ForwardProcessConfig, LoraSnapshots, NoisedBatch,
+                                             validate_forward_process)
+
+
+@dataclass
+class CRDConfig(ForwardProcessConfig):
+    beta: float = 1.0
+    """Implicit-reward scale: the loss matches beta (r_theta - mean_g r_theta) to a - mean_g a (CRD: 1, Flow-Factory crd_beta)."""
+    loss: str = "mse"
+    """Reward matching: "mse" (A_max / beta) (beta R_c - A_c)^2 (CRD) or "bce" BCE(beta R_c, sigmoid(A_c)) (the authors' variant)."""
+    kl_beta: float = 0.1
+    """KL strength against the CFG-guided reference (adapter disabled): kl_beta (m + a (1 - m)) mean((v_theta - v_ref)^2) (CRD: 0.1)."""
+    kl_floor: float = 1e-4
+    """KL coefficient at a = 0, m = kl_floor / kl_beta, when reward_adaptive_kl (CRD: 1e-4)."""
+    reward_adaptive_kl: bool = True
+    """Scale each sample's KL by m + a (1 - m), weaker for low-reward samples (CRD: on)."""
+    ref_guidance_scale: float = 4.5
+    """CFG scale of the KL reference, the pretrained model as used at inference (CRD: 4.5)."""
+    old_decay: list[float] = field(default_factory=lambda: [0, 0.25, 0.005, 0.999])
+    """EMA decay of the old adapter (v_old of the implicit reward), [start_step, start_value, slope, max]: min(0.25 + 0.005 step, 0.999) (CRD)."""
+    sampling_decay: list[float] = field(default_factory=lambda: [75, 0.0, 0.0075, 0.999])
+    """EMA decay of the sampling adapter (rollouts): 0 before step 75, then min(0.0075 (step - 75), 0.999) (CRD)."""
+
+    def check(self, key: str = "crd") -> None:
+        super().check(key)
+        check_fields(self, key, {"loss": CRD_LOSSES, "kl_beta": non_negative, "kl_floor": non_negative,
+                                 "ref_guidance_scale": positive})
+        if self.reward_adaptive_kl and self.kl_beta > 0 and self.kl_floor > self.kl_beta:
+            raise ConfigError(f"'{key}.kl_floor' ({self.kl_floor}) must not exceed {key}.kl_beta ({self.kl_beta}): it is the KL weight at a = 0")
+        decay_schedule(self.sampling_decay, f"{key}.sampling_decay")
 
 
 class CRD(Algorithm):
     name = "crd"
+    config_class = CRDConfig
     record_trajectory = False  # final samples only
     default_flow_sampler = "flow_dpm2"
     default_guidance_scale = 1.0  # CFG-free rollouts and training
+
+    @classmethod
+    def validate(cls, cfg, ctx) -> None:
+        validate_forward_process(cfg, "crd")
+        t = cfg.train
+        K = t.group_size
+        if K < 2:
+            raise ConfigError("'train.group_size' must be >= 2 for crd: rewards are centred within a prompt group, so a group of one carries no signal")
+        # a process draws whole groups (the loop never splits a prompt across processes); its batches must too
+        for key in ("train_batch_size", "micro_batch_size"):
+            size = getattr(t, key)
+            if size is not None and size % K:
+                raise ConfigError(f"'train.{key}' ({size}) must be a multiple of train.group_size ({K}) for crd: it centres "
+                                  "rewards within a prompt group, so every batch must hold whole groups")
 
     def __init__(self, cfg, policy, sampler, accelerator):
         super().__init__(cfg, policy, sampler, accelerator)

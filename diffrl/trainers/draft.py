@@ -20,12 +20,38 @@ of steps by a few latents per step, not by a network's activations.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
+from diffrl.checks import ConfigError, check_fields, fraction, positive
 from diffrl.trainers.reward_backprop import Chain, RewardBackprop, optimizer_step, reward_loss, reward_of
 
 MODES = ("draft_k", "refl", "alignprop")
+
+
+@dataclass
+class DraftConfig:
+    mode: str = "draft_k"
+    """"draft_k" (DRaFT-K, Clark et al. 2024), "refl" (ReFL, Xu et al. 2023) or "alignprop" (Prabhudesai et al. 2023)."""
+    k: Optional[int] = 1
+    """draft_k: the reward gradient flows through the last K sampling steps; None: all of them (DRaFT: K = 1, its best setting)."""
+    refl_range: list[float] = field(default_factory=lambda: [0.75, 1.0])
+    """refl: [lo, hi], the trained step is drawn uniformly from steps floor(lo N) .. ceil(hi N) - 1 (ImageReward's ReFL: 30 .. 39 of 40)."""
+    keep_prob: float = 0.2
+    """alignprop: each step before the last keeps its gradient with this probability, the last always; 1 is the full chain, 0 DRaFT-1 (AlignProp's code keeps about 10 of 50 steps; 0.2 keeps 10.8 on average)."""
+    reward_scale: float = 1.0
+    """Loss = -scale mean(R) (AlignProp: loss_coeff 1)."""
+    checkpoint_steps: bool = True
+    """Run every denoiser call with gradient under torch.utils.checkpoint: a kept step costs a few latents of memory and one more forward (AlignProp: grad_checkpoint on)."""
+
+    def check(self, key: str = "draft") -> None:
+        check_fields(self, key, {"mode": MODES, "k": positive, "reward_scale": positive})
+        fraction(self.keep_prob, f"{key}.keep_prob", allow_zero=True)
+        lo_hi = list(self.refl_range)
+        if len(lo_hi) != 2 or not 0 <= lo_hi[0] < lo_hi[1] <= 1:
+            raise ConfigError(f"'{key}.refl_range' must be [lo, hi] fractions of the steps with 0 <= lo < hi <= 1, got {lo_hi}")
 
 
 def keep_mask(num_steps: int, mode: str, k: int | None, keep_prob: float, generator: torch.Generator) -> torch.Tensor:
@@ -46,6 +72,14 @@ def refl_steps(num_steps: int, lo: float, hi: float) -> tuple[int, int]:
 
 class Draft(RewardBackprop):
     name = "draft"
+    config_class = DraftConfig
+
+    @classmethod
+    def validate(cls, cfg, ctx) -> None:
+        super().validate(cfg, ctx)
+        n, k = cfg.sampling.num_steps, cfg.draft.k
+        if k is not None and not 1 <= k <= n:
+            raise ConfigError(f"'draft.k' must be in 1..sampling.num_steps ({n}), or null for all steps; got {k}")
 
     def train_chain(self, chain: Chain, noise, prompts, metadata, optimizer):
         d = self.cfg.draft

@@ -12,9 +12,31 @@ fraction of training the window slides from the first (high-noise) steps to the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from diffrl.checks import check_fields, fraction, positive
 from diffrl.trainers.reward_backprop import Chain, RewardBackprop, optimizer_step, reward_loss, reward_of
+
+SCORE_ON = ("x0", "x_prev")
+
+
+@dataclass
+class EasyTuneConfig:
+    window_fraction: float = 0.2
+    """Trained steps per chain: the last max(1, round(fraction N)) of the N sampling steps (EasyTune: the last 10 of 50)."""
+    score_on: str = "x0"
+    """What a trained step scores: "x0", its decoded one-step x0 prediction (EasyTune), or "x_prev", the decoded x_{t-1} (EasyTune's noise-aware-reward variant)."""
+    curriculum_fraction: float = 0.0
+    """Fraction of training over which the window slides from the first (high-noise) steps to the last; 0: off (EasyTune's curriculum: 0.03)."""
+    reward_scale: float = 1.0
+    """lambda in loss = -lambda mean(R) (the paper gives none: 1 keeps the reward's scale; the learning rate sets the step)."""
+
+    def check(self, key: str = "easytune") -> None:
+        fraction(self.window_fraction, f"{key}.window_fraction")
+        fraction(self.curriculum_fraction, f"{key}.curriculum_fraction", allow_zero=True)
+        check_fields(self, key, {"score_on": SCORE_ON, "reward_scale": positive})
 
 
 def window_size(num_steps: int, fraction: float) -> int:
@@ -32,6 +54,7 @@ def window_start(num_steps: int, size: int, progress: float, curriculum_fraction
 
 class EasyTune(RewardBackprop):
     name = "easytune"
+    config_class = EasyTuneConfig
 
     def __init__(self, cfg, policy, sampler, accelerator):
         super().__init__(cfg, policy, sampler, accelerator)

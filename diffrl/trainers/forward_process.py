@@ -19,11 +19,41 @@ from typing import Callable
 
 import torch
 
+from diffrl.checks import ConfigError, check_fields, decay_schedule, fraction, positive, require_lora
 from diffrl.core import snapshot_decay
 from diffrl.sampling import Schedule, add_noise, predict_x0, training_target
 from diffrl.trainers.base import RolloutBatch
 
 TIMESTEP_SOURCES = ("schedule", "uniform", "logit_normal")
+
+
+@dataclass
+class ForwardProcessConfig:
+    """Shared by the forward-process trainers (nft, crd): how final samples are noised for training."""
+
+    timestep_source: str = "schedule"
+    """Training noise levels: "schedule" (the rollout schedule's steps, DiffusionNFT), "uniform" or "logit_normal" t in (0, 1)."""
+    timestep_fraction: float = 0.99
+    """Noise levels trained per sample and inner epoch: max(1, int(fraction * sampling.num_steps)), fresh noise each (DiffusionNFT: 0.99)."""
+    logit_normal_mean: float = 0.0
+    """Mean of the logit-normal timestep density t = sigmoid(m + s z) (SD3, Esser et al. 2024: 0)."""
+    logit_normal_std: float = 1.0
+    """Std of the logit-normal timestep density (SD3, Esser et al. 2024: 1)."""
+    adv_clip_max: float = 5.0
+    """A_max: advantages are clipped to +-A_max and mapped to r = 0.5 + 0.5 A / A_max in [0, 1] (DiffusionNFT, CRD: 5)."""
+
+    def check(self, key: str) -> None:
+        check_fields(self, key, {"timestep_source": TIMESTEP_SOURCES, "logit_normal_std": positive,
+                                 "adv_clip_max": positive, "beta": positive})
+        fraction(self.timestep_fraction, f"{key}.timestep_fraction")
+        decay_schedule(self.old_decay, f"{key}.old_decay")
+
+
+def validate_forward_process(cfg, name: str) -> None:
+    """nft / crd: the snapshots are LoRA adapters on the trained network, the reference is that network with them off."""
+    require_lora(cfg, name, "its snapshots of the trained weights are extra LoRA adapters on the same network and its "
+                            "reference is that network with the adapters disabled; a full fine-tune (lora_rank 0) would "
+                            "need extra copies of the whole model in memory")
 
 
 # ---- noise levels ------------------------------------------------------------------------------

@@ -16,17 +16,54 @@ the loss stays the mean over the whole train batch, so the gradient is unchanged
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
+from diffrl.checks import ConfigError, check_fields, fraction, non_negative, positive, require_lora, require_stochastic
 from diffrl.core import clipped_surrogate, flow_grpo_kl, gaussian_kl
 from diffrl.sampling import StepOutput
 from diffrl.trainers.base import Algorithm, RolloutBatch
 
+KL_CONVENTIONS = ("flow_grpo", "exact")
+
+
+@dataclass
+class GRPOConfig:
+    clip_range: float = 1e-4
+    """PPO clip on the per-step ratio, low side (Flow-GRPO: 1e-4)."""
+    clip_range_high: Optional[float] = None
+    """High-side clip (DAPO clip-higher); None uses clip_range."""
+    kl_beta: float = 0.04
+    """KL coefficient against the reference model (Flow-GRPO: 0.04; 0.01 for PickScore)."""
+    kl_convention: str = "flow_grpo"
+    """"flow_grpo": mean_elems((mu - mu_ref)^2) / (2 std_t^2) as Flow-GRPO's code; "exact": the step Gaussian KL."""
+    timestep_fraction: float = 0.99
+    """Fraction of the sampling steps trained per sample (Flow-GRPO: 0.99)."""
+    adv_clip_max: float = 5.0
+    """Advantages are clipped to [-adv_clip_max, adv_clip_max] (Flow-GRPO: 5)."""
+
+    def check(self, key: str = "grpo") -> None:
+        check_fields(self, key, {"clip_range": positive, "clip_range_high": positive, "kl_beta": non_negative,
+                                 "kl_convention": KL_CONVENTIONS, "adv_clip_max": positive})
+        fraction(self.timestep_fraction, f"{key}.timestep_fraction")
+
 
 class GRPO(Algorithm):
     name = "grpo"
+    config_class = GRPOConfig
     record_trajectory = True
+
+    @classmethod
+    def validate(cls, cfg, ctx) -> None:
+        require_stochastic(cfg, ctx, "grpo")
+        if cfg.grpo.kl_beta > 0:
+            require_lora(cfg, "grpo", "'grpo.kl_beta' > 0 needs a frozen reference, the base model with the LoRA adapter "
+                                      "disabled (or set grpo.kl_beta=0)")
+        t = cfg.train
+        if t.micro_batch_size is not None and t.micro_batch_size != t.train_batch_size:
+            raise ConfigError("'train.micro_batch_size' is used by nft, crd and prdp; grpo runs each train batch in one pass: leave it unset")
 
     def step_log_prob(self, batch: RolloutBatch, rows: torch.Tensor, steps: torch.Tensor, reference: bool = False) -> StepOutput:
         """Re-score the stored transition x_steps -> x_steps+1 of samples `rows`. rows, steps: [b] long."""

@@ -23,13 +23,13 @@ from accelerate.utils import gather_object
 
 from diffrl.runloop import TrainLoop
 from diffrl.checkpoint import load_checkpoint, save_checkpoint
-from diffrl.config import RunConfig, eval_set_specs, resolve_sampler
-from diffrl.core import PerPromptStatTracker, zero_std_fraction
+from diffrl.core import PerPromptStatTracker, combine_rewards, zero_std_fraction
 from diffrl.data import PromptSet, draw_prompt_indices, load_prompts
-from diffrl.rewards.mixture import RolloutScorer
+from diffrl.rewards.mixture import RolloutScorer, prompt_group_ids
 from diffrl.rollout import Trajectory, sample
 from diffrl.runtime import DTYPES, derive_generator, peak_memory_mb
 from diffrl.sampling import make_sampler
+from diffrl.sections import resolve_sampler
 from diffrl.stats import headline, paired, score_summary
 from diffrl.trainers import ALGORITHMS
 from diffrl.trainers.base import RolloutBatch
@@ -41,9 +41,9 @@ PANEL_IMAGES = 4
 
 
 class Trainer(TrainLoop):
-    """Builds everything from a validated RunConfig and runs the shared loop."""
+    """Builds everything from a validated diffrl.config.RunConfig and runs the shared loop."""
 
-    def __init__(self, cfg: RunConfig, accelerator: Accelerator | None = None):
+    def __init__(self, cfg, accelerator: Accelerator | None = None):
         from diffrl.pipelines.registry import load_policy
         from diffrl.rewards import build_reward
         from diffrl.rewards.mixture import build_training_reward
@@ -65,7 +65,7 @@ class Trainer(TrainLoop):
 
         s = cfg.sampling
         flow = self.policy.prediction_type == "flow"
-        kind = resolve_sampler(cfg, flow)
+        kind = resolve_sampler(s, ALGORITHMS.get(cfg.algorithm).default_flow_sampler, flow)
         self.sampler = make_sampler(kind, noise_level=s.noise_level, eta=s.eta, reduction=s.logprob_reduction)
         self.eval_sampler = make_sampler("flow_ode" if flow else "ddim", eta=0.0)
         # a mixture when cfg.rewards is set; load() now, so that missing reward weights fail before training
@@ -76,7 +76,7 @@ class Trainer(TrainLoop):
         self.eval_reward = self.reward if cfg.data.eval_reward is None else build_reward(cfg.data.eval_reward).to(acc.device)
         self.prompts = load_prompts(cfg.data.prompts)
         self.eval_sets: dict[str, PromptSet] = {}  # headline first; each its first num_prompts prompts
-        for name, (spec, n) in eval_set_specs(cfg.data).items():
+        for name, (spec, n) in cfg.data.eval_specs().items():
             full = self.prompts if spec is None else load_prompts(spec)
             self.eval_sets[name] = PromptSet(full.prompts[:n], full.metadata[:n])
 
@@ -88,7 +88,8 @@ class Trainer(TrainLoop):
         )
         self.policy.denoiser, self.optimizer = acc.prepare(self.policy.denoiser, self.optimizer)
         self.ema = [q.detach().clone() for q in params] if t.ema else None
-        self.tracker = PerPromptStatTracker(std_scope=cfg.grpo.std_scope, ddof=cfg.grpo.std_ddof, eps=cfg.grpo.std_eps)
+        a = cfg.advantages
+        self.tracker = PerPromptStatTracker(std_scope=a.std_scope, ddof=a.std_ddof, eps=a.std_eps)
         self.algorithm = ALGORITHMS.get(cfg.algorithm)(cfg, self.policy, self.sampler, acc)
         self.algorithm.reward = self.reward
         self.iteration = 0
@@ -183,9 +184,11 @@ class Trainer(TrainLoop):
             components = {k: acc.gather(v)[keep].cpu() for k, v in batch.reward_components.items()}  # name -> [kept]
         if components is not None and self.reward.combine == "normalize_then_sum":  # GDPO / MR-GRPO
             metadata = gather_object(batch.metadata) if self.world > 1 else batch.metadata
-            g = self.cfg.grpo
-            adv[keep] = self.reward.advantages(components, kept_prompts, [metadata[i] for i in keep.tolist()],
-                                               std_scope=g.std_scope, ddof=g.std_ddof, eps=g.std_eps).to(adv)
+            a = self.cfg.advantages
+            weights = self.reward.sample_weights([metadata[i] for i in keep.tolist()], len(kept_prompts))  # name -> [kept]
+            adv[keep] = combine_rewards({k: v.double() for k, v in components.items()}, weights,
+                                        prompt_group_ids(kept_prompts), mode="normalize_then_sum",
+                                        std_scope=a.std_scope, ddof=a.std_ddof, eps=a.std_eps).to(adv)
         else:  # one reward, or a mixture's weighted sum (sum_then_normalize)
             adv[keep] = self.tracker.update(kept_prompts, rewards[keep].cpu()).to(adv)
         B = len(batch)

@@ -15,18 +15,41 @@ affine in the model output, so the implicit policies map to the same mixes of x0
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from diffrl.checks import non_negative
 from diffrl.core import mean_sq, nft_policy_loss, optimality
 from diffrl.trainers.base import Algorithm, RolloutBatch
-from diffrl.trainers.forward_process import FinalSampleUpdates, LoraSnapshots, NoisedBatch
+from diffrl.trainers.forward_process import (FinalSampleUpdates, ForwardProcessConfig, LoraSnapshots, NoisedBatch,
+                                             validate_forward_process)
+
+
+@dataclass
+class NFTConfig(ForwardProcessConfig):
+    beta: float = 1.0
+    """Implicit-policy strength: v+- = sg(v_old) +- beta (v_theta - sg(v_old)) (DiffusionNFT: 1; 0.1 for OCR)."""
+    kl_coef: float = 1e-4
+    """Weight of mean((v_theta - v_ref)^2) against the reference (adapter disabled) (DiffusionNFT: 1e-4)."""
+    old_decay: list[float] = field(default_factory=lambda: [0, 0.0, 0.001, 0.5])
+    """EMA decay of the old (sampling) adapter after each iteration, [start_step, start_value, slope, max]: min(0.001 step, 0.5) (DiffusionNFT decay_type 1)."""
+
+    def check(self, key: str = "nft") -> None:
+        super().check(key)
+        non_negative(self.kl_coef, f"{key}.kl_coef")
 
 
 class DiffusionNFT(Algorithm):
     name = "nft"
+    config_class = NFTConfig
     record_trajectory = False  # final samples only
     default_flow_sampler = "flow_dpm2"  # DiffusionNFT's deterministic "dpm2" solver
     default_guidance_scale = 1.0  # CFG-free rollouts and training
+
+    @classmethod
+    def validate(cls, cfg, ctx) -> None:
+        validate_forward_process(cfg, "nft")
 
     def __init__(self, cfg, policy, sampler, accelerator):
         super().__init__(cfg, policy, sampler, accelerator)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from diffrl.checks import ConfigError
 from diffrl.rollout import Trajectory
 from diffrl.sampling import Sampler, Schedule, StepOutput, predict_x0
 from diffrl.trainers.base import Algorithm, RolloutBatch
@@ -112,6 +113,25 @@ class RewardBackprop(Algorithm):
     samples_in_update = True
     needs_differentiable_reward = True
     default_flow_sampler = "flow_ode"  # deterministic chains (DRaFT: DDIM eta 0); any sampler works
+
+    @classmethod
+    def validate(cls, cfg, ctx) -> None:
+        """A differentiable training reward (read from the registry without loading it), one sampling per step."""
+        from diffrl.rewards.mixture import parse_mixture
+        from diffrl.rewards.registry import declares_differentiable, differentiable_rewards
+
+        name, t = cls.name, cfg.train
+        parts = {k: (f"rewards.{k}", kw) for k, (_, kw) in parse_mixture(cfg.rewards).items()} if cfg.rewards else \
+            {cfg.reward: ("reward", cfg.reward_kwargs)}
+        for reward, (key, kwargs) in parts.items():
+            if not declares_differentiable(reward, kwargs):
+                raise ConfigError(
+                    f"'{key}' {reward} is not differentiable; {name} back-propagates the reward into the model. Use one of "
+                    f"{', '.join(differentiable_rewards())} (CLIP-family rewards with kwargs differentiable: true)")
+        if t.micro_batch_size is not None:
+            raise ConfigError(f"'train.micro_batch_size' is not used by {name}: a train batch is one batch of sampling chains; leave it unset")
+        if t.num_inner_epochs != 1:
+            raise ConfigError(f"'train.num_inner_epochs' must be 1 for {name}: it samples anew for every optimiser step")
 
     def train_chain(self, chain: Chain, noise: torch.Tensor, prompts: list[str], metadata: list[dict],
                     optimizer) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
