@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from diffrl.core.registry import suggest
+from diffrl.hub import cached_snapshot, hub_cache_dir, looks_like_hub_id
 
 POLICY_FAMILIES = {
     "sd": "diffrl.pipelines.sd:StableDiffusionPolicy",
@@ -51,17 +52,6 @@ def policy_class(family: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _looks_like_hub_id(model: str) -> bool:
-    parts = model.split("/")
-    return len(parts) == 2 and all(parts) and not model.startswith((".", "~", "/")) and "\\" not in model
-
-
-def hub_cache_dir() -> str:
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
-
-
 def resolve_model_dir(model: str) -> Path:
     """A local diffusers folder (with model_index.json) for `model`: a path, or a hub id found in the
     local Hugging Face cache. Never downloads; raises FileNotFoundError saying what was looked for,
@@ -74,16 +64,14 @@ def resolve_model_dir(model: str) -> Path:
                 "Point at a folder written by `pipe.save_pretrained(...)` or a hub snapshot."
             )
         return path
-    if not _looks_like_hub_id(model):
+    if not looks_like_hub_id(model):
         raise FileNotFoundError(
             f"model folder {str(path)!r} does not exist (looked for {path.resolve()}/model_index.json). "
             "Pass an existing diffusers folder, a hub id already in the local HF cache, or one of "
             f"{', '.join(sorted(TINY_MODELS))}."
         )
-    from huggingface_hub import snapshot_download
-
     try:
-        snap = Path(snapshot_download(model, local_files_only=True))
+        snap = cached_snapshot(model)
     except Exception as err:  # LocalEntryNotFoundError, RepositoryNotFoundError, ...
         raise FileNotFoundError(
             f"model {model!r} is neither a local folder nor a snapshot in the Hugging Face cache "

@@ -20,24 +20,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from diffrl.hub import cached_file, cached_snapshot, hub_cache_dir, looks_like_hub_id
+from diffrl.runtime import DTYPES
+
 from .base import Reward
 
 TINY = "tiny"
 """The `model` value that builds random tiny weights from a config."""
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-def hub_cache_dir() -> str:
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
-
-
-def _looks_like_hub_id(spec: str) -> bool:
-    parts = spec.split("/")
-    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~", "/")) and "\\" not in spec
-
 
 def _absent(reward: str, what: str, spec: str, fix_arg: str) -> str:
     return (
@@ -55,11 +44,9 @@ def resolve_folder(spec: str, *, reward: str, what: str, needs: tuple[str, ...] 
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
         folder = path
-    elif _looks_like_hub_id(spec):
-        from huggingface_hub import snapshot_download
-
+    elif looks_like_hub_id(spec):
         try:
-            folder = Path(snapshot_download(spec, local_files_only=True))
+            folder = cached_snapshot(spec)
         except Exception as err:  # LocalEntryNotFoundError, RepositoryNotFoundError, offline mode ...
             raise FileNotFoundError(_absent(reward, what, spec, fix_arg)) from err
     else:
@@ -83,11 +70,9 @@ def resolve_file(spec: str, *, reward: str, what: str, fix_arg: str) -> Path:
         return path
     parts = spec.split("/")
     if len(parts) >= 3 and not spec.startswith((".", "~", "/")):
-        from huggingface_hub import hf_hub_download
-
         repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
         try:
-            return Path(hf_hub_download(repo, filename, local_files_only=True))
+            return cached_file(repo, filename)
         except Exception as err:
             raise FileNotFoundError(
                 f"reward {reward!r}: {what} {spec!r} is neither a local file nor file {filename!r} of hub repo "
