@@ -2,9 +2,9 @@
 `diffrl.lm.trainer.LMTrainer`): evaluate before training, iterate with a progress bar, log
 metrics.jsonl (+ accelerate trackers), evaluate / plot / checkpoint on schedule, report before -> after.
 
-A trainer mixing this in provides: cfg, accelerator, out (Path), iteration, train_iteration() -> row,
-evaluate(tag) -> {"eval_reward_mean": ...}, save(), and optionally eval_label() (how the eval metric is
-named) and eval_line(row) (the evaluation figures of a row, for the before / after lines).
+A trainer subclasses TrainLoop, calls setup_run(cfg) and sets `iteration`, and implements train_iteration()
+-> metrics row, evaluate(tag) -> {"eval_reward_mean": ...} and save(); eval_label() (how the eval metric is
+named) and eval_line(row) (the figures of the before / after lines) have defaults. `train()` is the loop.
 
 The before-training evaluation is row 0 of metrics.jsonl (iteration 0, samples_seen 0), so curves start
 at the base model. Trackers get the scalars grouped as train/..., eval/..., time/... and the evaluation
@@ -13,6 +13,7 @@ panels as images.
 
 from __future__ import annotations
 
+import abc
 import json
 from pathlib import Path
 
@@ -55,7 +56,24 @@ def tracker_name(key: str) -> str:
     return "train/" + key
 
 
-class TrainLoop:
+class TrainLoop(abc.ABC):
+    """The outer loop: evaluate the base, iterate, log, evaluate / plot / checkpoint on schedule, report."""
+
+    iteration: int
+    """Iterations done (restored by a resume)."""
+
+    @abc.abstractmethod
+    def train_iteration(self) -> dict:
+        """One iteration (sample, score, update); increments `iteration` and returns its metrics row."""
+
+    @abc.abstractmethod
+    def evaluate(self, tag: str) -> dict[str, float]:
+        """The evaluation of the current weights: at least {"eval_reward_mean": ...}; `tag` names its outputs."""
+
+    @abc.abstractmethod
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current state (main process); returns its folder."""
+
     def setup_run(self, cfg, accelerator=None) -> None:
         """cfg, out, accelerator (one CPU, one GPU or torchrun's processes), rank / world, the run seed,
         and on the main process the output folder, config.yaml and the trackers."""
