@@ -35,7 +35,7 @@ from diffrl.toyworld import (
 from diffrl.toyworld.scorer import UNKNOWN, classify_shape, label_components
 from diffrl.toyworld.world import OPPOSITE, side_range
 
-GENEVAL = Path("/work/shared/data/prompts/geneval/test_metadata.jsonl")
+GENEVAL = Path(__file__).resolve().parents[1] / "assets" / "prompts" / "geneval_test.jsonl"
 PER_TAG = 100
 
 
@@ -402,8 +402,8 @@ def test_compositional_split_holds_pairs_out():
     assert compositional_split(0) == compositional_split(0)
 
 
-@pytest.mark.skipif(not GENEVAL.exists(), reason="GenEval metadata not in /work/shared")
 def test_geneval_jsonl_round_trips(tmp_path):
+    """The shipped GenEval metadata (builtin:geneval_test) reads and writes back byte for byte."""
     text = GENEVAL.read_text()
     lines = text.splitlines()
     rows = read_jsonl(GENEVAL)
@@ -413,7 +413,7 @@ def test_geneval_jsonl_round_trips(tmp_path):
         assert row == original and list(row) == list(original)
     out = tmp_path / "geneval.jsonl"
     write_jsonl(rows, out)
-    # byte-identical, up to the final newline the shared file lacks and write_jsonl adds
+    # byte-identical, up to the final newline the source file lacks and write_jsonl adds
     assert out.read_text() == text.rstrip("\n") + "\n"
     assert read_jsonl(out) == rows
 
