@@ -22,19 +22,14 @@ def _options_help() -> str:
 def _train(args) -> int:
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides, args.config = [args.config, *args.overrides], None  # no recipe: all overrides
+    from diffrl.api import build_trainer
+
     try:
-        cfg = load_config(args.config, args.overrides)
+        trainer = build_trainer(args.config, *args.overrides)
     except ConfigError as exc:
         print(f"diffrl: invalid config: {exc}", file=sys.stderr)
         return 2
-    from diffrl.lm.config import LM_ALGORITHMS
-
-    if cfg.algorithm in LM_ALGORITHMS:  # language-model RL on the shared core (diffrl.lm)
-        from diffrl.lm.trainer import LMTrainer as Trainer
-    else:
-        from diffrl.trainers.loop import Trainer
-
-    Trainer(cfg).train()
+    trainer.train()
     return 0
 
 

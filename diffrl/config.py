@@ -33,7 +33,8 @@ from diffrl.trainers.grpo import GRPOConfig
 from diffrl.trainers.nft import NFTConfig
 from diffrl.trainers.prdp import PRDPConfig
 
-__all__ = ["ConfigError", "RunConfig", "describe_options", "field_docs", "load_config", "save_config"]
+__all__ = ["ConfigError", "RunConfig", "build_config", "config_layers", "describe_options", "field_docs", "load_config",
+           "override_layers", "save_config"]
 
 MOVED = {"grpo.std_scope": "advantages.std_scope", "grpo.std_ddof": "advantages.std_ddof", "grpo.std_eps": "advantages.std_eps"}
 """Keys that moved: an old recipe using one fails naming the new place."""
@@ -146,13 +147,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             layers.append(OmegaConf.to_container(OmegaConf.load(path)) or {})
         except Exception as exc:  # yaml syntax errors
             raise ConfigError(f"cannot parse {path}: {exc}") from None
-    for item in overrides or []:
+    return build_config(*layers, *override_layers(overrides or []))
+
+
+def override_layers(overrides: list[str]) -> list[dict]:
+    """`key=value` items (dotted keys for sections) as option mappings, one per item."""
+    layers = []
+    for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.learning_rate=1e-4)")
         try:
             layers.append(OmegaConf.to_container(OmegaConf.from_dotlist([item])))
         except OmegaConfBaseException as exc:
             raise ConfigError(f"cannot parse override '{item}': {exc}") from None
+    return layers
+
+
+def build_config(*layers: dict) -> RunConfig:
+    """Merge option mappings (later ones win) onto the defaults, type-check, fill the algorithm's defaults and
+    validate: what load_config does after reading the recipe and the overrides."""
     for layer in layers:
         _check_keys(layer, RunConfig)
     try:
@@ -167,6 +180,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     apply_algorithm_defaults(cfg)
     validate(cfg)
     return cfg
+
+
+def config_layers(cfg: RunConfig) -> dict:
+    """A RunConfig as a mapping of options (the layer build_config merges), e.g. to re-validate one built in Python."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
 def apply_algorithm_defaults(cfg: RunConfig) -> None:

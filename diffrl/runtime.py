@@ -26,3 +26,41 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def import_object(spec: str, what: str = "object"):
+    """The object named by "package.module:attribute", importable from the installed packages or from the
+    working directory (as `python -m` would find it: no PYTHONPATH needed). ValueError says what failed."""
+    import importlib
+    import os
+    import sys
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"{what} {spec!r}: expected 'package.module:attribute'")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"{what} {spec!r}: cannot import {module_name!r} ({exc}); looked in the working "
+                         f"directory {cwd} and the installed packages") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    try:
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise ValueError(f"{what} {spec!r}: module {module_name!r} ({module.__file__}) has no attribute {attr!r}") from None
+    return obj
+
+
+def entry_point_objects(group: str) -> dict:
+    """name -> entry point (not yet loaded) of the installed plugins of `group` (importlib.metadata)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=group)}

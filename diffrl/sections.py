@@ -115,9 +115,12 @@ class DataConfig:
     def check(self, key: str = "data") -> None:
         eval_set_specs(self, key)
         if self.eval_reward is not None:
-            from diffrl.rewards import list_rewards
+            from diffrl.rewards.registry import resolve_reward
 
-            one_of(self.eval_reward, list_rewards(), f"{key}.eval_reward")
+            try:
+                resolve_reward(self.eval_reward)
+            except ValueError as exc:
+                raise ConfigError(f"'{key}.eval_reward': {exc}") from None
 
     def eval_specs(self) -> dict[str, tuple[Optional[str], int]]:
         """The evaluation sets, headline first: name -> (prompt spec or None for the training prompts, how many)."""

@@ -42,9 +42,15 @@ def check_mixture(cfg) -> None:
     """A run's reward options (reward, reward_kwargs, rewards, reward_combine, reward_source_weights) before any reward
     loads: diffrl.checks.ConfigError naming the field."""
     from diffrl.checks import ConfigError, one_of
-    from diffrl.rewards.registry import list_rewards
+    from diffrl.rewards.registry import resolve_reward
 
-    one_of(cfg.reward, list_rewards(), "reward")
+    def known(name: str, key: str) -> None:
+        try:
+            resolve_reward(name)
+        except ValueError as exc:
+            raise ConfigError(f"'{key}': {exc}") from None
+
+    known(cfg.reward, "reward")
     one_of(cfg.reward_combine, COMBINE_MODES, "reward_combine")
     if not cfg.rewards:
         if cfg.reward_source_weights:
@@ -54,7 +60,7 @@ def check_mixture(cfg) -> None:
         raise ConfigError("'reward_kwargs' belongs to 'reward'; with a mixture in 'rewards' give each reward's "
                           "kwargs as rewards.NAME: {weight: w, kwargs: {...}}")
     for name in cfg.rewards:
-        one_of(name, list_rewards(), f"rewards.{name}")
+        known(name, f"rewards.{name}")
     try:
         parse_mixture(cfg.rewards)
     except ValueError as exc:

@@ -41,7 +41,7 @@ def test_defaults_and_overrides_are_typed(tmp_path):
         ("trian:\n  group_size: 2\n", [], "did you mean 'train'"),
         ("", ["train.group_size=many"], "train.group_size"),
         ("", ["algorithm=gpro"], "did you mean 'grpo'"),
-        ("", ["reward=jpeg_compresibility"], "did you mean 'jpeg_compressibility'"),
+        ("", ["reward=jpeg_compresibility"], "Did you mean 'jpeg_compressibility'"),
         ("", ["model=tiny-sd4"], "model"),
         ("", ["model=tiny-sd3", "sampling.sampler=ddim"], "sampling.sampler"),
         ("", ["model=tiny-sd", "sampling.sampler=flow_sde"], "sampling.sampler"),

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, list[str]]] = [  # bottom to top; the most specific patt
     ("algorithms", ["diffrl.trainers", "diffrl.trainers.*", "diffrl.lm", "diffrl.lm.losses", "diffrl.lm.policy",
                     "diffrl.lm.rewards", "diffrl.lm.tasks"]),
     ("loop", ["diffrl.sections", "diffrl.runloop", "diffrl.trainers.loop", "diffrl.lm.config", "diffrl.lm.trainer"]),
-    ("entry points", ["diffrl.config", "diffrl.cli", "diffrl.benchmarks*", "diffrl.toyworld.pretrain", "diffrl.lm.pretrain"]),
+    ("entry points", ["diffrl.config", "diffrl.api", "diffrl.cli", "diffrl.benchmarks*", "diffrl.toyworld.pretrain", "diffrl.lm.pretrain"]),
 ]
 
 

@@ -41,7 +41,7 @@ def test_diffrl_train_dispatches_lm_recipes(tmp_path, capsys):
     (["lm.train_data=builtin:nothing"], "'lm.train_data': no built-in LM dataset 'nothing'"),
     (["lm.norm_constant=8", "algorithm=lm_dapo"], "'lm.norm_constant' is only used by"),
     (["lm.nft_rhat_clamp=[0.0,0.9]"], "'lm.nft_rhat_clamp'"),
-    (["lm.rewards={\"os:nothing_here\": 1.0}"], "has no callable 'nothing_here'"),
+    (["lm.rewards={\"os:nothing_here\": 1.0}"], "has no attribute 'nothing_here'"),
     (["algorithm=lm_grp"], "did you mean 'lm_grpo'"),
     (["rewards={exact_match: 1.0}"], "'rewards' is the diffusion reward mixture"),
 ])

@@ -8,7 +8,6 @@ keeps each one's scores (the core's combine_rewards turns them into advantages).
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 from typing import Callable, Mapping
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor
 
 from diffrl.core import Registry
+from diffrl.runtime import entry_point_objects, import_object
 
 __all__ = ["LM_REWARDS", "WeightedRewards", "register_lm_reward", "resolve_lm_reward"]
 
@@ -30,18 +30,24 @@ def register_lm_reward(name: str) -> Callable[[LMRewardFn], LMRewardFn]:
     return LM_REWARDS.register(name)
 
 
+ENTRY_POINT_GROUP = "diffrl.lm_rewards"
+"""Installed packages declare LM rewards under this entry-point group."""
+
+
 def resolve_lm_reward(name: str) -> LMRewardFn:
-    """A registered name, or "module:function" (imported; the attribute must be callable)."""
-    if ":" not in name:
+    """A registered name, "module:function" (imported, from the working directory too), or an installed
+    plugin's name (entry-point group "diffrl.lm_rewards"); the object must be callable."""
+    if ":" in name:
+        fn = import_object(name, "LM reward")
+    elif name in LM_REWARDS:
         return LM_REWARDS.get(name)
-    module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"LM reward {name!r}: cannot import module {module_name!r}: {exc}") from None
-    fn = getattr(module, attr, None)
+    else:
+        plugins = entry_point_objects(ENTRY_POINT_GROUP)
+        if name not in plugins:
+            return LM_REWARDS.get(name)  # raises with the registered names and the closest one
+        fn = plugins[name].load()
     if not callable(fn):
-        raise ValueError(f"LM reward {name!r}: module {module_name!r} has no callable {attr!r}")
+        raise ValueError(f"LM reward {name!r} is a {type(fn).__name__}, not a callable")
     return fn
 
 

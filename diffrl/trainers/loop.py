@@ -43,7 +43,13 @@ PANEL_IMAGES = 4
 class Trainer(TrainLoop):
     """Builds everything from a validated diffrl.config.RunConfig and runs the shared loop."""
 
-    def __init__(self, cfg, accelerator: Accelerator | None = None):
+    def __init__(self, cfg, accelerator: Accelerator | None = None, prompts: PromptSet | None = None,
+                 eval_prompts: PromptSet | None = None):
+        """cfg: a validated RunConfig (diffrl.load_config, or diffrl.train which also takes prompts and rewards as
+        Python objects); `prompts` / `eval_prompts` replace data.prompts / data.eval_prompts."""
+        if cfg.sampling.guidance_scale is None:
+            raise ValueError("the config has no sampling.guidance_scale: build it with diffrl.load_config or train "
+                             "with diffrl.train, which fill the algorithm's defaults and validate it")
         from diffrl.pipelines.registry import load_policy
         from diffrl.rewards import build_reward
         from diffrl.rewards.mixture import build_training_reward
@@ -74,10 +80,13 @@ class Trainer(TrainLoop):
         self.reward_pool = ThreadPoolExecutor(1, thread_name_prefix="diffrl-reward") if cfg.reward_async else None
         self.eval_reward_name = cfg.data.eval_reward or self.reward._name()  # a mixture names its parts
         self.eval_reward = self.reward if cfg.data.eval_reward is None else build_reward(cfg.data.eval_reward).to(acc.device)
-        self.prompts = load_prompts(cfg.data.prompts)
+        self.prompts = prompts or load_prompts(cfg.data.prompts)
         self.eval_sets: dict[str, PromptSet] = {}  # headline first; each its first num_prompts prompts
-        for name, (spec, n) in cfg.data.eval_specs().items():
-            full = self.prompts if spec is None else load_prompts(spec)
+        for index, (name, (spec, n)) in enumerate(cfg.data.eval_specs().items()):
+            if index == 0 and eval_prompts is not None:
+                full = eval_prompts
+            else:
+                full = self.prompts if spec is None else load_prompts(spec)
             self.eval_sets[name] = PromptSet(full.prompts[:n], full.metadata[:n])
 
         t = cfg.train
