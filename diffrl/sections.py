@@ -8,6 +8,7 @@ models theirs (`diffrl/lm/config.py`); `diffrl.config` puts them together into o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -19,6 +20,8 @@ from diffrl.sampling.sampler import SAMPLERS
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 """accelerate's mixed-precision modes."""
+LR_SCHEDULES = ("constant", "linear", "cosine")
+"""Learning-rate schedules (TrainConfig.learning_rate_at)."""
 TRACKERS = ("tensorboard", "wandb", "none")
 """Experiment trackers through accelerate."""
 
@@ -180,6 +183,10 @@ class TrainConfig:
     """Gradient-norm clip (Flow-GRPO: 1.0); 0 disables."""
     mixed_precision: str = "no"
     """accelerate mixed precision: "no", "bf16" or "fp16"."""
+    lr_schedule: str = "constant"
+    """Learning rate over the run: "constant" (Flow-GRPO), "linear" or "cosine" decay to 0 at max_iterations, starting at lr_decay_start."""
+    lr_decay_start: float = 0.0
+    """Fraction of max_iterations run at the full learning rate before a linear / cosine decay begins (0: decay from the start)."""
     ema: bool = False
     """Keep an EMA of the trainable weights for evaluation (Flow-GRPO: on for SD3)."""
     ema_decay: float = 0.9
@@ -197,6 +204,20 @@ class TrainConfig:
             raise ConfigError(f"'{key}.micro_batch_size' ({self.micro_batch_size}) must divide {key}.train_batch_size ({self.train_batch_size})")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"'{key}.ema_decay' must be in [0, 1), got {self.ema_decay}")
+        one_of(self.lr_schedule, LR_SCHEDULES, f"{key}.lr_schedule")
+        if not 0 <= self.lr_decay_start < 1:
+            raise ConfigError(f"'{key}.lr_decay_start' must be in [0, 1), got {self.lr_decay_start}")
+
+    def learning_rate_at(self, iteration: int, max_iterations: int) -> float:
+        """The learning rate of iteration `iteration` (0-based) of `max_iterations`: a function of the iteration
+        alone, so a resumed run continues on the same schedule."""
+        if self.lr_schedule == "constant":
+            return self.learning_rate
+        start = self.lr_decay_start * max_iterations
+        progress = max(0.0, (iteration - start) / max(1.0, max_iterations - start))  # 0 .. 1 over the decay
+        if self.lr_schedule == "linear":
+            return self.learning_rate * (1 - progress)
+        return self.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass

@@ -99,3 +99,21 @@ def test_mixed_precision_no_survives_yaml():
     """`train.mixed_precision=no` on the command line (YAML reads a bare no as false) means accelerate's "no"."""
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
     assert load_config(None, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+
+
+def test_learning_rate_schedules_by_hand():
+    """constant; linear / cosine decay to 0 at max_iterations, after lr_decay_start of the run at full rate."""
+    import math
+
+    def lrs(*extra):
+        t = load_config(None, ["train.learning_rate=1.0", *extra]).train
+        return [t.learning_rate_at(i, 10) for i in range(10)]
+
+    assert lrs() == [1.0] * 10
+    assert lrs("train.lr_schedule=linear") == pytest.approx([1 - i / 10 for i in range(10)])
+    assert lrs("train.lr_schedule=linear", "train.lr_decay_start=0.5") == pytest.approx([1.0] * 6 + [0.8, 0.6, 0.4, 0.2])
+    assert lrs("train.lr_schedule=cosine") == pytest.approx([0.5 * (1 + math.cos(math.pi * i / 10)) for i in range(10)])
+    with pytest.raises(ConfigError, match="train.lr_schedule"):
+        load_config(None, ["train.lr_schedule=step"])
+    with pytest.raises(ConfigError, match="train.lr_decay_start"):
+        load_config(None, ["train.lr_decay_start=1.0"])

@@ -96,12 +96,15 @@ def test_two_iterations_change_every_lora_tensor_and_nothing_frozen(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
-def test_resume_continues_bit_identically(tmp_path):
-    full = make_trainer(tmp_path / "a", "max_iterations=3", "logging.save_every=1", "train.learning_rate=1e-3")
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_resume_continues_bit_identically(tmp_path, schedule):
+    full = make_trainer(tmp_path / "a", "max_iterations=3", "logging.save_every=1", "train.learning_rate=1e-3",
+                        f"train.lr_schedule={schedule}")
     rows = full.train()
     ckpt = tmp_path / "a" / "checkpoints" / "iter_000002"
     assert sorted(p.suffix for p in ckpt.iterdir() if p.is_file()) == [".json", ".json", ".safetensors", ".safetensors", ".safetensors"]
-    resumed = make_trainer(tmp_path / "b", "max_iterations=3", f"resume={ckpt}", "train.learning_rate=1e-3")
+    resumed = make_trainer(tmp_path / "b", "max_iterations=3", f"resume={ckpt}", "train.learning_rate=1e-3",
+                           f"train.lr_schedule={schedule}")
     assert resumed.iteration == 2 and resumed.samples_seen == 12
     row = resumed.train()[0]
     assert row["iteration"] == 3

@@ -272,6 +272,8 @@ class LMTrainer(TrainLoop):
         batch = self.rollout(self.iteration)
         t1 = time.perf_counter()
         self.policy.model.train()
+        for group in self.optimizer.param_groups:  # train.lr_schedule: a function of the iteration (exact resume)
+            group["lr"] = cfg.train.learning_rate_at(self.iteration, cfg.max_iterations)
         metrics = self.update(batch, derive_generator(cfg.seed, self.iteration, self.rank, 2))
         self.policy.model.eval()
         t2 = time.perf_counter()

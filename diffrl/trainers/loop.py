@@ -367,6 +367,8 @@ class Trainer(TrainLoop):
         row = {} if in_update else self.advantages(batch)
         gen = derive_generator(cfg.seed, self.iteration, self.rank, 2)
         self.policy.denoiser.train()
+        for group in self.optimizer.param_groups:  # train.lr_schedule: a function of the iteration (exact resume)
+            group["lr"] = cfg.train.learning_rate_at(self.iteration, cfg.max_iterations)
         metrics = self.algorithm.update(batch, self.optimizer, gen)
         self.policy.denoiser.eval()
         if in_update:
