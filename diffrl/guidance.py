@@ -58,7 +58,7 @@ class GuidanceSchedule:
 
     Constant by default. With `start_scale` w ramps linearly from `start_scale` at the first guided
     step to `scale` at the last step. The first `skip_steps` steps run with w = `skip_scale`
-    (RL guidance off; 0 = the base model alone, as ALGORITHMS.md's "no guidance for the first steps").
+    (RL guidance off; 0 = the base model alone, docs/algorithms.md, RL guidance: "the first steps may run without it").
     """
 
     scale: float = 1.0

@@ -1,4 +1,4 @@
-"""Rewards (DESIGN.md, seam 3): the Reward interface, a registry by name, and built-in rewards.
+"""Rewards (docs/design.md, seam 3): the Reward interface, a registry by name, and built-in rewards.
 
     from diffrl.rewards import build_reward
     reward = build_reward("jpeg_compressibility")

@@ -1,4 +1,4 @@
-"""The reward interface (DESIGN.md, seam 3).
+"""The reward interface (docs/design.md, seam 3).
 
 A reward maps decoded samples, their prompts and optional per-sample metadata to one float per
 sample. Subclasses implement `score`; callers use `__call__`, which checks the input at the door

@@ -1,5 +1,5 @@
 """Test-wide settings: offline hub, and one intra-op thread (tiny models run 10-50x faster single-threaded
-on a shared 2-core machine; ENVIRONMENT.md)."""
+on a shared 2-core machine, as measured on the build machines)."""
 
 import os
 

@@ -122,7 +122,7 @@ def test_invalid_samples_drop_out_of_the_group_means():
 def test_kl_weight_moves_with_a():
     a = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)
     m = 1e-4 / 0.1
-    torch.testing.assert_close(crd_kl_weight(a, 0.1), 0.1 * (m + a * (1 - m)))  # ALGORITHMS.md
+    torch.testing.assert_close(crd_kl_weight(a, 0.1), 0.1 * (m + a * (1 - m)))  # docs/algorithms.md
     torch.testing.assert_close(crd_kl_weight(a, 0.1), torch.tensor([1e-4, 0.025075, 0.05005, 0.1], dtype=torch.float64))
     torch.testing.assert_close(crd_kl_weight(a, 0.1, adaptive=False), torch.full((4,), 0.1, dtype=torch.float64))
 

@@ -48,7 +48,7 @@ def test_forward_process_target_and_x0_round_trip(prediction_type):
     mix = predict_x0(x_t, (1 + beta) * o1 - beta * o2, alpha, sigma, prediction_type)
     torch.testing.assert_close(mix, (1 + beta) * predict_x0(x_t, o1, alpha, sigma, prediction_type)
                                - beta * predict_x0(x_t, o2, alpha, sigma, prediction_type))
-    if prediction_type == "flow":  # x0_hat = x_t - t v (ALGORITHMS.md)
+    if prediction_type == "flow":  # x0_hat = x_t - t v (docs/algorithms.md)
         torch.testing.assert_close(predict_x0(x_t, o1, alpha, sigma, "flow"), x_t - sigma.view(-1, 1, 1, 1) * o1)
 
 

@@ -4,7 +4,7 @@ cost, `diffrl eval`, the sweep script and the README example. Tiny random models
 
 References: the stock `StableDiffusion3Pipeline` / `StableDiffusionPipeline` / `FluxPipeline.__call__`
 with a LoRA from `pipe.load_lora_weights` (tuned) and `pipe.disable_lora()` or no LoRA (base); the raw
-denoiser module called branch by branch in float64 for the CFG-then-mix formula of ALGORITHMS.md.
+denoiser module called branch by branch in float64 for the CFG-then-mix formula of docs/algorithms.md.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ def rand(*shape, seed):
 
 
 def nft_reference(v_theta, v_old, x0, noise, t, r, beta, a_max):
-    """ALGORITHMS.md, written out in velocity space, float64."""
+    """docs/algorithms.md, written out in velocity space, float64."""
     x_t = (1 - t) * x0 + t * noise
     v_plus = (1 - beta) * v_old + beta * v_theta
     v_minus = (1 + beta) * v_old - beta * v_theta

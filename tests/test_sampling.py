@@ -35,7 +35,7 @@ def ref_log_density(x, mean, std, reduction):
 
 
 def ref_flow_sde(x, v, sigma, sigma_prev, a, sigma_max):
-    """Flow-GRPO SDE mean and step std from ALGORITHMS.md, in float64 with python-float schedule values."""
+    """Flow-GRPO SDE mean and step std from docs/algorithms.md, in float64 with python-float schedule values."""
     dt = sigma_prev - sigma
     denom = sigma_max if sigma == 1 else sigma
     std_t = a * math.sqrt(sigma / (1 - denom))
