@@ -53,8 +53,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict,
     extra_tensors: dict[str, torch.Tensor] | None = None,
+    card: str | None = None,
 ) -> Path:
-    """Write a checkpoint to `path` atomically: a temporary folder renamed into place when complete."""
+    """Write a checkpoint to `path` atomically: a temporary folder renamed into place when complete. `card`
+    (a model card, Markdown) goes into the LoRA (or full-model) folder as README.md, as diffusers' scripts do."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -65,6 +67,8 @@ def save_checkpoint(
         policy.save_lora(tmp / "lora")
     else:
         policy.trainable_module().save_pretrained(tmp / "denoiser", safe_serialization=True)
+    if card is not None:
+        (tmp / ("lora" if policy.has_lora else "denoiser") / "README.md").write_text(card)
     save_file({n: p.detach().contiguous().cpu() for n, p in _named_trainable(policy).items()}, tmp / "trainable.safetensors")
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
@@ -85,6 +89,14 @@ def save_checkpoint(
     else:
         tmp.rename(path)
     return path
+
+
+def prune_checkpoints(folder: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints (iter_*) in `folder`; returns the deleted ones."""
+    done = sorted(Path(folder).glob("iter_*"))
+    for old in done[: max(0, len(done) - keep)]:
+        shutil.rmtree(old)
+    return done[: max(0, len(done) - keep)]
 
 
 def latest_checkpoint(path: str | Path) -> Path:

@@ -11,17 +11,50 @@ from pathlib import Path
 from diffrl.config import ConfigError, describe_options, load_config
 
 
-def _options_help() -> str:
-    lines = ["options (set in the YAML file or as key=value overrides):"]
+def _options_help(sections: list[str] | None = None) -> str:
+    """Every option (or those of `sections`, "run" for the top-level ones), grouped by section."""
+    groups: dict[str, list[str]] = {}
     for key, type_name, default, doc in describe_options():
+        section = key.split(".", 1)[0] if "." in key else "run"
+        if sections is not None and section not in sections:
+            continue
+        lines = groups.setdefault(section, [])
         lines.append(f"  {key} ({type_name}, default {default})")
         lines += textwrap.wrap(doc, width=92, initial_indent="      ", subsequent_indent="      ")
-    return "\n".join(lines)
+    out = []
+    for section, lines in groups.items():
+        out += [f"{section}:" if section != "run" else "run options:", *lines, ""]
+    return "\n".join(out).rstrip()
+
+
+def _train_help(parser, args) -> str:
+    """`diffrl train [CONFIG] [key=value ...] --help`: with a recipe, only the sections that run uses."""
+    sections, note = None, "options (set in the YAML file or as key=value overrides), by section:"
+    if args.config or args.overrides:
+        try:
+            cfg = load_config(args.config, args.overrides)
+            sections = ["run", *(k for k, v in cfg.in_use().items() if isinstance(v, dict))]
+            note = f"options of this run ({cfg.algorithm} on {cfg.model}), by section; other algorithms' sections left out:"
+        except ConfigError as exc:
+            note = f"(the recipe does not validate: {exc}; every option follows)\noptions, by section:"
+    return "\n".join([parser.format_usage().rstrip(), "", parser.description, "", note, _options_help(sections)])
 
 
 def _train(args) -> int:
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides, args.config = [args.config, *args.overrides], None  # no recipe: all overrides
+    if args.help:
+        print(_train_help(args.parser, args))
+        return 0
+    if args.print_config:  # the resolved config, validated; no model loads
+        from omegaconf import OmegaConf
+
+        try:
+            print(OmegaConf.to_yaml(OmegaConf.create(load_config(args.config, args.overrides).in_use())), end="")
+        except ConfigError as exc:
+            print(f"diffrl: invalid config: {exc}", file=sys.stderr)
+            return 2
+        return 0
     from diffrl.api import build_trainer
 
     try:
@@ -83,11 +116,11 @@ def _load_policy(args, command: str):
 
     try:
         policy = load_policy(args.model, torch_dtype=DTYPES[args.dtype], device=args.device, resolution=args.resolution, seed=args.model_seed)
+        if args.lora:
+            policy.load_lora(args.lora)  # fails on a folder without a LoRA or a LoRA of another model
     except (ValueError, FileNotFoundError) as exc:
         print(f"diffrl {command}: {exc}", file=sys.stderr)
         return None
-    if args.lora:
-        policy.load_lora(args.lora)
     schedule = _rlg_schedule(args)
     if schedule is not None:
         from diffrl.guidance import RLGuidedPolicy
@@ -234,16 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,serve-reward,pretrain-toy,pretrain-toy-lm}")
     train = sub.add_parser(
-        "train", help="fine-tune a model against a reward",
+        "train", help="fine-tune a model against a reward", add_help=False,
         description="Train with a YAML recipe; any option can be overridden as key=value "
                     "(e.g. train.learning_rate=1e-4 max_iterations=20 resume=outputs/run).",
-        epilog=_options_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("config", nargs="?", help="YAML recipe (configs/...); omitted: all defaults")
     train.add_argument("overrides", nargs="*", help="key=value overrides, dotted for sections")
-    train.set_defaults(func=_train)
+    train.add_argument("-h", "--help", action="store_true",
+                       help="every option, by section (with a recipe: only the sections that run uses)")
+    train.add_argument("--print-config", action="store_true", help="print the resolved, validated config and exit")
+    train.set_defaults(func=_train, parser=train)
 
-    smp = sub.add_parser("sample", help="generate images (optionally with a trained LoRA) to a folder of PNGs")
+    smp = sub.add_parser("sample", help="generate images (optionally with a trained LoRA) to a folder of PNGs",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     smp.add_argument("--model", default="tiny-sd3", help="tiny-sd | tiny-sd3 | tiny-flux | local diffusers folder | cached hub id")
     smp.add_argument("--lora", default=None, help="LoRA folder written by training (checkpoints/iter_*/lora)")
     smp.add_argument("--prompt", action="append", help="a prompt (repeatable)")
@@ -266,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample every prompt with fixed seeds and the deterministic sampler, score each image with "
                     "every reward, and write scores.jsonl, metrics.json (mean, std, 95% CI, per tag), report.md, "
                     "grid.png and reward_hist.png. Images already in OUTPUT_DIR/images are loaded, not resampled.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     ev.add_argument("--model", default="tiny-sd3", help="tiny-sd | tiny-sd3 | tiny-flux | local diffusers folder | cached hub id")
     ev.add_argument("--lora", default=None, help="LoRA folder written by training (checkpoints/iter_*/lora)")
@@ -369,7 +406,26 @@ def _pretrain_toy_lm(args) -> int:
     return 0
 
 
+def _dashed_train_options(argv: list[str]) -> str | None:
+    """`diffrl train --max_iterations 3` -> the key=value spelling it means, or None when there is no such option."""
+    if not argv or argv[0] != "train":
+        return None
+    hints, rest = [], argv[1:]
+    for i, item in enumerate(rest):
+        if item.startswith("--") and item not in ("--help", "--print-config"):
+            key, _, value = item[2:].partition("=")
+            if not value and i + 1 < len(rest) and not rest[i + 1].startswith("--") and "=" not in rest[i + 1]:
+                value = rest[i + 1]
+            hints.append(f"{key.replace('-', '_')}={value or 'VALUE'}")
+    return " ".join(hints) or None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    hint = _dashed_train_options(argv)
+    if hint:
+        print(f"diffrl train: options are key=value (no dashes), e.g. diffrl train CONFIG {hint}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -36,6 +36,9 @@ from diffrl.trainers.prdp import PRDPConfig
 __all__ = ["ConfigError", "RunConfig", "build_config", "config_layers", "describe_options", "field_docs", "load_config",
            "override_layers", "save_config"]
 
+FLUX_GUIDANCE = 3.5
+"""sampling.guidance_scale left unset on a FLUX model: FLUX.1-dev's embedded guidance (not true CFG)."""
+
 MOVED = {"grpo.std_scope": "advantages.std_scope", "grpo.std_ddof": "advantages.std_ddof", "grpo.std_eps": "advantages.std_eps"}
 """Keys that moved: an old recipe using one fails naming the new place."""
 
@@ -66,6 +69,8 @@ class RunConfig:
     """Seeds every random draw (prompts, noise, timestep order), per process and iteration."""
     resume: Optional[str] = None
     """A checkpoint folder (or an output_dir: its latest checkpoint) to continue from."""
+    overwrite: bool = False
+    """Train into an output_dir that already holds a run: its metrics, evaluations and checkpoints are deleted first (without it such a run is refused)."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -80,9 +85,23 @@ class RunConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def in_use(self) -> dict:
+        """The options this run reads, as a mapping (what config.yaml records): the sections of other algorithms
+        are left out, and an lm_* run keeps only model, policy, train, lm and logging of the diffusion options."""
+        data = OmegaConf.to_container(OmegaConf.structured(self))
+        if self.algorithm in LM_ALGORITHMS:
+            unused = ["reward", "reward_kwargs", "rewards", "reward_combine", "reward_source_weights", "reward_async",
+                      "sampling", "data", "advantages", *ALGORITHM_SECTIONS]
+        else:
+            unused = ["lm", *(name for name in ALGORITHM_SECTIONS if name != self.algorithm)]
+        return {k: v for k, v in data.items() if k not in unused}
 
-DIFFUSION_SECTIONS = ("policy", "sampling", "data", "train", "advantages", "grpo", "nft", "crd", "prdp", "easytune",
-                      "draft", "logging")
+
+ALGORITHM_SECTIONS = ("grpo", "nft", "crd", "prdp", "easytune", "draft")
+"""The sections the algorithms own, named as the algorithms."""
+
+
+DIFFUSION_SECTIONS = ("policy", "sampling", "data", "train", "advantages", *ALGORITHM_SECTIONS, "logging")
 """The sections a diffusion run checks, each by its own `check`, whatever the algorithm (lm runs check theirs)."""
 
 
@@ -193,7 +212,13 @@ def apply_algorithm_defaults(cfg: RunConfig) -> None:
     if cfg.algorithm in LM_ALGORITHMS:
         apply_lm_defaults(cfg)
     elif cfg.sampling.guidance_scale is None and cfg.algorithm in ALGORITHMS:
-        cfg.sampling.guidance_scale = ALGORITHMS.get(cfg.algorithm).default_guidance_scale
+        from diffrl.pipelines.registry import resolve_family
+
+        try:
+            family = resolve_family(cfg.model, cfg.policy.family)  # no weights read; errors are validation's
+        except (ValueError, FileNotFoundError):
+            family = None
+        cfg.sampling.guidance_scale = FLUX_GUIDANCE if family == "flux" else ALGORITHMS.get(cfg.algorithm).default_guidance_scale
 
 
 def validate(cfg: RunConfig) -> None:
@@ -208,4 +233,6 @@ def validate(cfg: RunConfig) -> None:
     for name in DIFFUSION_SECTIONS:
         getattr(cfg, name).check(name)
     algorithm = ALGORITHMS.get(cfg.algorithm)
-    algorithm.validate(cfg, check_run(cfg, algorithm.default_flow_sampler))
+    ctx = check_run(cfg, algorithm.default_flow_sampler)
+    algorithm.validate(cfg, ctx)
+    cfg.sampling.sampler = ctx.sampler  # config.yaml records the sampler the run uses

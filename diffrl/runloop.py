@@ -15,19 +15,23 @@ from __future__ import annotations
 
 import abc
 import json
+import shutil
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 
 TIME_KEYS = ("seconds", "time_rollout", "time_update", "peak_memory_mb")
+RUN_OUTPUTS = ("metrics.jsonl", "config.yaml", "curves.png", "eval", "images", "checkpoints", "diffrl")
+"""What a run writes into its output_dir (diffrl/ holds the TensorBoard logs): what overwrite=true deletes."""
 
 
 def save_config(cfg, path: str | Path) -> None:
-    """A run's config (any config dataclass) as YAML: the resolved config.yaml of an output folder."""
+    """A run's resolved config (a diffrl.config.RunConfig) as YAML, with the options the run reads
+    (`RunConfig.in_use`): the config.yaml of an output folder, loadable by diffrl.load_config."""
     from omegaconf import OmegaConf
 
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.create(cfg.in_use())))
 
 
 def flat_config(cfg) -> dict:
@@ -81,6 +85,9 @@ class TrainLoop(abc.ABC):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
+        from diffrl.sections import check_output_dir
+
+        check_output_dir(cfg)  # before any model loads
         self.cfg, self.out = cfg, Path(cfg.output_dir)
         log_with = None if cfg.logging.log_with == "none" else cfg.logging.log_with
         self.accelerator = accelerator or Accelerator(
@@ -92,6 +99,10 @@ class TrainLoop(abc.ABC):
         set_seed(cfg.seed)  # LoRA initialisation; every later draw is seeded explicitly (derive_generator)
         self.rank, self.world = acc.process_index, acc.num_processes
         if acc.is_main_process:
+            if cfg.overwrite:  # a run already here is replaced (config validation refused it otherwise)
+                for name in RUN_OUTPUTS:
+                    target = self.out / name
+                    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
             if log_with:
@@ -104,6 +115,41 @@ class TrainLoop(abc.ABC):
     def eval_line(self, row: dict) -> str:
         """The evaluation figures of a metrics row, as the before / after lines print them."""
         return f"{row['eval_reward_mean']:.4f}"
+
+    def model_card(self, family: str | None = None) -> str:
+        """README.md of a checkpoint's LoRA (or model) folder: the base model (and its family, which
+        Policy.load_lora checks), how it was trained, how to load it."""
+        cfg = self.cfg
+        reward = ", ".join(f"{k} ({v if not isinstance(v, dict) else v.get('weight', 1.0)})" for k, v in cfg.rewards.items()) \
+            if getattr(cfg, "rewards", None) else cfg.reward
+        if cfg.algorithm.startswith("lm_"):
+            reward = ", ".join(f"{k} ({w})" for k, w in cfg.lm.rewards.items())
+        return "\n".join([
+            "---", f"base_model: {cfg.model}", *([f"family: {family}"] if family else []),
+            "library_name: " + ("peft" if cfg.algorithm.startswith("lm_") else "diffusers"),
+            "tags:", "- diffrl", f"- {cfg.algorithm}", "- lora" if cfg.policy.lora_rank else "- full-finetune", "---", "",
+            f"# {cfg.algorithm} fine-tune of {cfg.model}", "",
+            f"Trained with diffrl: algorithm `{cfg.algorithm}`, reward {reward}, {self.iteration} iterations "
+            f"({getattr(self, 'samples_seen', 0)} samples), seed {cfg.seed}, learning rate {cfg.train.learning_rate}, "
+            + (f"LoRA rank {cfg.policy.lora_rank} alpha {cfg.policy.lora_alpha}." if cfg.policy.lora_rank else "full fine-tune."),
+            "", "The whole resolved config is `../../../config.yaml` of the run.", "",
+            "```python", "pipe.load_lora_weights(\"path/to/this/folder\")   # a diffusers pipeline of the base model"
+            if not cfg.algorithm.startswith("lm_") else "PeftModel.from_pretrained(base_model, \"path/to/this/folder\")", "```", ""])
+
+    def prune(self) -> None:
+        """logging.checkpoints_total_limit: keep the newest checkpoints only (main process)."""
+        from diffrl.checkpoint import prune_checkpoints
+
+        limit = self.cfg.logging.checkpoints_total_limit
+        if limit and self.accelerator.is_main_process:
+            prune_checkpoints(self.out / "checkpoints", limit)
+
+    def _truncate_metrics(self, iteration: int) -> None:
+        """Keep the rows of metrics.jsonl up to `iteration` (a resumed run logs the later ones again)."""
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            rows = [line for line in path.read_text().splitlines() if line.strip()]
+            path.write_text("".join(line + "\n" for line in rows if json.loads(line)["iteration"] <= iteration))
 
     def log(self, row: dict) -> None:
         if not self.accelerator.is_main_process:
@@ -132,6 +178,8 @@ class TrainLoop(abc.ABC):
     def train(self) -> list[dict]:
         cfg, acc, lg = self.cfg, self.accelerator, self.cfg.logging
         rows = []
+        if self.iteration > 0 and acc.is_main_process:  # resumed: rows after the checkpoint are replayed, not repeated
+            self._truncate_metrics(self.iteration)
         if self.iteration == 0:  # the base model: row 0 of metrics.jsonl
             row = {"iteration": 0, "samples_seen": 0, **self.evaluate(f"iter_{0:06d}")}
             self.log(row)
@@ -155,6 +203,7 @@ class TrainLoop(abc.ABC):
                 plot_metrics(self.out / "metrics.jsonl", self.out / "curves.png")
             if last or (lg.save_every and self.iteration % lg.save_every == 0):
                 self.save()
+                self.prune()
         bar.close()
         if acc.is_main_process and rows and "eval_reward_mean" in rows[-1]:
             tqdm.write(f"[diffrl] {self.eval_label()} after {self.iteration} iterations: {self.eval_line(rows[-1])}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from diffrl.checks import ConfigError, RunContext, check_fields, fraction, non_negative, one_of, positive
@@ -61,7 +62,7 @@ class SamplingConfig:
     eval_num_steps: int = 40
     """Denoising steps for evaluation images (Flow-GRPO: 40)."""
     guidance_scale: Optional[float] = None
-    """CFG scale of rollouts, training and evaluation (FLUX: embedded guidance); None: the algorithm's, 4.5 for grpo, easytune and draft (Flow-GRPO SD3.5), 1.0 CFG-free for nft/crd (DiffusionNFT, CRD)."""
+    """CFG scale of rollouts, training and evaluation (FLUX: embedded guidance); None: 3.5 on FLUX (FLUX.1-dev's embedded guidance), else the algorithm's: 4.5 for grpo, prdp, easytune and draft (Flow-GRPO SD3.5), 1.0 CFG-free for nft/crd (DiffusionNFT, CRD)."""
     sampler: Optional[str] = None
     """Rollout sampler: "flow_sde", "flow_ode" (Euler), "flow_dpm2" (DPM-Solver++(2M) ODE), "ddim" (eta below); None: flow_sde for grpo, flow_dpm2 for nft/crd (DiffusionNFT) and flow_ode for easytune/draft (deterministic chains) on flow models, ddim on UNets."""
     noise_level: float = 0.7
@@ -243,13 +244,16 @@ class LoggingConfig:
     """Evaluate (reward on fixed-seed eval prompts + image grid) every N iterations; 0 only at start and end."""
     save_every: int = 10
     """Write a checkpoint every N iterations (and always at the end); 0 only at the end."""
+    checkpoints_total_limit: Optional[int] = None
+    """Keep only the newest N checkpoints (older ones are deleted after each save); None keeps them all."""
     progress: bool = True
     """Show progress bars."""
 
     def check(self, key: str = "logging") -> None:
         import importlib.util
 
-        check_fields(self, key, {"log_with": TRACKERS, "eval_every": non_negative, "save_every": non_negative})
+        check_fields(self, key, {"log_with": TRACKERS, "eval_every": non_negative, "save_every": non_negative,
+                                 "checkpoints_total_limit": positive})
         if self.log_with != "none" and importlib.util.find_spec(self.log_with) is None:
             extra = ' (pip install "diffrl[wandb]")' if self.log_with == "wandb" else ""
             raise ConfigError(f"'{key}.log_with' is {self.log_with!r} but that package is not installed{extra}; or use 'none'")
@@ -268,11 +272,22 @@ def check_run(cfg, default_flow_sampler: str) -> RunContext:
     resolved family and sampler. Reads no weights."""
     from diffrl.pipelines.registry import POLICY_FAMILIES, resolve_family
 
+    stated = cfg.policy.family
+    if stated is not None:
+        one_of(stated, tuple(POLICY_FAMILIES), "policy.family")
     try:
-        family = cfg.policy.family or resolve_family(cfg.model)
+        detected = resolve_family(cfg.model)  # reads model_index.json at most
     except (ValueError, FileNotFoundError) as exc:
-        raise ConfigError(f"'model': {exc}") from None
-    one_of(family, tuple(POLICY_FAMILIES), "policy.family")
+        if stated is None:
+            raise ConfigError(f"'model': {exc}") from None
+        detected = None  # e.g. a hub id not cached yet: the family is the recipe's, loading will say what is missing
+    if stated is not None and detected is not None and stated != detected:
+        raise ConfigError(
+            f"'model' {cfg.model} is a {detected} model but 'policy.family' is {stated} (the recipe's family): its "
+            f"family-specific settings would not carry over (sampling.guidance_scale {cfg.sampling.guidance_scale} is true CFG "
+            "on sd / sd3 and embedded guidance on flux; schedules, resolution, LoRA targets differ). Use a recipe for "
+            f"{detected}, or set policy.family={detected} and check those settings")
+    family = stated or detected
     s = cfg.sampling
     if s.guidance_scale is None:
         raise ConfigError("'sampling.guidance_scale' is unset: build the config with load_config or call apply_algorithm_defaults")
@@ -288,3 +303,17 @@ def check_run(cfg, default_flow_sampler: str) -> RunContext:
         raise ConfigError(f"'sampling.sde_window_size' needs a stochastic sampler; 'sampling.sampler' {sampler} draws no noise")
     positive(cfg.max_iterations, "max_iterations")
     return RunContext(family, flow, sampler, draws_noise)
+
+
+def check_output_dir(cfg) -> None:
+    """An output_dir that already holds a run is continued (resume=) or replaced (overwrite=true), never mixed
+    into: appending would repeat iterations in metrics.jsonl and leave newer checkpoints that a resume would pick."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"'output_dir' {out} is a file, not a folder")
+    held = [name for name in ("metrics.jsonl", "checkpoints") if (out / name).exists()]
+    if held and not cfg.resume and not cfg.overwrite:
+        raise ConfigError(f"'output_dir' {out} already holds a run ({', '.join(held)}): continue it with resume={out}, "
+                          "start over with overwrite=true, or choose another output_dir")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("'overwrite' and 'resume' contradict each other: resume continues a run, overwrite deletes it")

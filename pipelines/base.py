@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Iterator
 
 import torch
@@ -170,6 +171,24 @@ class Policy(abc.ABC):
     def load_lora(self, directory) -> None:
         """Load LoRA weights saved by `save_lora` (or any diffusers LoRA for this family) as the
         trainable "default" adapter, replacing an existing one; base weights stay frozen."""
+        directory = Path(directory)
+        weights = directory / "pytorch_lora_weights.safetensors"
+        if not weights.is_file():
+            nested = directory / "lora" / weights.name
+            hint = f"; {directory} is a checkpoint folder: its LoRA is {directory / 'lora'}" if nested.is_file() else ""
+            raise FileNotFoundError(f"no LoRA in {directory}: expected {weights.name} (a diffusers LoRA folder){hint}")
+        card = directory / "README.md"  # written by diffrl training: the base model and its family
+        if card.is_file() and card.read_text().startswith("---"):
+            import yaml
+
+            meta = yaml.safe_load(card.read_text().split("---")[1]) or {}
+            if meta.get("family") not in (None, self.family):
+                raise ValueError(f"the LoRA in {directory} was trained on {meta.get('base_model')} (a {meta['family']} "
+                                 f"model); this is a {self.family} model")
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            in_file = sum(k.startswith(f"{self.lora_component}.") and (".lora_A." in k or ".lora_down." in k) for k in f.keys())
         net = self.trainable_module()
         if self.has_lora and "default" in net.peft_config:
             net.delete_adapters("default")
@@ -181,6 +200,10 @@ class Policy(abc.ABC):
             self.pipeline().load_lora_weights(str(directory), adapter_name="default")
         finally:
             diffusers_logging.set_verbosity(verbosity)
+        loaded = sum(".lora_A.default." in name for name, _ in net.named_parameters())
+        if loaded == 0 or loaded < in_file:
+            raise ValueError(f"the LoRA in {directory} does not fit this {self.family} model's {self.lora_component}: "
+                             f"{loaded} of its {in_file} LoRA layers loaded (a LoRA of another model or family?)")
         net.requires_grad_(False)
         for name, p in net.named_parameters():
             if ".lora_A." in name or ".lora_B." in name:
