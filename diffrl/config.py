@@ -157,16 +157,29 @@ def _check_keys(data: Any, cls, prefix: str = "") -> None:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML recipe, apply `key=value` overrides, type-check and validate. Loads no model."""
-    layers = []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            layers.append(OmegaConf.to_container(OmegaConf.load(path)) or {})
-        except Exception as exc:  # yaml syntax errors
-            raise ConfigError(f"cannot parse {path}: {exc}") from None
+    layers = recipe_layers(Path(path)) if path is not None else []
     return build_config(*layers, *override_layers(overrides or []))
+
+
+def recipe_layers(path: Path, _seen: tuple[Path, ...] = ()) -> list[dict]:
+    """A recipe's option mappings, its base recipes' first: `base: other.yaml` (a path relative to the recipe's
+    folder) makes a recipe the base's options with its own on top, so a variant changes one line."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (the base of {_seen[-1]})" if _seen else ""))
+    if path.resolve() in _seen:
+        raise ConfigError(f"recipe {path} is its own base: {' -> '.join(map(str, _seen))} -> {path}")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    except Exception as exc:  # yaml syntax errors
+        raise ConfigError(f"cannot parse {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of options, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return [data]
+    if not isinstance(base, str):
+        raise ConfigError(f"'base' in {path} must be the path of another recipe, got {base!r}")
+    return [*recipe_layers(path.parent / base, (*_seen, path.resolve())), data]
 
 
 def override_layers(overrides: list[str]) -> list[dict]:

@@ -2,11 +2,14 @@
 
 import dataclasses
 import importlib.util
+from pathlib import Path
 
 import pytest
 
 from diffrl import cli
 from diffrl.config import ConfigError, RunConfig, describe_options, field_docs, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -116,3 +119,27 @@ def test_learning_rate_schedules_by_hand():
         load_config(None, ["train.lr_schedule=step"])
     with pytest.raises(ConfigError, match="train.lr_decay_start"):
         load_config(None, ["train.lr_decay_start=1.0"])
+
+
+def test_recipe_inheritance(tmp_path):
+    """`base: other.yaml` (relative to the recipe): the base's options, then the recipe's own; chains; cycles and
+    missing bases fail naming the files."""
+    (tmp_path / "a.yaml").write_text("model: tiny-sd3\nreward: brightness\nmax_iterations: 7\ntrain: {learning_rate: 1.0e-3}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nreward: colorfulness\n")
+    (tmp_path / "c.yaml").write_text("base: b.yaml\ntrain: {group_size: 4}\n")
+    c = load_config(tmp_path / "c.yaml", ["max_iterations=9"])
+    assert (c.model, c.reward, c.max_iterations, c.train.learning_rate, c.train.group_size) == ("tiny-sd3", "colorfulness", 9, 1e-3, 4)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="its own base"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml.*the base of"):
+        load_config(tmp_path / "orphan.yaml")
+
+
+@pytest.mark.parametrize("recipe", sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").glob("*/*.yaml")
+                                          if p.parent.name != "accelerate") + ["configs/quickstart.yaml"])
+def test_every_shipped_recipe_validates_without_weights(recipe):
+    """Recipes that name a hub model state their family, so they validate before the weights are downloaded."""
+    cfg = load_config(ROOT / recipe)
+    assert cfg.algorithm and cfg.sampling.guidance_scale is not None or cfg.algorithm.startswith("lm_")
