@@ -1,6 +1,7 @@
 """Trainer benchmark on the SynthShapes toy world: every trainer in `diffrl.trainers.ALGORITHMS`
 fine-tunes the same toy base model with the same sample budget, then every checkpoint is scored on a
-held-out prompt set with the exact scorer.
+held-out prompt set with the exact scorer. (One file of ~500 lines on purpose: the protocol, the runs, the
+evaluation and the report read top to bottom as the benchmark does them.)
 
     python -m diffrl.benchmarks.trainers --model toy-sd3 --sample-budget 2048 --output-dir outputs/bench
     python -m diffrl.benchmarks.trainers --algorithms grpo --set train.learning_rate=3e-4 ...
