@@ -85,9 +85,12 @@ class TrainLoop(abc.ABC):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
+        import os
+
         from diffrl.sections import check_output_dir
 
-        check_output_dir(cfg)  # before any model loads
+        if os.environ.get("RANK", "0") == "0":  # before any model loads; once (other ranks may start after rank 0 logs)
+            check_output_dir(cfg)
         self.cfg, self.out = cfg, Path(cfg.output_dir)
         log_with = None if cfg.logging.log_with == "none" else cfg.logging.log_with
         self.accelerator = accelerator or Accelerator(
