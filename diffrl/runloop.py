@@ -65,6 +65,8 @@ class TrainLoop(abc.ABC):
 
     iteration: int
     """Iterations done (restored by a resume)."""
+    samples_seen: int
+    """Samples (or completions) drawn so far, all processes."""
 
     @abc.abstractmethod
     def train_iteration(self) -> dict:
@@ -119,25 +121,19 @@ class TrainLoop(abc.ABC):
         """The evaluation figures of a metrics row, as the before / after lines print them."""
         return f"{row['eval_reward_mean']:.4f}"
 
-    def model_card(self, family: str | None = None) -> str:
-        """README.md of a checkpoint's LoRA (or model) folder: the base model (and its family, which
-        Policy.load_lora checks), how it was trained, how to load it."""
+    def model_card(self, reward: str, library: str, load: str, family: str | None = None) -> str:
+        """README.md of a checkpoint's LoRA (or model) folder, as diffusers' training scripts write one: the base
+        model (and its family, which Policy.load_lora checks), how it was trained (`reward`: the rewards as text),
+        which library loads it and the line that does (`load`)."""
         cfg = self.cfg
-        reward = ", ".join(f"{k} ({v if not isinstance(v, dict) else v.get('weight', 1.0)})" for k, v in cfg.rewards.items()) \
-            if getattr(cfg, "rewards", None) else cfg.reward
-        if cfg.algorithm.startswith("lm_"):
-            reward = ", ".join(f"{k} ({w})" for k, w in cfg.lm.rewards.items())
+        lora = f"LoRA rank {cfg.policy.lora_rank} alpha {cfg.policy.lora_alpha}" if cfg.policy.lora_rank else "full fine-tune"
         return "\n".join([
-            "---", f"base_model: {cfg.model}", *([f"family: {family}"] if family else []),
-            "library_name: " + ("peft" if cfg.algorithm.startswith("lm_") else "diffusers"),
+            "---", f"base_model: {cfg.model}", *([f"family: {family}"] if family else []), f"library_name: {library}",
             "tags:", "- diffrl", f"- {cfg.algorithm}", "- lora" if cfg.policy.lora_rank else "- full-finetune", "---", "",
             f"# {cfg.algorithm} fine-tune of {cfg.model}", "",
             f"Trained with diffrl: algorithm `{cfg.algorithm}`, reward {reward}, {self.iteration} iterations "
-            f"({getattr(self, 'samples_seen', 0)} samples), seed {cfg.seed}, learning rate {cfg.train.learning_rate}, "
-            + (f"LoRA rank {cfg.policy.lora_rank} alpha {cfg.policy.lora_alpha}." if cfg.policy.lora_rank else "full fine-tune."),
-            "", "The whole resolved config is `../../../config.yaml` of the run.", "",
-            "```python", "pipe.load_lora_weights(\"path/to/this/folder\")   # a diffusers pipeline of the base model"
-            if not cfg.algorithm.startswith("lm_") else "PeftModel.from_pretrained(base_model, \"path/to/this/folder\")", "```", ""])
+            f"({self.samples_seen} samples), seed {cfg.seed}, learning rate {cfg.train.learning_rate}, {lora}.", "",
+            "The whole resolved config is `../../../config.yaml` of the run.", "", "```python", load, "```", ""])
 
     def prune(self) -> None:
         """logging.checkpoints_total_limit: keep the newest checkpoints only (main process)."""

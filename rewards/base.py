@@ -83,6 +83,10 @@ class Reward(abc.ABC):
     def _name(self) -> str:
         return getattr(self, "name", type(self).__name__)
 
+    def describe(self) -> str:
+        """The reward as a model card or a log names it (a mixture lists its parts and weights)."""
+        return self._name()
+
     def _check_inputs(
         self, samples: Tensor, prompts: list[str], metadata: list[dict] | None
     ) -> str:

@@ -259,7 +259,8 @@ class LMTrainer(TrainLoop):
         state = {"iteration": self.iteration, "samples_seen": self.samples_seen, "prompt_draws": self.prompt_draws,
                  "seed": self.cfg.seed, "world_size": self.world, "algorithm": self.cfg.algorithm}
         return save_checkpoint(self.out / "checkpoints" / f"iter_{self.iteration:06d}", self.policy, self.optimizer, state,
-                               card=self.model_card())
+                               card=self.model_card(", ".join(f"{k} ({w})" for k, w in self.cfg.lm.rewards.items()), "peft",
+                                                    'PeftModel.from_pretrained(base_model, "path/to/this/folder")'))
 
     def _resume(self, path: str) -> None:
         state, _ = load_checkpoint(path, self.policy, self.optimizer)

@@ -346,7 +346,9 @@ class Trainer(TrainLoop):
         state = {"iteration": self.iteration, "samples_seen": self.samples_seen, "seed": self.cfg.seed,
                  "world_size": self.world, "tracker": self.tracker.state_dict()}
         return save_checkpoint(self.out / "checkpoints" / f"iter_{self.iteration:06d}", self.policy,
-                               self.optimizer, state, extra, card=self.model_card(family=self.policy.family))
+                               self.optimizer, state, extra, card=self.model_card(
+                                   self.reward.describe(), "diffusers", 'pipe.load_lora_weights("path/to/this/folder")',
+                                   family=self.policy.family))
 
     def _resume(self, path: str) -> None:
         state, extra = load_checkpoint(path, self.policy, self.optimizer)
