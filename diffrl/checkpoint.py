@@ -2,7 +2,7 @@
 
 Layout of one checkpoint folder:
     lora/pytorch_lora_weights.safetensors   stock diffusers LoRA (pipe.load_lora_weights(dir/lora))
-    denoiser/                               full fine-tunes only: a diffusers model folder
+    denoiser/ (model/ for a language model)  full fine-tunes only: a diffusers (transformers) model folder
     trainable.safetensors                   every trainable tensor, by parameter name (exact resume)
     optimizer.safetensors + optimizer.json  optimizer tensors / hyper-parameters and step counts
     rng.safetensors                         torch CPU (and CUDA) generator states
@@ -66,9 +66,9 @@ def save_checkpoint(
     if policy.has_lora:
         policy.save_lora(tmp / "lora")
     else:
-        policy.trainable_module().save_pretrained(tmp / "denoiser", safe_serialization=True)
+        policy.trainable_module().save_pretrained(tmp / policy.full_model_folder, safe_serialization=True)
     if card is not None:
-        (tmp / ("lora" if policy.has_lora else "denoiser") / "README.md").write_text(card)
+        (tmp / ("lora" if policy.has_lora else policy.full_model_folder) / "README.md").write_text(card)
     save_file({n: p.detach().contiguous().cpu() for n, p in _named_trainable(policy).items()}, tmp / "trainable.safetensors")
     opt_tensors, opt_meta = _flatten_optimizer(optimizer)
     save_file(opt_tensors, tmp / "optimizer.safetensors")

@@ -64,6 +64,7 @@ class Policy(abc.ABC):
 
     family: ClassVar[str]
     lora_component: ClassVar[str] = "transformer"  # the pipeline's name for the denoiser ("unet" for SD)
+    full_model_folder: ClassVar[str] = "denoiser"  # where a checkpoint of a full fine-tune puts the model folder
     prediction_type: str  # "flow" | "epsilon" | "v_prediction"
     denoiser: nn.Module
 

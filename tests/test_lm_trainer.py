@@ -128,7 +128,7 @@ def test_full_fine_tune_with_a_frozen_reference_copy(tmp_path):
         assert not torch.equal(p, before[n]), f"{n} did not change"
     for n, p in ref.named_parameters():
         assert torch.equal(p, ref_before[n]), f"reference {n} changed"
-    assert (tmp_path / "checkpoints" / "iter_000002" / "denoiser" / "config.json").is_file()
+    assert (tmp_path / "checkpoints" / "iter_000002" / "model" / "config.json").is_file()
 
 
 def test_gradient_checkpointing_gives_the_same_update(tmp_path):

@@ -144,6 +144,9 @@ class LMPolicy:
     memory) or, for a full fine-tune, a frozen copy made by `keep_reference_copy()`.
     """
 
+    full_model_folder = "model"
+    """Where a checkpoint of a full fine-tune puts the transformers model folder."""
+
     def __init__(self, model: nn.Module, tokenizer) -> None:
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs a pad and an eos token for batched sampling")
