@@ -30,7 +30,7 @@ TRACKERS = ("tensorboard", "wandb", "none")
 @dataclass
 class PolicyConfig:
     family: Optional[str] = None
-    """Model family ("sd", "sd3", "flux"); None detects it from the model folder's model_index.json."""
+    """Model family ("sd", "sd3", "flux", "wan"); None detects it from the model folder's model_index.json."""
     resolution: int = 512
     """Image height and width in pixels (Flow-GRPO: 512)."""
     dtype: str = "float32"
@@ -45,6 +45,8 @@ class PolicyConfig:
     """Recompute activations in backward: less memory, 10-25 % more time (measured on an 18M-parameter UNet)."""
     attention_backend: str = "sdpa"
     """"sdpa" (PyTorch scaled_dot_product_attention), "xformers" (CUDA), or a diffusers dispatcher backend."""
+    num_frames: Optional[int] = None
+    """Video models: frames per clip, 4k + 1 for Wan (Flow-GRPO Wan2.1: 33); None: the model's default (33; tiny-wan 9)."""
 
     def check(self, key: str = "policy") -> None:
         from diffrl.pipelines.base import ATTENTION_BACKENDS
@@ -270,7 +272,7 @@ def resolve_sampler(sampling: SamplingConfig, default_flow_sampler: str, flow: b
 def check_run(cfg, default_flow_sampler: str) -> RunContext:
     """Checks that tie the shared sections to the model (family, sampler kind) and each other; returns the
     resolved family and sampler. Reads no weights."""
-    from diffrl.pipelines.registry import POLICY_FAMILIES, resolve_family
+    from diffrl.pipelines.registry import FLOW_FAMILIES, POLICY_FAMILIES, resolve_family
 
     stated = cfg.policy.family
     if stated is not None:
@@ -291,13 +293,14 @@ def check_run(cfg, default_flow_sampler: str) -> RunContext:
     s = cfg.sampling
     if s.guidance_scale is None:
         raise ConfigError("'sampling.guidance_scale' is unset: build the config with load_config or call apply_algorithm_defaults")
-    flow = family in ("sd3", "flux")
+    flow = family in FLOW_FAMILIES
     sampler = resolve_sampler(s, default_flow_sampler, flow)
     if flow and sampler == "ddim":
         raise ConfigError(f"'sampling.sampler' ddim needs a UNet (sd) model; '{cfg.model}' is a flow model ({family}): "
                           "use flow_sde, flow_ode or flow_dpm2")
     if not flow and sampler.startswith("flow"):
         raise ConfigError(f"'sampling.sampler' {sampler} needs a flow model; '{cfg.model}' is a UNet (sd) model: use ddim")
+    check_samples(cfg, family)
     draws_noise = (sampler == "flow_sde" and s.noise_level > 0) or (sampler == "ddim" and s.eta > 0)
     if s.sde_window_size and not draws_noise:
         raise ConfigError(f"'sampling.sde_window_size' needs a stochastic sampler; 'sampling.sampler' {sampler} draws no noise")
@@ -317,3 +320,30 @@ def check_output_dir(cfg) -> None:
                           "start over with overwrite=true, or choose another output_dir")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("'overwrite' and 'resume' contradict each other: resume continues a run, overwrite deletes it")
+
+
+def check_samples(cfg, family: str) -> None:
+    """The policy's samples (images or videos), their size, and the rewards that score them agree."""
+    from diffrl.pipelines.registry import policy_class
+    from diffrl.rewards.mixture import parse_mixture
+    from diffrl.rewards.registry import reward_accepts
+
+    kind = policy_class(family).sample_kind
+    frames = cfg.policy.num_frames
+    if frames is not None:
+        if kind != "video":
+            raise ConfigError(f"'policy.num_frames' is for video models; '{cfg.model}' is a {family} ({kind}) model")
+        from diffrl.pipelines.wan import check_frames
+
+        try:
+            check_frames(frames, "policy.num_frames")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    names = {name: f"rewards.{name}" for name in parse_mixture(cfg.rewards)} if cfg.rewards else {cfg.reward: "reward"}
+    if cfg.data.eval_reward is not None:
+        names.setdefault(cfg.data.eval_reward, "data.eval_reward")
+    for name, key in names.items():
+        accepts = reward_accepts(name)
+        if kind not in accepts:
+            hint = f"; score each frame with per_frame (reward_kwargs: {{reward: {name}}})" if kind == "video" else ""
+            raise ConfigError(f"'{key}' {name} scores {' / '.join(accepts)} samples but '{cfg.model}' makes {kind} samples{hint}")

@@ -9,24 +9,36 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 
+def frame_strips(videos: torch.Tensor, frames: int = 4) -> torch.Tensor:
+    """Videos [B, F, 3, H, W] -> strips [B, 3, H, k W] of k = min(frames, F) evenly spaced frames (first and last
+    included), for grids of clips."""
+    count = videos.shape[1]
+    picks = torch.linspace(0, count - 1, min(frames, count)).round().long()  # [k]
+    return torch.cat(list(videos[:, picks].unbind(dim=1)), dim=-1)  # [B, 3, H, k W]
+
+
 def save_grid(images: torch.Tensor, captions: list[str], path: str | Path, cols: int | None = None, cell: int = 160) -> Path:
-    """images [B, 3, H, W] in [0, 1] -> a PNG grid, each image upscaled to `cell` px with its caption below."""
+    """images [B, 3, H, W] in [0, 1] (videos [B, F, 3, H, W]: a strip of 4 frames each) -> a PNG grid, each image
+    scaled to `cell` px high (its aspect kept) with its caption below."""
+    if images.ndim == 5:
+        images = frame_strips(images)
     B = images.shape[0]
     cols = cols or min(B, 8)
     rows = (B + cols - 1) // cols
+    cell_w = max(1, round(cell * images.shape[-1] / images.shape[-2]))
     text_h = 44
     font = ImageFont.load_default()
-    canvas = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
+    canvas = Image.new("RGB", (cols * cell_w, rows * (cell + text_h)), "white")
     draw = ImageDraw.Draw(canvas)
     pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     for i in range(B):
         r, c = divmod(i, cols)
-        img = Image.fromarray(pixels[i]).resize((cell, cell), Image.NEAREST)
-        canvas.paste(img, (c * cell, r * (cell + text_h)))
+        img = Image.fromarray(pixels[i]).resize((cell_w, cell), Image.NEAREST)
+        canvas.paste(img, (c * cell_w, r * (cell + text_h)))
         lines = []
         for part in captions[i].split("\n"):
-            lines += textwrap.wrap(part, width=cell // 6)[:2]
-        draw.multiline_text((c * cell + 2, r * (cell + text_h) + cell + 1), "\n".join(lines[:3]), fill="black", font=font, spacing=1)
+            lines += textwrap.wrap(part, width=cell_w // 6)[:2]
+        draw.multiline_text((c * cell_w + 2, r * (cell + text_h) + cell + 1), "\n".join(lines[:3]), fill="black", font=font, spacing=1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)

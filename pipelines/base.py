@@ -64,6 +64,7 @@ class Policy(abc.ABC):
 
     family: ClassVar[str]
     lora_component: ClassVar[str] = "transformer"  # the pipeline's name for the denoiser ("unet" for SD)
+    sample_kind: ClassVar[str] = "image"  # what decode returns: "image" [B, 3, H, W] or "video" [B, F, 3, H, W]
     full_model_folder: ClassVar[str] = "denoiser"  # where a checkpoint of a full fine-tune puts the model folder
     prediction_type: str  # "flow" | "epsilon" | "v_prediction"
     denoiser: nn.Module
@@ -87,7 +88,8 @@ class Policy(abc.ABC):
 
     @abc.abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents [B, *S] -> images [B, 3, H, W] in [0, 1], float32 (float64 for a float64 policy)."""
+        """Latents [B, *S] -> samples in [0, 1] of `sample_kind` (images [B, 3, H, W], videos [B, F, 3, H, W]),
+        float32 (float64 for a float64 policy)."""
 
     # ---- construction shared by every family ------------------------------------------------
     pipeline_class: ClassVar[type]  # the stock diffusers pipeline this adapter wraps

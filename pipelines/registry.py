@@ -20,8 +20,11 @@ POLICY_FAMILIES = {
     "sd": "diffrl.pipelines.sd:StableDiffusionPolicy",
     "sd3": "diffrl.pipelines.sd3:SD3Policy",
     "flux": "diffrl.pipelines.flux:FluxPolicy",
+    "wan": "diffrl.pipelines.wan:WanPolicy",
 }
-TINY_MODELS = {"tiny-sd", "tiny-sd3", "tiny-flux"}
+TINY_MODELS = {"tiny-sd", "tiny-sd3", "tiny-flux", "tiny-wan"}
+FLOW_FAMILIES = ("sd3", "flux", "wan")
+"""Families trained with rectified flow (velocity prediction); the others are DDPM / DDIM UNets."""
 # trained SynthShapes toy base models shipped in assets/toy/ (diffrl pretrain-toy)
 SHIPPED_MODELS = {"toy-sd3": "sd3", "toy-sd": "sd"}
 
@@ -41,6 +44,7 @@ PIPELINE_CLASSES = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
+    "WanPipeline": "wan",
 }
 
 
@@ -128,19 +132,23 @@ def load_policy(
     device: str | torch.device = "cpu",
     resolution: int | None = None,
     seed: int = 0,
+    num_frames: int | None = None,
 ):
     """Build the Policy for `model`: "tiny-<family>" (random tiny weights), a local diffusers
     folder, or a hub id in the local HF cache. `resolution` sets height = width (None: the
-    pipeline's default; 32 for the tiny models)."""
+    pipeline's default; 32 for the tiny models); `num_frames` the clip length of a video family."""
     fam = resolve_family(model, family)
     cls = policy_class(fam)
+    if num_frames is not None and cls.sample_kind != "video":
+        raise ValueError(f"num_frames is for video models; {model} is a {fam} ({cls.sample_kind}) model")
+    extra = {"num_frames": num_frames} if num_frames is not None else {}
     if model in TINY_MODELS:
-        policy = cls.tiny(seed=seed, dtype=torch_dtype, resolution=resolution or 32)
+        policy = cls.tiny(seed=seed, dtype=torch_dtype, resolution=resolution or 32, **extra)
         policy.pipeline().to(device)
         return policy
     if model in SHIPPED_MODELS:
         model = str(shipped_model_dir(model))
-    return cls.from_pretrained(model, torch_dtype=torch_dtype, device=device, height=resolution, width=resolution)
+    return cls.from_pretrained(model, torch_dtype=torch_dtype, device=device, height=resolution, width=resolution, **extra)
 
 
 def freeze_for_sampling(pipe):

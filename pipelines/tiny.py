@@ -193,3 +193,32 @@ def tiny_flux_pipeline(seed: int = 0, dtype=None, resolution: int = 32):
         transformer=transformer,
     )
     return _finish(pipe, dtype or torch.float32)
+
+
+def tiny_wan_pipeline(seed: int = 0, dtype=None, two_experts: bool = False):
+    """A random tiny `WanPipeline` (diffusers' test sizes; a UMT5 encoder built from a local config and the shipped
+    T5 tokenizer); Wan2.2-style with a second (low-noise) expert and boundary_ratio 0.875 when `two_experts`."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = t5_tokenizer()
+
+    def transformer():
+        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                                     out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2,
+                                     cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+
+    text_config = UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                             relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+                             decoder_start_token_id=0)
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_seeded(seed + 2, lambda: UMT5EncoderModel(text_config)),
+        vae=_seeded(seed + 1, lambda: AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                                       temperal_downsample=[False, True, True])),
+        transformer=_seeded(seed, transformer),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        transformer_2=_seeded(seed + 3, transformer) if two_experts else None,
+        boundary_ratio=0.875 if two_experts else None,
+    )
+    return _finish(pipe, dtype or torch.float32)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -82,6 +82,17 @@ class Reward(abc.ABC):
 
     def _name(self) -> str:
         return getattr(self, "name", type(self).__name__)
+
+    @classmethod
+    def declares_differentiable(cls, kwargs: dict[str, Any] | None = None) -> bool:
+        """Whether `cls(**kwargs)` lets gradients reach the samples, read without building it (no weights load):
+        the constructor's `differentiable` argument where it takes one (the CLIP family), else `differentiable`."""
+        import inspect
+
+        param = inspect.signature(cls.__init__).parameters.get("differentiable")
+        if param is not None:
+            return bool((kwargs or {}).get("differentiable", param.default))
+        return bool(cls.differentiable)
 
     def describe(self) -> str:
         """The reward as a model card or a log names it (a mixture lists its parts and weights)."""

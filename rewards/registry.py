@@ -13,7 +13,6 @@ and, from Python, any Reward instance or function given to `use_reward` (what `d
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -135,12 +134,18 @@ def declares_differentiable(name: str, kwargs: dict[str, Any] | None = None) -> 
     family: tensor instead of PIL preprocessing), else the class's (or function's) `differentiable` attribute."""
     obj = resolve_reward(name)
     if isinstance(obj, type) and issubclass(obj, Reward):
-        param = inspect.signature(obj.__init__).parameters.get("differentiable")
-        if param is not None:
-            return bool((kwargs or {}).get("differentiable", param.default))
+        return obj.declares_differentiable(kwargs)
     return bool(getattr(obj, "differentiable", False))
 
 
 def differentiable_rewards() -> list[str]:
     """Registered rewards that are, or can be made (`differentiable=True`), differentiable; sorted."""
     return [n for n in sorted(_REGISTRY) if declares_differentiable(n, {"differentiable": True})]
+
+
+def reward_accepts(name: str) -> tuple[str, ...]:
+    """The sample kinds reward `name` scores ("image", "video", "motion"), read without building it."""
+    obj = resolve_reward(name)
+    if isinstance(obj, type) and issubclass(obj, Reward):
+        return tuple(obj.accepts)
+    return tuple(obj.accepts) if isinstance(obj, Reward) else tuple(getattr(obj, "accepts", SAMPLE_KINDS))

@@ -59,7 +59,8 @@ class Trainer(TrainLoop):
 
         p = cfg.policy
         self.policy = load_policy(
-            cfg.model, family=p.family, torch_dtype=DTYPES[p.dtype], device=acc.device, resolution=p.resolution
+            cfg.model, family=p.family, torch_dtype=DTYPES[p.dtype], device=acc.device, resolution=p.resolution,
+            num_frames=p.num_frames
         )  # tiny models are built with a fixed weight seed: the run seed must not change the base model
         if p.lora_rank > 0:
             self.policy.add_lora(p.lora_rank, p.lora_alpha, p.lora_targets)
@@ -279,9 +280,11 @@ class Trainer(TrainLoop):
         from diffrl.visual import save_grid
 
         per_prompt = min(PANEL_IMAGES, self.cfg.data.eval_images_per_prompt)
-        keep = [b for b, r in enumerate(rows) if r["image_index"] < per_prompt][:PANEL_CELLS]
+        video = images.ndim == 5  # a clip is a strip of 4 frames: 8 clips, 2 a row
+        keep = [b for b, r in enumerate(rows) if r["image_index"] < per_prompt][: PANEL_CELLS // 4 if video else PANEL_CELLS]
+        cols = 2 if video else 8
         path = save_grid(images[keep], [f"{rows[b]['prompt']}\nreward {rows[b]['score']:.3f}" for b in keep],
-                         self.out / "images" / f"{name}.png", cols=8)
+                         self.out / "images" / f"{name}.png", cols=cols)
         self.log_image(tracker_key, path)
 
     def _eval_scores(self, tag: str) -> dict[str, list[float]] | None:

@@ -1,0 +1,136 @@
+"""Wan2.1 / Wan2.2 text-to-video (flow matching) behind the Policy interface.
+
+Latents are video latents [B, C, F', H/8, W/8] in the pipeline's normalised space, with F' = (frames - 1) / 4 + 1
+(the VAE compresses time 4x, causally: `frames - 1` must be a multiple of 4); `decode` returns videos
+[B, F, 3, H, W] in [0, 1]. Classifier-free guidance is `uncond + g (cond - uncond)` as WanPipeline computes it.
+Wan2.2's two experts: `transformer` denoises the steps with t >= boundary_ratio * 1000 (high noise) and is the one
+trained (LoRA); `transformer_2` denoises the rest, frozen. The sampling schedule is the flow-matching
+sigma schedule of the pipeline's scheduler (its `shift`), which every rollout sampler walks (Euler ODE, the
+Flow-GRPO SDE), as Flow-GRPO does for Wan.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+from diffusers.utils.torch_utils import randn_tensor
+
+from diffrl.pipelines.base import Condition, Policy, at_least_float32
+from diffrl.pipelines.registry import freeze_for_sampling
+from diffrl.sampling import Schedule
+
+TEMPORAL_FACTOR = 4
+"""Wan's VAE compresses time 4x, causally: a clip has 4k + 1 frames."""
+
+
+def check_frames(num_frames: int, key: str = "num_frames") -> None:
+    """Wan clips have 4k + 1 frames; otherwise ValueError naming the two nearest valid counts."""
+    if num_frames < 1 or (num_frames - 1) % TEMPORAL_FACTOR:
+        below = max(1, (num_frames - 1) // TEMPORAL_FACTOR * TEMPORAL_FACTOR + 1)
+        raise ValueError(f"'{key}' must be 4k + 1 for Wan's VAE (1, 5, 9, 13, ..., 33, ..., 81), got {num_frames}: "
+                         f"the nearest are {below} and {below + TEMPORAL_FACTOR}")
+
+
+class WanPolicy(Policy):
+    """WanTransformer3DModel with CFG over a UMT5 text encoder; video latents, velocity output."""
+
+    family = "wan"
+    pipeline_class = WanPipeline
+    sample_kind = "video"
+
+    def __init__(self, pipe: WanPipeline, height: int | None = None, width: int | None = None, num_frames: int = 33,
+                 max_sequence_length: int = 226):
+        check_frames(num_frames)
+        if pipe.transformer is None:
+            raise ValueError("WanPolicy needs the pipeline's transformer (the high-noise expert on Wan2.2)")
+        self.pipe = pipe
+        self.two_experts = pipe.config.boundary_ratio is not None and pipe.transformer_2 is not None
+        self.denoiser = pipe.transformer  # the trained expert
+        self.prediction_type = "flow"
+        f = pipe.vae_scale_factor_spatial
+        self.height, self.width = int(height or 480), int(width or 832)
+        if self.height % (2 * f) or self.width % (2 * f):
+            raise ValueError(f"height and width must be multiples of {2 * f} (VAE {f}x and patch 2), got {self.height}x{self.width}")
+        self.num_frames = num_frames
+        self.max_sequence_length = max_sequence_length
+        # the sigma schedule of the pipeline's scheduler (UniPC with flow sigmas, or FlowMatchEuler), walked by our samplers
+        self.flow_scheduler = FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=pipe.scheduler.config.num_train_timesteps,
+            shift=pipe.scheduler.config.get("flow_shift", None) or pipe.scheduler.config.get("shift", 1.0))
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def tiny(cls, seed: int = 0, dtype: torch.dtype = torch.float32, resolution: int = 32, num_frames: int = 9,
+             two_experts: bool = False) -> "WanPolicy":
+        """Random tiny Wan2.1 (Wan2.2 with `two_experts`; diffusers' test sizes): milliseconds per step on a CPU."""
+        from diffrl.pipelines.tiny import tiny_wan_pipeline
+
+        pipe = freeze_for_sampling(tiny_wan_pipeline(seed=seed, dtype=dtype, two_experts=two_experts))
+        return cls(pipe, height=resolution, width=resolution, num_frames=num_frames, max_sequence_length=16)
+
+    # ---- the interface ---------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str], negative_prompt: str = "") -> Condition:
+        pe, npe = self.pipe.encode_prompt(prompt=list(prompts), negative_prompt=negative_prompt, do_classifier_free_guidance=True,
+                                          max_sequence_length=self.max_sequence_length, device=self.device)
+        return Condition(cond={"encoder_hidden_states": pe.to(self.dtype)},  # [B, L, D]
+                         uncond={"encoder_hidden_states": npe.to(self.dtype)})
+
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        f = self.pipe.vae_scale_factor_spatial
+        frames = (self.num_frames - 1) // TEMPORAL_FACTOR + 1
+        return (self.pipe.transformer.config.in_channels, frames, self.height // f, self.width // f)
+
+    def schedule(self, num_steps: int) -> Schedule:
+        self.flow_scheduler.set_timesteps(num_steps, device=self.device)
+        return Schedule(kind="flow", timesteps=self.flow_scheduler.timesteps.clone(),  # [N]
+                        sigmas=self.flow_scheduler.sigmas.clone())  # [N + 1], last 0
+
+    def initial_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """float32 [B, C, F', h, w], as WanPipeline.prepare_latents draws them."""
+        return randn_tensor((batch_size, *self.latent_shape()), generator=generator, device=self.device, dtype=torch.float32)
+
+    def expert_of(self, timestep: torch.Tensor) -> torch.Tensor:
+        """[B] bool: True where the high-noise expert (`transformer`) denoises (always on Wan2.1)."""
+        if not self.two_experts:
+            return torch.ones_like(timestep, dtype=torch.bool)
+        boundary = self.pipe.config.boundary_ratio * self.pipe.scheduler.config.num_train_timesteps
+        return timestep >= boundary
+
+    def _net(self, high: bool) -> torch.nn.Module:
+        """The expert of a noise level: the trained one through `denoiser` (accelerate's wrapper), or the frozen one."""
+        return self.denoiser if high else self.pipe.transformer_2
+
+    def _guided(self, net, x_t, timestep, cond: Condition, guidance_scale: float) -> torch.Tensor:
+        h = cond.cond["encoder_hidden_states"]
+        if guidance_scale > 1:  # CFG as the pipeline: uncond + g (cond - uncond), as one batch [uncond, cond]
+            if cond.uncond is None:
+                raise ValueError(f"guidance_scale {guidance_scale} > 1 needs unconditional embeddings (Condition.uncond)")
+            v = net(hidden_states=torch.cat([x_t, x_t]), timestep=torch.cat([timestep, timestep]),
+                    encoder_hidden_states=torch.cat([cond.uncond["encoder_hidden_states"], h]), return_dict=False)[0]
+            v_uncond, v_cond = v.chunk(2)  # [B, C, F', h, w] each
+            return v_uncond + guidance_scale * (v_cond - v_uncond)
+        return net(hidden_states=x_t, timestep=timestep, encoder_hidden_states=h, return_dict=False)[0]
+
+    def predict(self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Condition, guidance_scale: float) -> torch.Tensor:
+        x_t = x_t.to(self.dtype)  # trajectories are kept in float32 or wider; the model runs in its own dtype
+        high = self.expert_of(timestep)  # [B]
+        if bool(high.all()) or bool((~high).all()):
+            return self._guided(self._net(bool(high[0])), x_t, timestep, cond, guidance_scale)
+        out = torch.empty_like(x_t)  # per-sample noise levels on both sides of the boundary: each expert its rows
+        for side in (True, False):
+            rows = (high == side).nonzero().squeeze(1)
+            out[rows] = self._guided(self._net(side), x_t[rows], timestep[rows], cond.index(rows), guidance_scale)
+        return out
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, F', h, w] -> videos [B, F, 3, H, W] in [0, 1], un-normalised as the pipeline does."""
+        vae = self.pipe.vae
+        z = latents.to(vae.dtype)
+        mean = torch.tensor(vae.config.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
+        video = vae.decode(z * std + mean, return_dict=False)[0]  # [B, 3, F, H, W] in [-1, 1]
+        return at_least_float32((video.permute(0, 2, 1, 3, 4) / 2 + 0.5).clamp(0, 1))
+
+    def default_lora_targets(self) -> list[str]:
+        return ["to_q", "to_k", "to_v", "to_out.0"]
