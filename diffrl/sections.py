@@ -33,6 +33,10 @@ class PolicyConfig:
     """Model family ("sd", "sd3", "flux", "wan"); None detects it from the model folder's model_index.json."""
     resolution: int = 512
     """Image height and width in pixels (Flow-GRPO: 512)."""
+    height: Optional[int] = None
+    """Height in pixels when it differs from the width (e.g. Flow-GRPO's Wan2.1 clips: 240 x 416); None: resolution."""
+    width: Optional[int] = None
+    """Width in pixels when it differs from the height; None: resolution."""
     dtype: str = "float32"
     """Dtype of the frozen base weights: float32, bfloat16, float16 or float64 (LoRA weights stay float32, float64 in a float64 run)."""
     lora_rank: int = 32
@@ -51,10 +55,15 @@ class PolicyConfig:
     def check(self, key: str = "policy") -> None:
         from diffrl.pipelines.base import ATTENTION_BACKENDS
 
-        check_fields(self, key, {"dtype": tuple(DTYPES), "attention_backend": ATTENTION_BACKENDS,
-                                 "resolution": positive, "lora_rank": non_negative})
-        if self.resolution % 16:
-            raise ConfigError(f"'{key}.resolution' must be a multiple of 16 (VAE and patch size), got {self.resolution}")
+        check_fields(self, key, {"dtype": tuple(DTYPES), "attention_backend": ATTENTION_BACKENDS, "resolution": positive,
+                                 "height": positive, "width": positive, "lora_rank": non_negative})
+        for name in ("resolution", "height", "width"):
+            if (getattr(self, name) or 16) % 16:
+                raise ConfigError(f"'{key}.{name}' must be a multiple of 16 (VAE and patch size), got {getattr(self, name)}")
+
+    def size(self) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        return self.height or self.resolution, self.width or self.resolution
 
 
 @dataclass

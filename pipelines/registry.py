@@ -133,22 +133,28 @@ def load_policy(
     resolution: int | None = None,
     seed: int = 0,
     num_frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
 ):
     """Build the Policy for `model`: "tiny-<family>" (random tiny weights), a local diffusers
     folder, or a hub id in the local HF cache. `resolution` sets height = width (None: the
-    pipeline's default; 32 for the tiny models); `num_frames` the clip length of a video family."""
+    pipeline's default; 32 for the tiny models), `height` / `width` a non-square size; `num_frames` the clip
+    length of a video family."""
     fam = resolve_family(model, family)
     cls = policy_class(fam)
     if num_frames is not None and cls.sample_kind != "video":
         raise ValueError(f"num_frames is for video models; {model} is a {fam} ({cls.sample_kind}) model")
     extra = {"num_frames": num_frames} if num_frames is not None else {}
     if model in TINY_MODELS:
-        policy = cls.tiny(seed=seed, dtype=torch_dtype, resolution=resolution or 32, **extra)
+        if (height or resolution) != (width or resolution):
+            raise ValueError(f"the tiny models are square: got height {height or resolution}, width {width or resolution}")
+        policy = cls.tiny(seed=seed, dtype=torch_dtype, resolution=height or resolution or 32, **extra)
         policy.pipeline().to(device)
         return policy
     if model in SHIPPED_MODELS:
         model = str(shipped_model_dir(model))
-    return cls.from_pretrained(model, torch_dtype=torch_dtype, device=device, height=resolution, width=resolution, **extra)
+    return cls.from_pretrained(model, torch_dtype=torch_dtype, device=device, height=height or resolution,
+                               width=width or resolution, **extra)
 
 
 def freeze_for_sampling(pipe):

@@ -60,7 +60,7 @@ class Trainer(TrainLoop):
         p = cfg.policy
         self.policy = load_policy(
             cfg.model, family=p.family, torch_dtype=DTYPES[p.dtype], device=acc.device, resolution=p.resolution,
-            num_frames=p.num_frames
+            height=p.height, width=p.width, num_frames=p.num_frames
         )  # tiny models are built with a fixed weight seed: the run seed must not change the base model
         if p.lora_rank > 0:
             self.policy.add_lora(p.lora_rank, p.lora_alpha, p.lora_targets)
