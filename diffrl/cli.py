@@ -111,10 +111,14 @@ def _sample(args) -> int:
 def _load_policy(args, command: str):
     """The policy of --model (--dtype, --device, --resolution, --model-seed) with --lora applied; None
     after printing the reason when the model cannot be found."""
-    from diffrl.pipelines.registry import load_policy
+    from diffrl.pipelines.registry import load_policy, policy_class, resolve_family
     from diffrl.runtime import DTYPES
 
     try:
+        kind = policy_class(resolve_family(args.model, None)).sample_kind
+        if kind != "image":  # PNG files, image grids and image rewards below
+            raise ValueError(f"{args.model} makes {kind} samples; diffrl {command} handles image models only so far "
+                             "(train video models with diffrl train, which evaluates them in-run)")
         policy = load_policy(args.model, torch_dtype=DTYPES[args.dtype], device=args.device, resolution=args.resolution, seed=args.model_seed)
         if args.lora:
             policy.load_lora(args.lora)  # fails on a folder without a LoRA or a LoRA of another model
@@ -280,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     smp = sub.add_parser("sample", help="generate images (optionally with a trained LoRA) to a folder of PNGs",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    smp.add_argument("--model", default="tiny-sd3", help="tiny-sd | tiny-sd3 | tiny-flux | local diffusers folder | cached hub id")
+    smp.add_argument("--model", default="tiny-sd3", help="toy-sd3 | toy-sd (shipped toy bases) | tiny-sd | tiny-sd3 | tiny-flux (random weights) | local diffusers folder | cached hub id")
     smp.add_argument("--lora", default=None, help="LoRA folder written by training (checkpoints/iter_*/lora)")
     smp.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     smp.add_argument("--prompts", default=None, help="a prompt file (.txt / .jsonl) or builtin:<name>")
@@ -304,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "grid.png and reward_hist.png. Images already in OUTPUT_DIR/images are loaded, not resampled.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ev.add_argument("--model", default="tiny-sd3", help="tiny-sd | tiny-sd3 | tiny-flux | local diffusers folder | cached hub id")
+    ev.add_argument("--model", default="tiny-sd3", help="toy-sd3 | toy-sd (shipped toy bases) | tiny-sd | tiny-sd3 | tiny-flux (random weights) | local diffusers folder | cached hub id")
     ev.add_argument("--lora", default=None, help="LoRA folder written by training (checkpoints/iter_*/lora)")
     ev.add_argument("--prompts", required=True, nargs="+", metavar="SPEC",
                     help="prompt files (.txt / GenEval-style .jsonl with metadata) or builtin:<name>, evaluated together; "

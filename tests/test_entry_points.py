@@ -56,6 +56,13 @@ def test_sample_refuses_a_checkpoint_folder_and_a_lora_of_another_family(tmp_pat
     assert cli.main([*common, "--model", "tiny-sd3", "--lora", str(checkpoint / "lora"), "--output-dir", str(tmp_path / "c")]) == 0
 
 
+def test_sample_and_eval_refuse_a_video_model_before_loading_it(tmp_path, capsys):
+    for command in (["sample", "--prompt", "a cat"], ["eval", "--prompts", "builtin:toy_eval", "--rewards", "toyworld"]):
+        assert cli.main([*command, "--model", "tiny-wan", "--output-dir", str(tmp_path / command[0])]) == 2
+        assert "tiny-wan makes video samples" in capsys.readouterr().err
+        assert not (tmp_path / command[0]).exists()
+
+
 def test_dashed_options_get_their_key_value_spelling(capsys):
     assert cli.main(["train", "configs/quickstart.yaml", "--max_iterations", "3", "--train.learning-rate=1e-4"]) == 2
     err = capsys.readouterr().err
