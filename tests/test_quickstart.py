@@ -1,5 +1,5 @@
 """The shipped recipes learn: the tiny JPEG recipe raises its reward in a short run; the quickstart
-(GRPO on the toy world) raises held-out exact accuracy (slow: the full 4-minute run)."""
+(GRPO on the toy world) raises exact accuracy on unseen prompts (slow: the full run)."""
 
 import json
 from pathlib import Path
@@ -53,5 +53,6 @@ def test_full_tiny_jpeg_run_raises_the_reward(tmp_path):
 @pytest.mark.slow
 def test_full_quickstart_raises_accuracy_on_unseen_prompts(tmp_path):
     _, _, rows = run(tmp_path, QUICKSTART, load_config(QUICKSTART).max_iterations)
-    # paired over the same 300 unseen prompts and seeds: the gain in GenEval's mean over tags beyond 2 s.e.
-    assert rows[-1]["eval_gain"] > 2 * rows[-1]["eval_gain_stderr"], rows[-1]
+    # paired over the same 300 unseen prompts and seeds: the gain in GenEval's mean over tags beyond 3 s.e. (seed 0,
+    # the recipe's: +11.3 +- 3.0 points; seeds 1-3 gain 3.7-7.0 points, see benchmarks/RESULTS.md)
+    assert rows[-1]["eval_gain"] > 3 * rows[-1]["eval_gain_stderr"], rows[-1]
