@@ -23,10 +23,10 @@ def run(tmp_path, config, iterations):
 
 
 def test_short_tiny_jpeg_run_raises_the_reward(tmp_path):
-    before, after, rows = run(tmp_path, TINY_JPEG, 25)
-    # JPEG compressibility is -kB; 25 iterations moved it by 0.08-0.13 in our runs, batch std is ~0.02
-    assert after > before + 0.04, (before, after)
-    assert rows[-1]["reward_mean"] > rows[0]["reward_mean"] + 0.04
+    before, after, rows = run(tmp_path, TINY_JPEG, 12)
+    # JPEG compressibility is -kB. Paired over the same 16 evaluation images: after 12 iterations seeds 0 / 1 / 2
+    # gained +0.104 +- 0.007, +0.015 +- 0.001, +0.008 +- 0.002 (4.8-15 standard errors); the full run is a slow test
+    assert after > before and rows[-1]["eval_gain"] > 3 * rows[-1]["eval_gain_stderr"], rows[-1]
 
 
 def test_quickstart_is_grpo_on_the_toy_world_judged_on_unseen_prompts():
