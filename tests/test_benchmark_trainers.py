@@ -1,4 +1,5 @@
-"""The trainer benchmark end to end on tiny-sd3: one run per algorithm at an equal sample budget, the
+"""The trainer benchmark end to end on tiny-sd3: runs at an equal sample budget (one trainer of each kind; every
+registered trainer in a slow test), the
 base row equal to an independent `evaluate`, the proxy - exact gap, time / memory, reuse of finished
 runs, and budget / option validation before any training."""
 
@@ -24,6 +25,9 @@ TINY = [
     "--set", "train.rollout_batch_size=4", "--set", "sampling.num_steps=3", "--set", "sampling.eval_num_steps=2",
     "--set", "data.num_eval_prompts=2", "--set", "policy.lora_rank=4", "--set", "policy.lora_alpha=8",
 ]
+# the default suite benchmarks one trainer of each kind (scored rollouts, reward back-propagation); the slow test
+# below runs every registered trainer through the same harness
+KINDS = ["draft", "grpo"]
 
 
 class ConstantProxy(Reward):
@@ -53,7 +57,7 @@ def bench_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(registry._REGISTRY, bench.PROXY, ConstantProxy)
         mp.setattr(ConstantProxy, "name", bench.PROXY, raising=False)
-        assert bench.main([*TINY, "--output-dir", str(out)]) == 0
+        assert bench.main([*TINY, "--algorithms", ",".join(KINDS), "--output-dir", str(out)]) == 0
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -67,10 +71,20 @@ def test_outputs_and_table_rows(bench_run):
     for tag in ("single_object", "two_object", "counting", "colors", "position", "color_attr"):
         assert tag in header
     names = [r.split(" | ")[0].removeprefix("| ") for r in rows[1:]]
-    algorithms = sorted(ALGORITHMS.names())  # every registered trainer
-    assert names[: 1 + len(algorithms)] == ["base", *algorithms]  # the main table; the accuracy-vs-samples table follows
-    assert set(results["methods"]) == set(algorithms)
-    assert all((out / "runs" / a / "metrics.jsonl").is_file() for a in algorithms)
+    assert names[: 1 + len(KINDS)] == ["base", *KINDS]  # the main table; the accuracy-vs-samples table follows
+    assert set(results["methods"]) == set(KINDS)
+    assert all((out / "runs" / a / "metrics.jsonl").is_file() for a in KINDS)
+
+
+@pytest.mark.slow
+def test_every_registered_trainer_runs_at_the_equal_budget(tmp_path):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(registry._REGISTRY, bench.PROXY, ConstantProxy)
+        mp.setattr(ConstantProxy, "name", bench.PROXY, raising=False)
+        assert bench.main([*TINY, "--output-dir", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["methods"]) == set(ALGORITHMS.names())
+    assert all(m["samples_seen"] == BUDGET and len(m["curve"]) == 2 for m in results["methods"].values())
 
 
 def test_equal_sample_budget_read_back_from_metrics(bench_run):
@@ -147,7 +161,7 @@ def test_rerun_reuses_finished_runs_and_reports_na_without_proxy(bench_run, caps
     monkeypatch.setitem(registry._REGISTRY, bench.PROXY, proxy)
     log = out / "runs" / "grpo" / "train.log"
     before = log.stat().st_mtime_ns
-    assert bench.main([*TINY, "--output-dir", str(out), *flag]) == 0
+    assert bench.main([*TINY, "--algorithms", ",".join(KINDS), "--output-dir", str(out), *flag]) == 0
     assert "reusing the finished run" in capsys.readouterr().out
     assert log.stat().st_mtime_ns == before
     results = json.loads((out / "results.json").read_text())
