@@ -17,13 +17,9 @@ def frame_strips(videos: torch.Tensor, frames: int = 4) -> torch.Tensor:
     return torch.cat(list(videos[:, picks].unbind(dim=1)), dim=-1)  # [B, 3, H, k W]
 
 
-def save_grid(images: torch.Tensor, captions: list[str], path: str | Path, cols: int | None = None, cell: int = 160) -> Path:
-    """images [B, 3, H, W] in [0, 1] (videos [B, F, 3, H, W]: a strip of 4 frames each) -> a PNG grid, each image
-    scaled to `cell` px high (its aspect kept) with its caption below."""
-    if images.ndim == 5:
-        images = frame_strips(images)
+def _grid_canvas(images: torch.Tensor, captions: list[str], cols: int, cell: int) -> Image.Image:
+    """images [B, 3, H, W] in [0, 1] -> one RGB canvas, `cols` to a row, each `cell` px high with its caption below."""
     B = images.shape[0]
-    cols = cols or min(B, 8)
     rows = (B + cols - 1) // cols
     cell_w = max(1, round(cell * images.shape[-1] / images.shape[-2]))
     text_h = 44
@@ -39,9 +35,30 @@ def save_grid(images: torch.Tensor, captions: list[str], path: str | Path, cols:
         for part in captions[i].split("\n"):
             lines += textwrap.wrap(part, width=cell_w // 6)[:2]
         draw.multiline_text((c * cell_w + 2, r * (cell + text_h) + cell + 1), "\n".join(lines[:3]), fill="black", font=font, spacing=1)
+    return canvas
+
+
+def save_grid(images: torch.Tensor, captions: list[str], path: str | Path, cols: int | None = None, cell: int = 160) -> Path:
+    """images [B, 3, H, W] in [0, 1] (videos [B, F, 3, H, W]: a strip of 4 frames each) -> a PNG grid, each image
+    scaled to `cell` px high (its aspect kept) with its caption below."""
+    if images.ndim == 5:
+        images = frame_strips(images)
+    canvas = _grid_canvas(images, captions, cols or min(images.shape[0], 8), cell)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
+    return path
+
+
+def save_clip_grid(videos: torch.Tensor, captions: list[str], path: str | Path, cols: int | None = None,
+                   cell: int = 160, fps: float = 8.0) -> Path:
+    """videos [B, F, 3, H, W] in [0, 1] -> an animated GIF (looping, `fps` frames a second) whose frame f is the
+    captioned grid of every clip's frame f: the clips play side by side."""
+    cols = cols or min(videos.shape[0], 4)
+    frames = [_grid_canvas(videos[:, f], captions, cols, cell) for f in range(videos.shape[1])]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
     return path
 
 

@@ -148,3 +148,30 @@ def test_a_frozen_clip_scores_below_a_moving_one():
     assert build_reward("motion_smoothness")(frozen, prompts).item() == 1.0 and build_reward("dynamics")(frozen, prompts).item() == 0.0
     score = build_reward("video_temporal")
     assert score(moving, prompts).item() > score(frozen, prompts).item() > score(flicker, prompts).item()
+
+
+def test_clip_grid_gif_plays_every_frame_of_every_clip(tmp_path):
+    from PIL import Image
+
+    from diffrl.visual import save_clip_grid
+
+    F = 5
+    levels = torch.linspace(0, 1, F)  # clip 0 brightens frame by frame, clip 1 darkens
+    videos = torch.stack([levels, levels.flip(0)]).view(2, F, 1, 1, 1).expand(2, F, 3, 8, 8)  # [2, F, 3, 8, 8]
+    path = save_clip_grid(videos, ["up", "down"], tmp_path / "clips.gif", cols=2, cell=16)
+    with Image.open(path) as gif:
+        assert gif.n_frames == F
+        for f in range(F):
+            gif.seek(f)
+            frame = gif.convert("L")
+            want = (round(255 * levels[f].item()), round(255 * levels[F - 1 - f].item()))
+            assert abs(frame.getpixel((8, 8)) - want[0]) <= 2 and abs(frame.getpixel((24, 8)) - want[1]) <= 2
+
+
+def test_a_video_run_writes_its_clips_as_a_gif_beside_the_panel(tmp_path):
+    from PIL import Image
+
+    Trainer(load_config(None, [*FAST, f"output_dir={tmp_path}", "max_iterations=1", "logging.save_every=0"])).train()
+    with Image.open(tmp_path / "images" / "iter_000001.gif") as gif:
+        assert gif.n_frames == 9  # the tiny Wan's clip length
+    assert (tmp_path / "images" / "iter_000001.png").is_file()

@@ -276,15 +276,17 @@ class Trainer(TrainLoop):
 
     def _save_panel(self, images: torch.Tensor, rows: list[dict], name: str, tracker_key: str) -> None:
         """A panel of PANEL_CELLS images (8 per row) captioned with prompt and score: the first prompts with up to
-        PANEL_IMAGES images each (32 prompts x 1, 16 x 2, 8 x 4); every image's score is in eval/<tag>.jsonl."""
-        from diffrl.visual import save_grid
+        PANEL_IMAGES images each (32 prompts x 1, 16 x 2, 8 x 4); every image's score is in eval/<tag>.jsonl.
+        Clips: the panel shows 4 frames of each, and images/<name>.gif plays the same clips side by side."""
+        from diffrl.visual import save_clip_grid, save_grid
 
         per_prompt = min(PANEL_IMAGES, self.cfg.data.eval_images_per_prompt)
         video = images.ndim == 5  # a clip is a strip of 4 frames: 8 clips, 2 a row
         keep = [b for b, r in enumerate(rows) if r["image_index"] < per_prompt][: PANEL_CELLS // 4 if video else PANEL_CELLS]
-        cols = 2 if video else 8
-        path = save_grid(images[keep], [f"{rows[b]['prompt']}\nreward {rows[b]['score']:.3f}" for b in keep],
-                         self.out / "images" / f"{name}.png", cols=cols)
+        captions = [f"{rows[b]['prompt']}\nreward {rows[b]['score']:.3f}" for b in keep]
+        path = save_grid(images[keep], captions, self.out / "images" / f"{name}.png", cols=2 if video else 8)
+        if video:
+            save_clip_grid(images[keep], captions, self.out / "images" / f"{name}.gif", cols=4)
         self.log_image(tracker_key, path)
 
     def _eval_scores(self, tag: str) -> dict[str, list[float]] | None:
