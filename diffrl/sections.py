@@ -91,9 +91,12 @@ class SamplingConfig:
     """How a step's Gaussian log-density is reduced over latent elements: "mean" (Flow-GRPO, DDPO) or "sum" (exact)."""
     negative_prompt: str = ""
     """Negative prompt for classifier-free guidance (Flow-GRPO: empty)."""
+    guidance_scale_2: Optional[float] = None
+    """Wan2.2 (two experts) only: the CFG scale of the low-noise expert's steps, as WanPipeline's guidance_scale_2; None: guidance_scale."""
 
     def check(self, key: str = "sampling") -> None:
         check_fields(self, key, {"num_steps": positive, "eval_num_steps": positive, "guidance_scale": non_negative,
+                                 "guidance_scale_2": non_negative,
                                  "sampler": SAMPLERS, "noise_level": non_negative, "logprob_reduction": REDUCTIONS})
         fraction(self.eta, f"{key}.eta", allow_zero=True)
         if not 0 <= self.sde_window_size <= self.num_steps:
@@ -302,6 +305,9 @@ def check_run(cfg, default_flow_sampler: str) -> RunContext:
     s = cfg.sampling
     if s.guidance_scale is None:
         raise ConfigError("'sampling.guidance_scale' is unset: build the config with load_config or call apply_algorithm_defaults")
+    if s.guidance_scale_2 is not None and family != "wan":
+        raise ConfigError(f"'sampling.guidance_scale_2' is the low-noise expert's CFG scale of Wan2.2; '{cfg.model}' is "
+                          f"a {family} model: remove it")
     flow = family in FLOW_FAMILIES
     sampler = resolve_sampler(s, default_flow_sampler, flow)
     if flow and sampler == "ddim":

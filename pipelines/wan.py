@@ -45,6 +45,7 @@ class WanPolicy(Policy):
             raise ValueError("WanPolicy needs the pipeline's transformer (the high-noise expert on Wan2.2)")
         self.pipe = pipe
         self.two_experts = pipe.config.boundary_ratio is not None and pipe.transformer_2 is not None
+        self.guidance_scale_2: float | None = None  # the low-noise expert's CFG scale (set_low_noise_guidance)
         self.denoiser = pipe.transformer  # the trained expert
         self.prediction_type = "flow"
         f = pipe.vae_scale_factor_spatial
@@ -97,6 +98,15 @@ class WanPolicy(Policy):
         boundary = self.pipe.config.boundary_ratio * self.pipe.scheduler.config.num_train_timesteps
         return timestep >= boundary
 
+    def set_low_noise_guidance(self, scale: float | None) -> None:
+        """CFG scale of the low-noise expert's steps (WanPipeline's guidance_scale_2); None: the run's guidance_scale."""
+        if scale is not None and not self.two_experts:
+            raise ValueError("guidance_scale_2 is for Wan2.2's two experts; this Wan model has one (no boundary_ratio)")
+        self.guidance_scale_2 = scale
+
+    def _scale(self, high: bool, guidance_scale: float) -> float:
+        return guidance_scale if high or self.guidance_scale_2 is None else self.guidance_scale_2
+
     def _net(self, high: bool) -> torch.nn.Module:
         """The expert of a noise level: the trained one through `denoiser` (accelerate's wrapper), or the frozen one."""
         return self.denoiser if high else self.pipe.transformer_2
@@ -116,11 +126,13 @@ class WanPolicy(Policy):
         x_t = x_t.to(self.dtype)  # trajectories are kept in float32 or wider; the model runs in its own dtype
         high = self.expert_of(timestep)  # [B]
         if bool(high.all()) or bool((~high).all()):
-            return self._guided(self._net(bool(high[0])), x_t, timestep, cond, guidance_scale)
+            side = bool(high[0])
+            return self._guided(self._net(side), x_t, timestep, cond, self._scale(side, guidance_scale))
         out = torch.empty_like(x_t)  # per-sample noise levels on both sides of the boundary: each expert its rows
         for side in (True, False):
             rows = (high == side).nonzero().squeeze(1)
-            out[rows] = self._guided(self._net(side), x_t[rows], timestep[rows], cond.index(rows), guidance_scale)
+            out[rows] = self._guided(self._net(side), x_t[rows], timestep[rows], cond.index(rows),
+                                     self._scale(side, guidance_scale))
         return out
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

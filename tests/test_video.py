@@ -175,3 +175,24 @@ def test_a_video_run_writes_its_clips_as_a_gif_beside_the_panel(tmp_path):
     with Image.open(tmp_path / "images" / "iter_000001.gif") as gif:
         assert gif.n_frames == 9  # the tiny Wan's clip length
     assert (tmp_path / "images" / "iter_000001.png").is_file()
+
+
+def test_wan22_low_noise_guidance_scale_equals_the_stock_pipeline_guidance_scale_2():
+    """sampling.guidance_scale_2 sets the low-noise expert's CFG scale: our ODE equals WanPipeline(guidance_scale_2=...)
+    and differs from one scale for both experts; on other families the option fails before any model loads."""
+    policy = WanPolicy.tiny(two_experts=True)
+    noise = policy.initial_noise(2, generator=torch.Generator().manual_seed(0))
+    cond = policy.encode_prompt(PROMPTS)
+    with torch.no_grad():
+        one_scale = sample(policy, cond, make_sampler("flow_ode"), policy.schedule(4), 6.0, latents=noise, record=False).final
+        policy.set_low_noise_guidance(2.0)
+        ours = sample(policy, cond, make_sampler("flow_ode"), policy.schedule(4), 6.0, latents=noise, record=False).final
+        stock = policy.pipeline()(prompt=PROMPTS, latents=noise, num_inference_steps=4, guidance_scale=6.0,
+                                  guidance_scale_2=2.0, height=32, width=32, num_frames=9, output_type="latent",
+                                  max_sequence_length=16).frames
+    torch.testing.assert_close(ours, stock, rtol=0, atol=1e-5)
+    assert (ours - one_scale).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="two experts"):
+        WanPolicy.tiny(two_experts=False).set_low_noise_guidance(2.0)
+    with pytest.raises(ConfigError, match="sampling.guidance_scale_2"):
+        load_config(None, ["model=tiny-sd3", "sampling.guidance_scale_2=2.0"])

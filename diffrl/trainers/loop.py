@@ -62,6 +62,8 @@ class Trainer(TrainLoop):
             cfg.model, family=p.family, torch_dtype=DTYPES[p.dtype], device=acc.device, resolution=p.resolution,
             height=p.height, width=p.width, num_frames=p.num_frames
         )  # tiny models are built with a fixed weight seed: the run seed must not change the base model
+        if cfg.sampling.guidance_scale_2 is not None:
+            self.policy.set_low_noise_guidance(cfg.sampling.guidance_scale_2)
         if p.lora_rank > 0:
             self.policy.add_lora(p.lora_rank, p.lora_alpha, p.lora_targets)
         else:
