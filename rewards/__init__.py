@@ -9,7 +9,7 @@ from . import color, jpeg  # noqa: F401  (importing registers the built-in rewar
 from . import aesthetic, clipscore, hpsv2, imagereward, ocr, pickscore, vlm_judge  # noqa: F401  (model rewards; weights load lazily)
 from . import geneval  # noqa: F401  (GenEval rules over a pluggable detector)
 from . import remote  # noqa: F401  (a reward served by `diffrl serve-reward`)
-from . import toyworld  # noqa: F401  (SynthShapes: toyworld, toyworld_accuracy)
+from . import toyworld  # noqa: F401  (SynthShapes: toyworld, toyworld_accuracy, toyclips, toyclips_accuracy)
 from . import toy_proxy  # noqa: F401  (SynthShapes learned proxy: toy_proxy)
 from . import video  # noqa: F401  (per_frame, temporal_flicker, motion_smoothness, dynamics, video_temporal)
 from .base import Reward

@@ -270,6 +270,10 @@ def evaluate_accuracy(pipe, family: str, metadata: list[dict], steps: int = 20, 
 def pretrain(args) -> Path:
     from diffrl.toyworld import compositional_split
 
+    if args.family == "wan":  # the clip world's video model
+        from diffrl.toyworld.pretrain_clips import pretrain_clips
+
+        return pretrain_clips(args)
     torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -350,7 +354,8 @@ def pretrain(args) -> Path:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="diffrl pretrain-toy")
-    p.add_argument("--family", choices=["sd3", "sd"], default="sd3", help="flow transformer (sd3) or UNet DDPM (sd)")
+    p.add_argument("--family", choices=["sd3", "sd", "wan"], default="sd3",
+                   help="flow transformer (sd3), UNet DDPM (sd), or the SynthShapes-clips video model (wan)")
     p.add_argument("--output-dir", required=True, help="where the diffusers pipeline folder is saved (at each evaluation)")
     p.add_argument("--init-from", default=None,
                    help="continue training this saved toy pipeline folder (keeps its autoencoder and tokenizer)")
