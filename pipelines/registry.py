@@ -26,7 +26,7 @@ TINY_MODELS = {"tiny-sd", "tiny-sd3", "tiny-flux", "tiny-wan"}
 FLOW_FAMILIES = ("sd3", "flux", "wan")
 """Families trained with rectified flow (velocity prediction); the others are DDPM / DDIM UNets."""
 # trained SynthShapes toy base models shipped in assets/toy/ (diffrl pretrain-toy)
-SHIPPED_MODELS = {"toy-sd3": "sd3", "toy-sd": "sd"}
+SHIPPED_MODELS = {"toy-sd3": "sd3", "toy-sd": "sd", "toy-wan": "wan"}
 
 
 def shipped_model_dir(model: str) -> Path:

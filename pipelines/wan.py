@@ -39,7 +39,7 @@ class WanPolicy(Policy):
     sample_kind = "video"
 
     def __init__(self, pipe: WanPipeline, height: int | None = None, width: int | None = None, num_frames: int = 33,
-                 max_sequence_length: int = 226):
+                 max_sequence_length: int | None = None):
         check_frames(num_frames)
         if pipe.transformer is None:
             raise ValueError("WanPolicy needs the pipeline's transformer (the high-noise expert on Wan2.2)")
@@ -53,7 +53,8 @@ class WanPolicy(Policy):
         if self.height % (2 * f) or self.width % (2 * f):
             raise ValueError(f"height and width must be multiples of {2 * f} (VAE {f}x and patch 2), got {self.height}x{self.width}")
         self.num_frames = num_frames
-        self.max_sequence_length = max_sequence_length
+        # WanPipeline's 226 text tokens, or fewer where the tokenizer is shorter (the toy model's captions)
+        self.max_sequence_length = max_sequence_length or min(226, pipe.tokenizer.model_max_length)
         # the sigma schedule of the pipeline's scheduler (UniPC with flow sigmas, or FlowMatchEuler), walked by our samplers
         self.flow_scheduler = FlowMatchEulerDiscreteScheduler(
             num_train_timesteps=pipe.scheduler.config.num_train_timesteps,
@@ -79,7 +80,7 @@ class WanPolicy(Policy):
 
     def latent_shape(self) -> tuple[int, int, int, int]:
         f = self.pipe.vae_scale_factor_spatial
-        frames = (self.num_frames - 1) // TEMPORAL_FACTOR + 1
+        frames = (self.num_frames - 1) // self.pipe.vae_scale_factor_temporal + 1
         return (self.pipe.transformer.config.in_channels, frames, self.height // f, self.width // f)
 
     def schedule(self, num_steps: int) -> Schedule:
