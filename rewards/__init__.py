@@ -12,6 +12,7 @@ from . import remote  # noqa: F401  (a reward served by `diffrl serve-reward`)
 from . import toyworld  # noqa: F401  (SynthShapes: toyworld, toyworld_accuracy, toyclips, toyclips_accuracy)
 from . import toy_proxy  # noqa: F401  (SynthShapes learned proxy: toy_proxy)
 from . import video  # noqa: F401  (per_frame, temporal_flicker, motion_smoothness, dynamics, video_temporal)
+from . import video_consistency, video_flow, videoalign  # noqa: F401  (feature_consistency, dynamic_degree, videoalign)
 from .base import Reward
 from .registry import build_reward, list_rewards, register_reward
 
