@@ -51,8 +51,32 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "toy_trainers.yaml"
-EXACT, PARTIAL, PROXY = "toyworld_accuracy", "toyworld", "toy_proxy"
+CONFIGS = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = CONFIGS / "toy_trainers.yaml"
+PROXY = "toy_proxy"
+
+
+@dataclass(frozen=True)
+class World:
+    """A closed world the benchmark can judge: its recipe, exact rewards and held-out prompt sets."""
+
+    name: str
+    config: Path
+    exact: str  # 0/1 correctness: the accuracy columns
+    partial: str  # dense partial credit
+    unseen: str  # captions never trained on
+    unseen_pairs: str | None  # captions naming a colour-shape pair pretraining never showed
+    motion_tags: tuple[str, ...] = ()  # clips: captions a still clip always fails (the still-clip exploit check)
+
+
+WORLDS = {
+    "shapes": World("shapes", DEFAULT_CONFIG, "toyworld_accuracy", "toyworld", "builtin:toy_eval", "builtin:toy_eval_pairs"),
+    "clips": World("clips", CONFIGS / "toy_video_trainers.yaml", "toyclips_accuracy", "toyclips", "builtin:toy_clips_eval",
+                   None, motion_tags=("moving", "counting")),
+}
+"""shapes: SynthShapes images (toy-sd3 / toy-sd); clips: SynthShapes clips (toy-wan)."""
+STILL_THRESHOLD = 0.25
+"""A clip whose `dynamics` (mean frame difference / 2 on the 0-255 scale, capped at 1) is below this is still."""
 
 ALGORITHM_OVERRIDES: dict[str, tuple[str, ...]] = {
     # key=value options applied to one algorithm after the base YAML and before --set; an algorithm
@@ -141,15 +165,16 @@ def even_head(rows: list[dict], n: int) -> list[dict]:
 
 
 def write_heldout_prompts(path: Path, eval_prompts: int, pair_prompts: int, train_prompts: list[dict],
-                          n_train: int) -> Path:
+                          n_train: int, world: World = WORLDS["shapes"]) -> Path:
     """The evaluation prompts, each flagged with its "split": the first `eval_prompts` of builtin:toy_eval
     ("unseen"), the first `pair_prompts` of builtin:toy_eval_pairs ("unseen_pair") and the first `n_train` of
     the training prompts ("train"), each evenly over its tags."""
     from diffrl.data import load_prompts
     from diffrl.toyworld import write_jsonl
 
-    rows = [{**m, "split": "unseen"} for m in even_head(load_prompts("builtin:toy_eval").metadata, eval_prompts)]
-    rows += [{**m, "split": "unseen_pair"} for m in even_head(load_prompts("builtin:toy_eval_pairs").metadata, pair_prompts)]
+    rows = [{**m, "split": "unseen"} for m in even_head(load_prompts(world.unseen).metadata, eval_prompts)]
+    if world.unseen_pairs and pair_prompts:
+        rows += [{**m, "split": "unseen_pair"} for m in even_head(load_prompts(world.unseen_pairs).metadata, pair_prompts)]
     rows += [{**m, "split": "train"} for m in even_head(train_prompts, n_train)]
     write_jsonl(rows, path)
     return path
@@ -209,24 +234,25 @@ def _stat(s: dict) -> dict:
     return {"mean": s["mean"], "stderr": s["stderr"] if math.isfinite(s["stderr"]) else None, "n": s["n"]}
 
 
-def _split_accuracy(rows: list[dict], split_of: list[str], split: str) -> dict | None:
+def _split_accuracy(rows: list[dict], split_of: list[str], split: str, exact: str) -> dict | None:
     """Exact accuracy of one split: the mean over tags ± its stderr (GenEval's overall score), per tag, per image."""
     from diffrl.stats import score_summary
 
     sel = [r for r in rows if split_of[r["prompt_index"]] == split]
     if not sel:
         return None
-    s = score_summary([r[EXACT] for r in sel], [r["prompt_index"] for r in sel], [r["tag"] for r in sel])
+    s = score_summary([r[exact] for r in sel], [r["prompt_index"] for r in sel], [r["tag"] for r in sel])
     se = s.get("mean_over_tags_stderr", s["stderr"])
     return {"mean": s.get("mean_over_tags", s["mean"]), "stderr": se if math.isfinite(se) else None, "n": s["n"],
             "per_image": s["mean"], "by_tag": {tag: _stat(t) for tag, t in s.get("tags", {}).items()}}
 
 
 def evaluate_one(policy, lora: Path | None, prompt_set, rewards: list, out_dir: Path, eval_kw: dict,
-                 settings: dict) -> dict:
+                 settings: dict, world: World = WORLDS["shapes"]) -> dict:
     """Scores of the base (lora None) or of one LoRA: exact accuracy of each split (unseen prompts, unseen
     colour-shape pairs, training prompts), per tag on the unseen split, and on the unseen split the exact
-    partial credit, the proxy's mean and the proxy - exact gap."""
+    partial credit, the proxy's mean and the proxy - exact gap; for clips, the share of still clips among the
+    unseen motion captions (`dynamics` below STILL_THRESHOLD)."""
     from diffrl.benchmarks.evaluate import evaluate
 
     if lora is not None:
@@ -236,15 +262,17 @@ def evaluate_one(policy, lora: Path | None, prompt_set, rewards: list, out_dir: 
     rows = [json.loads(line) for line in (out_dir / "scores.jsonl").read_text().splitlines()]
     split_of = [m.get("split", "unseen") for m in prompt_set.metadata]
     unseen = [r for r in rows if split_of[r["prompt_index"]] == "unseen"]
-    partial = sum(r[PARTIAL] for r in unseen) / len(unseen)
+    partial = sum(r[world.partial] for r in unseen) / len(unseen)
     proxy = sum(r[PROXY] for r in unseen) / len(unseen) if unseen and PROXY in unseen[0] else None
-    accuracy = _split_accuracy(rows, split_of, "unseen")
+    accuracy = _split_accuracy(rows, split_of, "unseen", world.exact)
+    moving = [r for r in unseen if r["tag"] in world.motion_tags and "dynamics" in r]
     return {
         "eval_dir": str(out_dir),
         "accuracy": accuracy,
         "accuracy_by_tag": accuracy["by_tag"],
-        "accuracy_unseen_pairs": _split_accuracy(rows, split_of, "unseen_pair"),
-        "accuracy_train": _split_accuracy(rows, split_of, "train"),
+        "accuracy_unseen_pairs": _split_accuracy(rows, split_of, "unseen_pair", world.exact),
+        "accuracy_train": _split_accuracy(rows, split_of, "train", world.exact),
+        "still_share": sum(r["dynamics"] < STILL_THRESHOLD for r in moving) / len(moving) if moving else None,
         "partial": partial,
         "proxy": proxy,
         "gap": None if proxy is None else proxy - partial,
@@ -276,7 +304,7 @@ def _acc(s: dict | None) -> str:
 def results_table(results: dict) -> list[str]:
     tags = sorted(results["base"]["accuracy_by_tag"])
     head = ["method", "samples", "train s", "wall s", "peak RSS MB", "peak CUDA MB", "unseen prompts", "unseen pairs",
-            "train prompts", *tags, "partial credit", "proxy − exact"]
+            "train prompts", *tags, "partial credit", "proxy − exact", "still clips"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
 
     def row(name, samples, run, ev):
@@ -285,7 +313,7 @@ def results_table(results: dict) -> list[str]:
                  _num(run.get("peak_rss_mb"), ".0f"), _num(run.get("peak_cuda_mb"), ".0f"), _acc(ev["accuracy"]),
                  _acc(ev["accuracy_unseen_pairs"]), _acc(ev["accuracy_train"]),
                  *(_acc(ev["accuracy_by_tag"].get(t)) for t in tags),
-                 f"{ev['partial']:.3f}", gap]
+                 f"{ev['partial']:.3f}", gap, _num(ev.get("still_share"), ".3f")]
         lines.append("| " + " | ".join(cells) + " |")
 
     row("base", 0, {}, results["base"])
@@ -296,23 +324,29 @@ def results_table(results: dict) -> list[str]:
 
 def write_markdown(results: dict, path: Path) -> None:
     s = results["settings"]
+    world = WORLDS[s.get("world", "shapes")]
     lines = [
-        "# Trainer benchmark (SynthShapes toy world)", "",
+        f"# Trainer benchmark (SynthShapes toy world: {world.name})", "",
         f"Model `{s['model']}`, equal sample budget {s['sample_budget']} samples per method. Evaluation: "
         f"{s['eval_prompts']} unseen prompts, {s['pair_prompts']} unseen-pair prompts and {s['train_prompts']} training "
         f"prompts, x {s['images_per_prompt']} images each ({s['eval_steps']} deterministic steps, CFG "
         f"{s['guidance_scale']}, seed {s['eval_seed']}).", "",
         *results_table(results), "",
-        "Accuracy columns: exact GenEval-rule accuracy (toyworld_accuracy) as GenEval reports it, the mean over tags ± "
-        "its standard error (per-tag standard errors over prompts, combined). unseen prompts: captions never trained on "
-        "(builtin:toy_eval); unseen pairs: captions with a colour-shape pair pretraining never showed "
-        "(builtin:toy_eval_pairs); train prompts: the training prompts themselves. Per-tag columns: the unseen prompts "
-        "per tag (– when a tag has one prompt and one image). partial credit: mean exact partial credit (toyworld) on "
+        f"Accuracy columns: exact accuracy ({world.exact}) as GenEval reports it, the mean over tags ± "
+        f"its standard error (per-tag standard errors over prompts, combined). unseen prompts: captions never trained on "
+        f"({world.unseen}); unseen pairs: captions with a colour-shape pair pretraining never showed "
+        f"({world.unseen_pairs or 'none in this world'}); train prompts: the training prompts themselves. Per-tag columns: "
+        f"the unseen prompts per tag (– when a tag has one prompt and one image). partial credit: mean exact partial "
+        f"credit ({world.partial}) on "
         "the unseen prompts. train s: summed per-iteration time of the trainer (rollout + update); wall s: the whole "
         "training subprocess (start-up, model load, its own evaluations, checkpoints). peak RSS: that subprocess's "
         "maximum resident memory; peak CUDA: torch.cuda.max_memory_allocated from its metrics.jsonl. "
-        f"proxy − exact: mean {PROXY} minus mean exact partial credit (toyworld) on the same images"
-        + ("" if s["proxy"] else f" (n/a: {s['proxy_note']})") + ".", "",
+        f"proxy − exact: mean {PROXY} minus mean exact partial credit ({world.partial}) on the same images"
+        + ("" if s["proxy"] else f" (n/a: {s['proxy_note']})") + ". "
+        + (f"still clips: the share of unseen {' / '.join(world.motion_tags)} clips (captions a still clip always fails) "
+           f"whose `dynamics` is below {STILL_THRESHOLD} (mean absolute frame difference under "
+           f"{2 * STILL_THRESHOLD:g} on the 0-255 scale): a generator that learned to stop moving shows here."
+           if world.motion_tags else "still clips: – (images)."), "",
         "## Accuracy against samples seen", "",
         "| method | samples | unseen prompts | unseen pairs | train prompts | proxy − exact |", "|---|---:|---:|---:|---:|---:|",
         f"| base | 0 | {_acc(results['base']['accuracy'])} | {_acc(results['base']['accuracy_unseen_pairs'])} | "
@@ -379,6 +413,8 @@ def run_benchmark(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
+    world = WORLDS[args.world]
+    config = args.config or world.config
     if args.eval_prompts < 1 or args.images_per_prompt < 1 or args.pair_prompts < 0 or args.train_prompts < 0:
         raise ValueError("--eval-prompts and --images-per-prompt must be >= 1, --pair-prompts and --train-prompts >= 0")
     if args.overwrite:
@@ -388,18 +424,23 @@ def run_benchmark(args) -> dict:
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()] if args.algorithms else ALGORITHMS.names()
     eval_path = out / "prompts" / "heldout.jsonl"
     common = [f"data.eval_prompts={eval_path}", *([f"model={args.model}"] if args.model else []), *args.set]
-    plans = plan_runs(args.config, algorithms, args.sample_budget, common, out / "runs", args.curve_points)
-    base_cfg = load_config(args.config, common)  # evaluation settings shared by every method
+    plans = plan_runs(config, algorithms, args.sample_budget, common, out / "runs", args.curve_points)
+    base_cfg = load_config(config, common)  # evaluation settings shared by every method
     train_prompts = load_prompts(base_cfg.data.prompts)
-    write_heldout_prompts(eval_path, args.eval_prompts, args.pair_prompts, train_prompts.metadata, args.train_prompts)
+    write_heldout_prompts(eval_path, args.eval_prompts, args.pair_prompts, train_prompts.metadata, args.train_prompts,
+                          world)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # loaded before training so that a missing model fails at once; the trainers load their own copy
     policy = load_policy(base_cfg.model, family=base_cfg.policy.family, torch_dtype=DTYPES[base_cfg.policy.dtype],
-                         device=device, resolution=base_cfg.policy.resolution)
+                         device=device, resolution=base_cfg.policy.resolution, num_frames=base_cfg.policy.num_frames)
 
     proxy_note = ""
-    rewards = [build_reward(EXACT), build_reward(PARTIAL)]
-    if args.no_proxy:
+    rewards = [build_reward(world.exact), build_reward(world.partial)]
+    if world.motion_tags:
+        rewards.append(build_reward("dynamics"))
+    if world.name != "shapes":
+        proxy_note = f"{PROXY} scores images of the shapes world"
+    elif args.no_proxy:
         proxy_note = "--no-proxy"
     elif PROXY not in list_rewards():
         proxy_note = f"reward '{PROXY}' is not registered"
@@ -416,7 +457,7 @@ def run_benchmark(args) -> dict:
     runs = {}
     for plan in plans:
         record_path = plan.run_dir / "benchmark_run.json"
-        cmd = train_command(args.config, plan)
+        cmd = train_command(config, plan)
         record = json.loads(record_path.read_text()) if record_path.is_file() else None
         if record and record["command"][1:] == cmd[1:] and record["train_prompts_sha256"] == train_sha:
             print(f"[bench] {plan.algorithm}: reusing the finished run in {plan.run_dir}")
@@ -427,7 +468,7 @@ def run_benchmark(args) -> dict:
             shutil.rmtree(out / "eval" / plan.algorithm, ignore_errors=True)  # images of an older run
             print(f"[bench] {plan.algorithm}: {plan.max_iterations} iterations x {plan.samples_per_iteration} samples "
                   f"-> {plan.run_dir}", flush=True)
-            record = {**run_trainer(args.config, plan, args.threads), "train_prompts_sha256": train_sha}
+            record = {**run_trainer(config, plan, args.threads), "train_prompts_sha256": train_sha}
             record_path.write_text(json.dumps(record, indent=1))
         rows = read_metrics(plan.run_dir)
         samples = rows[-1]["samples_seen"]
@@ -448,13 +489,13 @@ def run_benchmark(args) -> dict:
                    seed=args.eval_seed, batch_size=args.eval_batch_size, negative_prompt=base_cfg.sampling.negative_prompt)
     settings = {"model": base_cfg.model, "resolution": base_cfg.policy.resolution, "dtype": base_cfg.policy.dtype}
     print(f"[bench] evaluating the base model on {len(prompt_set)} held-out prompts", flush=True)
-    base = evaluate_one(policy, None, prompt_set, rewards, out / "eval" / "base", eval_kw, settings)
+    base = evaluate_one(policy, None, prompt_set, rewards, out / "eval" / "base", eval_kw, settings, world)
     for name, run in runs.items():
         curve = []
         for iteration, samples, lora in checkpoints(Path(run["run_dir"])):
             print(f"[bench] evaluating {name} at {samples} samples", flush=True)
             ev = evaluate_one(policy, lora, prompt_set, rewards, out / "eval" / name / f"iter_{iteration:06d}",
-                              eval_kw, settings)
+                              eval_kw, settings, world)
             curve.append({"iteration": iteration, "samples_seen": samples, **ev})
         if not curve or curve[-1]["samples_seen"] != run["samples_seen"]:
             raise RuntimeError(f"{name}: no final checkpoint in {run['run_dir']}/checkpoints")
@@ -462,7 +503,7 @@ def run_benchmark(args) -> dict:
 
     results = {
         "settings": {
-            "model": base_cfg.model, "config": str(args.config), "set": list(args.set), "algorithms": algorithms,
+            "world": world.name, "model": base_cfg.model, "config": str(config), "set": list(args.set), "algorithms": algorithms,
             "sample_budget": args.sample_budget, "eval_prompts": args.eval_prompts,
             "images_per_prompt": args.images_per_prompt, "eval_steps": steps,
             "guidance_scale": base_cfg.sampling.guidance_scale, "eval_seed": args.eval_seed,
@@ -487,12 +528,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune a toy model with every trainer at an equal sample budget; report held-out exact "
                     "accuracy (overall, per tag, against samples seen), the proxy - exact gap, time and memory.",
     )
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="base YAML recipe (default: benchmarks/configs/toy_trainers.yaml)")
+    p.add_argument("--world", choices=sorted(WORLDS), default="shapes",
+                   help="shapes: SynthShapes images (toy-sd3); clips: SynthShapes clips (toy-wan), with the still-clip check")
+    p.add_argument("--config", default=None, help="base YAML recipe (default: the world's, benchmarks/configs/"
+                                                  "toy_trainers.yaml or toy_video_trainers.yaml)")
     p.add_argument("--model", default=None, help="model for every trainer and the base row (default: the YAML's), e.g. toy-sd3")
     p.add_argument("--algorithms", default=None, help="comma-separated subset of diffrl.trainers.ALGORITHMS (default: all)")
     p.add_argument("--sample-budget", type=int, default=1024, help="samples each method sees in training")
     p.add_argument("--curve-points", type=int, default=4, help="checkpoints evaluated per method (the final one included)")
-    p.add_argument("--eval-prompts", type=int, default=300, help="unseen prompts (builtin:toy_eval, evenly over the tags)")
+    p.add_argument("--eval-prompts", type=int, default=300,
+                   help="unseen prompts (builtin:toy_eval or builtin:toy_clips_eval, evenly over the tags)")
     p.add_argument("--pair-prompts", type=int, default=100, help="unseen-pair prompts (builtin:toy_eval_pairs)")
     p.add_argument("--train-prompts", type=int, default=100, help="training prompts scored too (training accuracy)")
     p.add_argument("--images-per-prompt", type=int, default=1, help="held-out images per prompt")

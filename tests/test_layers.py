@@ -15,14 +15,15 @@ PACKAGES = {"diffrl": "diffrl", "pipelines": "diffrl.pipelines", "rewards": "dif
 LAYERS: list[tuple[str, list[str]]] = [  # bottom to top; the most specific pattern of a module decides
     ("foundation", ["diffrl", "diffrl.runtime", "diffrl.checks", "diffrl.stats", "diffrl.hub", "diffrl.core*",
                     "diffrl.data", "diffrl.visual", "diffrl.assets*", "diffrl.toyworld", "diffrl.toyworld.world",
-                    "diffrl.toyworld.prompts", "diffrl.toyworld.scorer"]),
+                    "diffrl.toyworld.prompts", "diffrl.toyworld.scorer", "diffrl.toyworld.clips"]),
     ("sampling", ["diffrl.sampling*", "diffrl.rollout"]),
     ("models and rewards", ["diffrl.pipelines*", "diffrl.rewards*", "diffrl.toyworld.proxy", "diffrl.checkpoint",
                             "diffrl.guidance"]),
     ("algorithms", ["diffrl.trainers", "diffrl.trainers.*", "diffrl.lm", "diffrl.lm.losses", "diffrl.lm.policy",
                     "diffrl.lm.rewards", "diffrl.lm.tasks"]),
     ("loop", ["diffrl.sections", "diffrl.runloop", "diffrl.trainers.loop", "diffrl.lm.config", "diffrl.lm.trainer"]),
-    ("entry points", ["diffrl.config", "diffrl.api", "diffrl.cli", "diffrl.benchmarks*", "diffrl.toyworld.pretrain", "diffrl.lm.pretrain"]),
+    ("entry points", ["diffrl.config", "diffrl.api", "diffrl.cli", "diffrl.benchmarks*", "diffrl.toyworld.pretrain", "diffrl.toyworld.pretrain_clips",
+                      "diffrl.lm.pretrain"]),
 ]
 
 
