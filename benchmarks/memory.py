@@ -52,7 +52,8 @@ def worker_overrides(method: str, steps: int, model: str, batch: int, out: str) 
 
 
 # ---- the worker (one subprocess per measurement) ---------------------------------------------------
-def _probe(device: str):
+def peak_memory_probe(device: str):
+    """Peak memory of a stretch of work: start(), stop() -> MiB above the start; `kind` says what is measured."""
     import torch
 
     if device == "cuda":
@@ -88,7 +89,7 @@ def run_worker(args) -> dict:
         trainer.policy.denoiser.train()
         alg.update(trainer.rollout(0), trainer.optimizer, derive_generator(0, 0))  # warm-up: lazy init, Adam state
         batches = [trainer.rollout(1 + r) for r in range(args.repeats)]
-        probe = _probe(device)
+        probe = peak_memory_probe(device)
         times, metrics = [], {}
         probe.start()
         for r, batch in enumerate(batches):

@@ -51,6 +51,14 @@ class PolicyConfig:
     """"sdpa" (PyTorch scaled_dot_product_attention), "xformers" (CUDA), or a diffusers dispatcher backend."""
     num_frames: Optional[int] = None
     """Video models: frames per clip, 4k + 1 for Wan (Flow-GRPO Wan2.1: 33); None: the model's default (33; tiny-wan 9)."""
+    vae_slicing: bool = False
+    """Video (Wan): decode one clip of a batch at a time (diffusers' vae.enable_slicing): the same clips, the decode's peak memory of one."""
+    vae_tiling: bool = False
+    """Video (Wan): decode overlapping spatial tiles, blended at the seams (diffusers' vae.enable_tiling): less decode memory at large sizes, approximate near the seams."""
+    vae_tile_size: Optional[int] = None
+    """With vae_tiling: tile side in pixels, a multiple of 8; None: diffusers' 256 (tiling engages only on larger frames)."""
+    vae_tile_stride: Optional[int] = None
+    """With vae_tiling: pixels from one tile to the next, a multiple of 8 and at most the side (the rest overlaps); None: diffusers' 192."""
 
     def check(self, key: str = "policy") -> None:
         from diffrl.pipelines.base import ATTENTION_BACKENDS
@@ -60,6 +68,14 @@ class PolicyConfig:
         for name in ("resolution", "height", "width"):
             if (getattr(self, name) or 16) % 16:
                 raise ConfigError(f"'{key}.{name}' must be a multiple of 16 (VAE and patch size), got {getattr(self, name)}")
+        if not self.vae_tiling and (self.vae_tile_size is not None or self.vae_tile_stride is not None):
+            raise ConfigError(f"'{key}.vae_tile_size' / '{key}.vae_tile_stride' are set but '{key}.vae_tiling' is false: "
+                              "turn tiling on or remove them")
+
+    def vae_chunking(self) -> dict:
+        """The VAE options as load_policy takes them."""
+        return {"vae_slicing": self.vae_slicing, "vae_tiling": self.vae_tiling, "vae_tile_size": self.vae_tile_size,
+                "vae_tile_stride": self.vae_tile_stride}
 
     def size(self) -> tuple[int, int]:
         """(height, width) in pixels."""
@@ -316,6 +332,7 @@ def check_run(cfg, default_flow_sampler: str) -> RunContext:
     if not flow and sampler.startswith("flow"):
         raise ConfigError(f"'sampling.sampler' {sampler} needs a flow model; '{cfg.model}' is a UNet (sd) model: use ddim")
     check_samples(cfg, family)
+    check_vae_chunking(cfg, family)
     draws_noise = (sampler == "flow_sde" and s.noise_level > 0) or (sampler == "ddim" and s.eta > 0)
     if s.sde_window_size and not draws_noise:
         raise ConfigError(f"'sampling.sde_window_size' needs a stochastic sampler; 'sampling.sampler' {sampler} draws no noise")
@@ -335,6 +352,25 @@ def check_output_dir(cfg) -> None:
                           "start over with overwrite=true, or choose another output_dir")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("'overwrite' and 'resume' contradict each other: resume continues a run, overwrite deletes it")
+
+
+def check_vae_chunking(cfg, family: str) -> None:
+    """policy.vae_* only on a family whose VAE has the switches (Wan), with a valid tile."""
+    from diffrl.pipelines.registry import policy_class
+
+    p = cfg.policy
+    if not (p.vae_slicing or p.vae_tiling):
+        return
+    if not hasattr(policy_class(family), "set_vae_chunking"):
+        raise ConfigError(f"'policy.vae_slicing' / 'policy.vae_tiling' are options of the video (wan) VAE; '{cfg.model}' "
+                          f"is a {family} model: remove them")
+    if p.vae_tiling:
+        from diffrl.pipelines.wan import vae_tile
+
+        try:
+            vae_tile(p.vae_tile_size, p.vae_tile_stride)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def check_samples(cfg, family: str) -> None:

@@ -135,26 +135,37 @@ def load_policy(
     num_frames: int | None = None,
     height: int | None = None,
     width: int | None = None,
+    vae_slicing: bool = False,
+    vae_tiling: bool = False,
+    vae_tile_size: int | None = None,
+    vae_tile_stride: int | None = None,
 ):
     """Build the Policy for `model`: "tiny-<family>" (random tiny weights), a local diffusers
     folder, or a hub id in the local HF cache. `resolution` sets height = width (None: the
     pipeline's default; 32 for the tiny models), `height` / `width` a non-square size; `num_frames` the clip
-    length of a video family."""
+    length of a video family; `vae_*` how a video family's VAE decodes (`set_vae_chunking`: slicing, tiling)."""
     fam = resolve_family(model, family)
     cls = policy_class(fam)
     if num_frames is not None and cls.sample_kind != "video":
         raise ValueError(f"num_frames is for video models; {model} is a {fam} ({cls.sample_kind}) model")
+    chunking = {"slicing": vae_slicing, "tiling": vae_tiling, "tile_size": vae_tile_size, "tile_stride": vae_tile_stride}
+    chunked = any(v not in (None, False) for v in chunking.values())
+    if chunked and not hasattr(cls, "set_vae_chunking"):
+        raise ValueError(f"vae_slicing / vae_tiling are options of the video (wan) VAE; {model} is a {fam} model")
     extra = {"num_frames": num_frames} if num_frames is not None else {}
     if model in TINY_MODELS:
         if (height or resolution) != (width or resolution):
             raise ValueError(f"the tiny models are square: got height {height or resolution}, width {width or resolution}")
         policy = cls.tiny(seed=seed, dtype=torch_dtype, resolution=height or resolution or 32, **extra)
         policy.pipeline().to(device)
-        return policy
-    if model in SHIPPED_MODELS:
-        model = str(shipped_model_dir(model))
-    return cls.from_pretrained(model, torch_dtype=torch_dtype, device=device, height=height or resolution,
-                               width=width or resolution, **extra)
+    else:
+        if model in SHIPPED_MODELS:
+            model = str(shipped_model_dir(model))
+        policy = cls.from_pretrained(model, torch_dtype=torch_dtype, device=device, height=height or resolution,
+                                     width=width or resolution, **extra)
+    if chunked:
+        policy.set_vae_chunking(**chunking)
+    return policy
 
 
 def freeze_for_sampling(pipe):

@@ -21,6 +21,10 @@ from diffrl.sampling import Schedule
 
 TEMPORAL_FACTOR = 4
 """Wan's VAE compresses time 4x, causally: a clip has 4k + 1 frames."""
+SPATIAL_FACTOR = 8
+"""Wan's VAE compresses height and width 8x."""
+DIFFUSERS_TILE = (256, 192)
+"""AutoencoderKLWan's own tile side and stride in pixels, used where policy.vae_tile_size / _stride are None."""
 
 
 def check_frames(num_frames: int, key: str = "num_frames") -> None:
@@ -29,6 +33,25 @@ def check_frames(num_frames: int, key: str = "num_frames") -> None:
         below = max(1, (num_frames - 1) // TEMPORAL_FACTOR * TEMPORAL_FACTOR + 1)
         raise ValueError(f"'{key}' must be 4k + 1 for Wan's VAE (1, 5, 9, 13, ..., 33, ..., 81), got {num_frames}: "
                          f"the nearest are {below} and {below + TEMPORAL_FACTOR}")
+
+
+def latent_frames_for(num_frames: int) -> int:
+    """Latent frames whose decode holds the first `num_frames` frames: latent frame 0 gives frame 0, each later one
+    the next 4 (the VAE is causal, so those frames do not depend on the latent frames after them)."""
+    return -(-(num_frames - 1) // TEMPORAL_FACTOR) + 1  # 1 + ceil((num_frames - 1) / 4)
+
+
+def vae_tile(tile_size: int | None, tile_stride: int | None, key: str = "policy") -> tuple[int, int]:
+    """(side, stride) in pixels of tiled decoding, diffusers' defaults filling the Nones; ValueError unless both are
+    positive multiples of the VAE's 8 and the stride at most the side (the overlap, side - stride, is blended)."""
+    side, stride = tile_size or DIFFUSERS_TILE[0], tile_stride or DIFFUSERS_TILE[1]
+    for name, value in (("vae_tile_size", side), ("vae_tile_stride", stride)):
+        if value <= 0 or value % SPATIAL_FACTOR:
+            raise ValueError(f"'{key}.{name}' must be a positive multiple of {SPATIAL_FACTOR} (the VAE's factor), got {value}")
+    if stride > side:
+        raise ValueError(f"'{key}.vae_tile_stride' {stride} is larger than the tile side {side} (set '{key}.vae_tile_size' "
+                         f"or a smaller stride): tiles would leave gaps")
+    return side, stride
 
 
 class WanPolicy(Policy):
@@ -136,14 +159,41 @@ class WanPolicy(Policy):
                                      self._scale(side, guidance_scale))
         return out
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents [B, C, F', h, w] -> videos [B, F, 3, H, W] in [0, 1], un-normalised as the pipeline does."""
+    def decode(self, latents: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        """Latents [B, C, F', h, w] -> videos [B, F, 3, H, W] in [0, 1], un-normalised as the pipeline does.
+        `num_frames`: only the first frames (those a reward reads), from the first latent frames alone: the causal
+        VAE gives them exactly as the full decode does, in a fraction of its time and memory."""
+        if num_frames is not None:
+            if not 1 <= num_frames <= 1 + (latents.shape[2] - 1) * TEMPORAL_FACTOR:
+                raise ValueError(f"num_frames must be in 1..{1 + (latents.shape[2] - 1) * TEMPORAL_FACTOR} for "
+                                 f"{latents.shape[2]} latent frames, got {num_frames}")
+            latents = latents[:, :, : latent_frames_for(num_frames)]  # [B, C, m, h, w]
         vae = self.pipe.vae
         z = latents.to(vae.dtype)
         mean = torch.tensor(vae.config.latents_mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
         std = torch.tensor(vae.config.latents_std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1, 1)
         video = vae.decode(z * std + mean, return_dict=False)[0]  # [B, 3, F, H, W] in [-1, 1]
+        video = video[:, :, :num_frames]  # [B, 3, num_frames, H, W]: the prefix decode may hold up to 3 more
         return at_least_float32((video.permute(0, 2, 1, 3, 4) / 2 + 0.5).clamp(0, 1))
+
+    def set_vae_chunking(self, slicing: bool = False, tiling: bool = False, tile_size: int | None = None,
+                         tile_stride: int | None = None) -> None:
+        """diffusers' memory switches of the VAE decode. `slicing`: one clip of a batch at a time (the same output,
+        the peak memory of one clip). `tiling`: overlapping spatial tiles of `tile_size` pixels every `tile_stride`
+        pixels (None: diffusers' 256 / 192), blended where they overlap; approximate, since a tile is decoded
+        without its neighbours. Either False turns that switch off."""
+        if not tiling and (tile_size is not None or tile_stride is not None):
+            raise ValueError("a VAE tile size or stride is set but tiling is off: pass tiling=True")
+        vae = self.pipe.vae
+        if slicing:
+            vae.enable_slicing()
+        else:
+            vae.disable_slicing()
+        if tiling:
+            side, stride = vae_tile(tile_size, tile_stride)
+            vae.enable_tiling(side, side, stride, stride)  # square tiles
+        else:
+            vae.disable_tiling()
 
     def default_lora_targets(self) -> list[str]:
         return ["to_q", "to_k", "to_v", "to_out.0"]

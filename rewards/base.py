@@ -71,6 +71,11 @@ class Reward(abc.ABC):
         # float32, or float64 for float64 samples (a float64 run is float64 end to end)
         return scores.to(device=samples.device, dtype=torch.float64 if samples.dtype == torch.float64 else torch.float32)
 
+    def frames_needed(self, num_frames: int) -> int | None:
+        """Of clips of `num_frames` frames, how many leading frames `score` reads (a video policy then decodes only
+        those); None: all of them (the default, and what every temporal reward needs)."""
+        return None
+
     def to(self, device: torch.device | str) -> Reward:
         """Move any weights to `device`; rewards without weights need nothing. Returns self."""
         return self

@@ -130,6 +130,11 @@ class RewardMixture(Reward):
     def _name(self) -> str:
         return "mixture(" + ", ".join(f"{k}: {w:g}" for k, w in self.weights.items()) + ")"
 
+    def frames_needed(self, num_frames: int) -> int | None:
+        """The most any part reads; None when one reads every frame."""
+        needs = [r.frames_needed(num_frames) for r in self.components.values()]
+        return None if None in needs else max(needs)
+
     def to(self, device) -> RewardMixture:
         for r in self.components.values():
             r.to(device)

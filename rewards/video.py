@@ -3,7 +3,8 @@
 Videos are [B, F, 3, H, W] with pixel values in [0, 1]. Differences are taken on the 0-255 scale VBench uses.
 
     per_frame        an image reward on every `stride`-th frame (from the first), aggregated by mean or min
-                     (Flow-GRPO's video OCR: every 4th frame, mean; Flow-Factory's PickScore: all frames, mean)
+                     (Flow-GRPO's video OCR: every 4th frame, mean; Flow-Factory's PickScore: all frames, mean);
+                     `max_frames` keeps it to the opening frames (1: the first frame alone)
     temporal_flicker VBench temporal flickering: (255 - mean_t MAE(I_t, I_t+1)) / 255, 1 for a frozen clip
     motion_smoothness  1 - mean_t mean|I_t-1 - 2 I_t + I_t+1| / (2 * 255): VBench's interpolation test with the
                      average of the neighbours as the interpolation (no AMT weights); 1 for constant motion
@@ -40,26 +41,36 @@ def _check_frames(videos: Tensor, need: int, name: str) -> None:
 
 @register_reward("per_frame")
 class PerFrame(Reward):
-    """An image reward on the frames of a video: every `stride`-th frame from the first, `aggregate` over them."""
+    """An image reward on the frames of a video: every `stride`-th frame from the first (below `max_frames`),
+    `aggregate` over them."""
 
     accepts = ("video",)
 
     def __init__(self, reward: str = "brightness", stride: int = 1, aggregate: str = "mean",
-                 reward_kwargs: dict[str, Any] | None = None):
+                 reward_kwargs: dict[str, Any] | None = None, max_frames: int | None = None):
         """reward: the image reward's name (its kwargs in reward_kwargs); stride: score frames 0, s, 2s, ...;
-        aggregate: "mean" (the peers' choice) or "min" (the worst frame)."""
+        aggregate: "mean" (the peers' choice) or "min" (the worst frame); max_frames: only frames before this index
+        (1: the first frame alone; the rest of the clip is then not even decoded), None: the whole clip."""
         if stride < 1:
             raise ValueError(f"per_frame stride must be >= 1, got {stride}")
+        if max_frames is not None and max_frames < 1:
+            raise ValueError(f"per_frame max_frames must be >= 1 or None, got {max_frames}")
         if aggregate not in AGGREGATES:
             raise ValueError(f"per_frame aggregate must be one of {AGGREGATES}, got {aggregate!r}")
         self.inner = build_reward(reward, **(reward_kwargs or {}))
         if "image" not in self.inner.accepts:
             raise ValueError(f"per_frame needs an image reward; {reward!r} scores {self.inner.accepts}")
-        self.stride, self.aggregate = stride, aggregate
+        self.stride, self.aggregate, self.max_frames = stride, aggregate, max_frames
         self.differentiable = self.inner.differentiable
 
     def describe(self) -> str:
-        return f"per_frame({self.inner.describe()}, stride {self.stride}, {self.aggregate})"
+        first = "" if self.max_frames is None else f", first {self.max_frames} frames"
+        return f"per_frame({self.inner.describe()}, stride {self.stride}{first}, {self.aggregate})"
+
+    def frames_needed(self, num_frames: int) -> int:
+        """Up to the last frame scored: frames 0, s, 2s, ... below min(num_frames, max_frames)."""
+        span = min(num_frames, self.max_frames or num_frames)
+        return (span - 1) // self.stride * self.stride + 1
 
     @classmethod
     def declares_differentiable(cls, kwargs: dict[str, Any] | None = None) -> bool:
@@ -78,7 +89,7 @@ class PerFrame(Reward):
         return self
 
     def score(self, samples: Tensor, prompts: list[str], metadata: list[dict] | None) -> Tensor:
-        frames = samples[:, :: self.stride]  # [B, F', 3, H, W]
+        frames = samples[:, : self.max_frames : self.stride]  # [B, F', 3, H, W]
         batch, count = frames.shape[:2]
         repeat = lambda items: [x for x in items for _ in range(count)]  # noqa: E731  (frame-major per video)
         scores = self.inner(frames.flatten(0, 1), repeat(prompts), repeat(metadata) if metadata is not None else None)
