@@ -177,7 +177,7 @@ class StepInputs:
     log_prob: object  # [B]: under the rollout's (here: the same) weights
 
 
-def grpo_step_inputs(policy, batch: int, index: int, generator) -> StepInputs:
+def grpo_step_inputs(policy, batch: int, index: int, generator, autocast) -> StepInputs:
     """Random prompt embeddings and one SDE transition at step `index` of 20 with its log-prob, drawn without
     gradient as a rollout does."""
     import torch
@@ -190,7 +190,7 @@ def grpo_step_inputs(policy, batch: int, index: int, generator) -> StepInputs:
     cond = Condition(cond={"encoder_hidden_states": embed()}, uncond={"encoder_hidden_states": embed()})
     sampler, schedule = make_sampler("flow_sde", noise_level=0.7), policy.schedule(20)
     x_t = torch.randn(batch, *policy.latent_shape(), generator=generator).to(policy.device)  # [B, C, F', h, w]
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         v = policy.predict(x_t, schedule.timesteps[index].expand(batch), cond, 4.5)
         step = sampler.step(schedule, index, x_t, v.float(), generator=generator)
     return StepInputs(cond, sampler, schedule, index, x_t, step.prev_sample, step.log_prob)
@@ -228,10 +228,11 @@ def run_gpu_worker(args) -> dict:
     policy.add_lora(32, 64)  # the Wan recipe's LoRA
     policy.enable_gradient_checkpointing(args.checkpointing == "on")
     policy.denoiser.train()
-    generator = torch.Generator().manual_seed(0)
-    inputs = grpo_step_inputs(policy, args.batch, 10, generator)
-    advantages = torch.randn(args.batch, generator=generator).to(device)
+    # mixed precision as accelerate's bf16 mode runs the recipe: low-precision matmuls, float32 LoRA weights
     autocast = torch.autocast(device.split(":")[0], dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    generator = torch.Generator().manual_seed(0)
+    inputs = grpo_step_inputs(policy, args.batch, 10, generator, autocast)
+    advantages = torch.randn(args.batch, generator=generator).to(device)
     probe_device = "cuda" if device.startswith("cuda") else "cpu"
     times, memory, error = [], [], None
     try:
@@ -311,8 +312,9 @@ def cpu_table(rows: list[dict]) -> list[str]:
 def gpu_table(rows: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(GPU_COLUMNS) + " |", "|---|---:|---:|---|---|---:|---:|---:|"]
     for r in rows:
-        measured = [r["error"], "", ""] if r["error"] else [spread(r["step"]), spread(r["memory_mb"], ".0f"),
-                                                             "–" if r["cuda_allocated_peak_mb"] is None else f"{r['cuda_allocated_peak_mb']:.0f}"]
+        allocated = r["cuda_allocated_peak_mb"]
+        measured = [r["error"], "", ""] if r["error"] else [
+            spread(r["step"]), spread(r["memory_mb"], ".0f"), "–" if allocated is None else f"{allocated:.0f}"]
         cells = [f"{r['frames']} x {r['height']} x {r['width']}", r["layers"], r["batch"], r["dtype"], r["checkpointing"],
                  *measured]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
@@ -394,12 +396,12 @@ def write_report(args, rows: list[dict], out: Path) -> list[str]:
     lines = [title, "", f"Machine: {machine_line(args)}.{(' ' + args.note) if args.note else ''}", "", setup,
              f"Memory: {memory}.", "", *table, ""]
     if not args.gpu:
-        lines += ["Same clips, same rewards:", *reward_check(rows), "", f"![video cost](results/{stem}.png)", ""]
+        lines += ["Same clips, same rewards:", *reward_check(rows), "", f"![video cost]({stem}.png)", ""]
         plot(rows, out / f"{stem}.png")
     lines += [f"Command: `python -m diffrl.benchmarks.video_cost {shlex.join(args.argv)}`", ""]
     (out / f"{stem}.md").write_text("\n".join(lines))
     (out / f"{stem}.json").write_text(json.dumps({"argv": args.argv, "date": today, "rows": rows}, indent=1))
-    return lines
+    return [line.replace(f"]({stem}.png)", f"](results/{stem}.png)") for line in lines]  # as RESULTS.md links it
 
 
 def insert_section(path: Path, section: list[str]) -> None:

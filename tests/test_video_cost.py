@@ -2,7 +2,7 @@
 exactly the prefix of the clip; sliced decoding is the plain decode, tiled decoding engages and stays close; the VAE
 options are checked before any model loads and reach the policy; a run decodes only the frames its reward reads; the
 video cost benchmark's CPU mode writes its table, and its GPU mode builds the full-size Wan2.1-1.3B transformer (on
-the meta device) and runs one layer of it on the CPU."""
+the meta device), runs one layer of it on the CPU and its step reaches the LoRA."""
 
 import json
 
@@ -152,3 +152,21 @@ def test_video_cost_gpu_mode_is_the_full_size_wan21_transformer_and_runs_one_lay
     assert table[0] == "| " + " | ".join(GPU_COLUMNS) + " |" and len(table) == 4  # checkpointing on, off
     rows = json.loads((tmp_path / "video_cost_gpu.json").read_text())["rows"]
     assert [r["checkpointing"] for r in rows] == ["on", "off"] and all(r["error"] is None and r["step"] for r in rows)
+
+
+def test_the_gpu_modes_step_sends_a_gradient_to_every_lora_tensor():
+    import contextlib
+
+    from diffrl.benchmarks.video_cost import full_size_wan, grpo_step, grpo_step_inputs
+
+    policy = full_size_wan(1, 5, 32, 32, torch.float32, "cpu")
+    policy.add_lora(4, 8)
+    policy.enable_gradient_checkpointing()
+    policy.denoiser.train()
+    generator = torch.Generator().manual_seed(0)
+    inputs = grpo_step_inputs(policy, 2, 10, generator, contextlib.nullcontext())
+    assert inputs.x_t.shape == (2, 16, 2, 4, 4) and inputs.log_prob.shape == (2,)
+    grpo_step(policy, inputs, contextlib.nullcontext(), torch.tensor([1.0, -1.0]))
+    lora = policy.trainable_parameters()
+    assert lora and all(p.grad is not None for p in lora)
+    assert any(p.grad.abs().sum() > 0 for p in lora)  # LoRA B starts at 0: A's gradients are 0 until it moves
