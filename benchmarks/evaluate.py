@@ -11,6 +11,11 @@ sampled with the deterministic sampler (flow ODE / DDIM eta 0). Images are PNGs 
 re-scores everything. Rewards always score the saved 8-bit pixels (generated images are rounded to
 uint8 first), so a resumed run gives exactly the metrics of an uninterrupted one.
 
+Video models (`policy.sample_kind == "video"`) go through the same harness clip by clip: clip j of prompt i
+is `images/PPPP_JJ.mp4` to watch (H.264, lossy) and `images/PPPP_JJ.mkv`, its exact 8-bit frames (FFV1,
+lossless), which the rewards score and a re-run loads; grid.png shows the first clips as strips of 4
+frames and grid.gif plays them.
+
 Statistics are `diffrl.stats`': mean, sample std over images, stderr over prompts (images of one prompt
 are correlated), ci95, per tag and the mean over tags (GenEval's overall score) with its stderr.
 `compare_scores` gives the paired difference of two evaluations on the same prompts and seeds.
@@ -32,9 +37,13 @@ from diffrl.rollout import sample
 from diffrl.sampling import make_sampler
 from diffrl.stats import paired, score_summary
 from diffrl.runtime import derive_generator
+from diffrl.visual import DEFAULT_FPS, read_video, save_lossless_clip, save_mp4, to_uint8
 
 GRID_IMAGES = 32
 """How many images (the first ones, in prompt order) go into grid.png."""
+GRID_CLIPS = 8
+"""How many clips go into grid.png / grid.gif: a strip of 4 frames is 4 images wide, so 8 clips fill the area of 32
+images."""
 _SETTINGS_FILE = "eval_settings.json"
 
 
@@ -51,21 +60,17 @@ def deterministic_sampler(policy):
 
 @torch.no_grad()
 def generate(policy, prompts: list[str], seeds: list[int], *, steps: int, guidance_scale: float,
-             negative_prompt: str = "") -> torch.Tensor:
-    """One denoiser batch: image b from prompts[b] and noise seeded by seeds[b] -> [B, 3, H, W] in [0, 1].
+             negative_prompt: str = "", progress=None) -> torch.Tensor:
+    """One denoiser batch: image b from prompts[b] and noise seeded by seeds[b] -> [B, 3, H, W] in [0, 1]
+    (clips [B, F, 3, H, W] for a video model). `progress` (a tqdm bar) advances by one per denoising step.
 
     Each image's noise is drawn alone from its own seed, so an image does not depend on its batch-mates.
     """
     noise = torch.cat([policy.initial_noise(1, generator=derive_generator(s)) for s in seeds]).to(policy.device)  # [B, *S]
     cond = policy.encode_prompt(list(prompts), negative_prompt)
     traj = sample(policy, cond, deterministic_sampler(policy), policy.schedule(steps), guidance_scale,
-                  latents=noise, record=False)
-    return policy.decode(traj.final)  # [B, 3, H, W]
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] floats in [0, 1] -> uint8 [B, 3, H, W] on the CPU (round(x * 255), clamped)."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+                  latents=noise, record=False, progress=progress)
+    return policy.decode(traj.final)  # [B, 3, H, W] or [B, F, 3, H, W]
 
 
 def save_png(image: torch.Tensor, path: str | Path) -> None:
@@ -78,6 +83,13 @@ def save_png(image: torch.Tensor, path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy()).save(tmp, format="PNG")
     os.replace(tmp, path)
+
+
+def save_clip(clip: torch.Tensor, stem: Path, fps: float) -> None:
+    """One clip uint8 [F, 3, H, W] -> stem.mp4 (to watch) and stem.mkv (its exact pixels, what a resume loads); the
+    .mkv goes last, so a clip whose .mkv exists is complete."""
+    save_mp4(clip, stem.with_suffix(".mp4"), fps)
+    save_lossless_clip(clip, stem.with_suffix(".mkv"), fps)
 
 
 def load_png(path: str | Path) -> torch.Tensor:
@@ -137,7 +149,7 @@ def compare_scores(before: list[dict], after: list[dict], reward_names: list[str
 def _check_settings(out: Path, settings: dict, prompts: list[str]) -> None:
     """Refuse to resume into a folder whose images were made with other settings or prompts."""
     path = out / _SETTINGS_FILE
-    if not path.is_file() or not any((out / "images").glob("*.png")):
+    if not path.is_file() or not any(f.suffix in (".png", ".mkv") for f in (out / "images").iterdir()):
         return
     old = json.loads(path.read_text())
     diff = [f"{k}: {old['settings'].get(k)!r} then, {v!r} now" for k, v in settings.items() if old["settings"].get(k) != v]
@@ -145,6 +157,35 @@ def _check_settings(out: Path, settings: dict, prompts: list[str]) -> None:
     if diff:
         raise ValueError(f"{out} holds images made with other settings ({'; '.join(diff)}); "
                          "use a fresh output dir or delete its images/ folder")
+
+
+def _files(video: bool, prompt_index: int, image_index: int) -> dict[str, str]:
+    """The files of one sample, relative to the output dir: "file" to open, and for a clip "frames", its exact pixels."""
+    stem = f"images/{prompt_index:04d}_{image_index:02d}"
+    return {"file": f"{stem}.mp4", "frames": f"{stem}.mkv"} if video else {"file": f"{stem}.png"}
+
+
+def _sample_or_load(policy, out: Path, files: list[dict], prompts: list[str], seeds: list[int], *, fps: float,
+                    progress, **sampling) -> tuple[torch.Tensor, int]:
+    """The uint8 pixels of one batch ([b, 3, H, W], clips [b, F, 3, H, W]): loaded where their file exists, the rest
+    generated in one denoiser batch and saved. Returns (pixels, how many were generated)."""
+    video = "frames" in files[0]
+    stored = [f["frames" if video else "file"] for f in files]  # what a resume loads
+    missing = [b for b, f in enumerate(stored) if not (out / f).is_file()]
+    pixels: list[torch.Tensor | None] = [None] * len(files)
+    if missing:
+        made = to_uint8(generate(policy, [prompts[b] for b in missing], [seeds[b] for b in missing],
+                                 progress=progress, **sampling))
+        for b, px in zip(missing, made):
+            if video:
+                save_clip(px, out / Path(stored[b]).with_suffix(""), fps)
+            else:
+                save_png(px, out / stored[b])
+            pixels[b] = px
+    for b, f in enumerate(stored):
+        if pixels[b] is None:
+            pixels[b] = read_video(out / f) if video else load_png(out / f)
+    return torch.stack(pixels), len(missing)
 
 
 def evaluate(
@@ -162,6 +203,7 @@ def evaluate(
     run_dir: str | Path | None = None,
     settings: dict | None = None,
     progress: bool = True,
+    fps: float = DEFAULT_FPS,
 ) -> dict:
     """Sample (or load) every image of `prompt_set`, score it with every reward, write the outputs.
 
@@ -169,6 +211,7 @@ def evaluate(
     returned dict), grid.png, reward_hist.png, report.md, and training_curves.png when `run_dir` (a
     training output_dir) holds metrics.jsonl. `batch_size` images (across prompts) go through the
     denoiser at once. `settings` (e.g. model name, LoRA) is recorded and must match on a resume.
+    A video model writes images/PPPP_JJ.mp4 and .mkv per clip instead, and grid.gif; `fps` is their frame rate.
     """
     from tqdm.auto import tqdm
 
@@ -178,16 +221,18 @@ def evaluate(
         raise ValueError(f"images_per_prompt, batch_size and steps must be >= 1, got {images_per_prompt}, {batch_size}, {steps}")
     reward_fns = [build_reward(r) if isinstance(r, str) else r for r in rewards]
     names = [r.name for r in reward_fns]
-    clash = set(names) & {"prompt_index", "image_index", "prompt", "tag", "seed", "file"}
+    clash = set(names) & {"prompt_index", "image_index", "prompt", "tag", "seed", "file", "frames"}
     if clash or len(set(names)) != len(names):
         raise ValueError(f"reward names must be distinct and not clash with score columns: {names}")
     device = policy.device
     reward_fns = [r.to(device) for r in reward_fns]
+    video = policy.sample_kind == "video"
 
     out = Path(output_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     full = {"steps": steps, "guidance_scale": guidance_scale, "seed": seed, "images_per_prompt": images_per_prompt,
-            "negative_prompt": negative_prompt, **(settings or {})}
+            "negative_prompt": negative_prompt, **({"num_frames": policy.num_frames, "fps": fps} if video else {}),
+            **(settings or {})}
     _check_settings(out, full, prompt_set.prompts)
     (out / _SETTINGS_FILE).write_text(json.dumps({"settings": full, "prompts": prompt_set.prompts}, indent=1))
 
@@ -195,34 +240,30 @@ def evaluate(
     items = [(i, j) for i in range(len(prompt_set)) for j in range(K)]
     rows, grid_images = [], []
     n_generated = 0
-    bar = tqdm(total=len(items), desc="eval", unit="img", disable=not progress)
-    for start in range(0, len(items), batch_size):
+    grid_size = GRID_CLIPS if video else GRID_IMAGES
+    # clips take long: count denoising steps (one per step of each batch); images: count images
+    chunks = range(0, len(items), batch_size)
+    bar = tqdm(total=len(chunks) * steps if video else len(items), desc="eval", unit="step" if video else "img",
+               disable=not progress)
+    for start in chunks:
         chunk = items[start : start + batch_size]
-        files = [f"images/{i:04d}_{j:02d}.png" for i, j in chunk]
+        files = [_files(video, i, j) for i, j in chunk]
         seeds = [image_seed(seed, i, K, j) for i, j in chunk]
-        missing = [b for b, f in enumerate(files) if not (out / f).is_file()]
-        pixels: list[torch.Tensor | None] = [None] * len(chunk)  # uint8 [3, H, W] each
-        if missing:
-            made = to_uint8(generate(policy, [prompt_set.prompts[chunk[b][0]] for b in missing], [seeds[b] for b in missing],
-                                     steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt))
-            for b, img in zip(missing, made):
-                save_png(img, out / files[b])
-                pixels[b] = img
-            n_generated += len(missing)
-        for b, f in enumerate(files):
-            if pixels[b] is None:
-                pixels[b] = load_png(out / f)
-        images = torch.stack(pixels).float().div(255)  # [b, 3, H, W] in [0, 1], exactly the saved pixels
         prompts = [prompt_set.prompts[i] for i, _ in chunk]
+        pixels, made = _sample_or_load(policy, out, files, prompts, seeds, fps=fps, progress=bar if video else None,
+                                       steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt)
+        n_generated += made
+        images = pixels.float().div(255)  # [b, 3, H, W] or [b, F, 3, H, W] in [0, 1], exactly the saved pixels
         metadata = [prompt_set.metadata[i] for i, _ in chunk]
         scores = {r.name: r(images.to(device), prompts, metadata).tolist() for r in reward_fns}
         for b, (i, j) in enumerate(chunk):
             rows.append({"prompt_index": i, "image_index": j, "prompt": prompts[b], "tag": metadata[b].get("tag"),
                          **({"split": metadata[b]["split"]} if "split" in metadata[b] else {}),
-                         "seed": seeds[b], "file": files[b], **{n: scores[n][b] for n in names}})
-        grid_images.extend(images[: max(0, GRID_IMAGES - len(grid_images))])
+                         "seed": seeds[b], **files[b], **{n: scores[n][b] for n in names}})
+        grid_images.extend(pixels[: max(0, grid_size - len(grid_images))])
         bar.set_postfix(generated=n_generated, loaded=len(rows) - n_generated, refresh=False)
-        bar.update(len(chunk))
+        if not (video and made):  # a generated batch of clips advanced the bar step by step
+            bar.update(steps if video else len(chunk))
     bar.close()
 
     with open(out / "scores.jsonl", "w") as fh:
@@ -232,9 +273,10 @@ def evaluate(
         "num_prompts": len(prompt_set),
         "images_per_prompt": K,
         "num_images": len(rows),
+        "sample_kind": policy.sample_kind,
         "settings": full,
         "rewards": compute_metrics(rows, names),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    write_report(out, metrics, rows, names, grid_images=torch.stack(grid_images), run_dir=run_dir)
+    write_report(out, metrics, rows, names, grid_images=torch.stack(grid_images), run_dir=run_dir, fps=fps)
     return metrics

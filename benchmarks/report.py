@@ -1,5 +1,6 @@
-"""The evaluation report: report.md (a table per reward, per tag and overall), grid.png, reward_hist.png,
-training_curves.png. Everything is written from the rows and metrics `evaluate` computed."""
+"""The evaluation report: report.md (a table per reward, per tag and overall), grid.png (clips: strips of frames, and
+grid.gif playing them), reward_hist.png, training_curves.png. Everything is written from the rows and metrics
+`evaluate` computed."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 
 from diffrl.stats import headline
-from diffrl.visual import plot_metrics, save_grid
+from diffrl.visual import DEFAULT_FPS, plot_metrics, save_clip_grid, save_grid
 
 
 def _fmt(x: float) -> str:
@@ -69,13 +70,28 @@ def plot_reward_hist(rows: list[dict], names: list[str], path: Path) -> Path:
     return path
 
 
+def _samples_section(grid_images: torch.Tensor, fps: float) -> list[str]:
+    """report.md's lines on the grid: images, or clips (grid.png as strips of 4 frames, grid.gif playing them)."""
+    n = len(grid_images)
+    if grid_images.ndim == 4:
+        return ["## Images", "", f"First {n} images (prompt order): [grid.png](grid.png)", "", "![samples](grid.png)", ""]
+    return ["## Clips", "", f"First {n} clips (prompt order), 4 frames of each: [grid.png](grid.png); the same clips "
+            f"playing at {fps:g} frames a second: [grid.gif](grid.gif). Every clip: `images/PPPP_JJ.mp4` (H.264, to "
+            "watch) and `images/PPPP_JJ.mkv` (FFV1, the exact frames the rewards scored).", "",
+            "![clips, 4 frames each](grid.png)", "", "![clips playing](grid.gif)", ""]
+
+
 def write_report(out: Path, metrics: dict, rows: list[dict], names: list[str], *, grid_images: torch.Tensor,
-                 run_dir: str | Path | None = None) -> Path:
-    """grid.png (first images, captioned with prompt and rewards), reward_hist.png, training_curves.png
-    (when `run_dir` has metrics.jsonl) and report.md linking them. Returns report.md's path."""
+                 run_dir: str | Path | None = None, fps: float = DEFAULT_FPS) -> Path:
+    """grid.png (first images, captioned with prompt and rewards; clips [B, F, 3, H, W]: strips of 4 frames, 2 a row,
+    and grid.gif playing them at `fps`), reward_hist.png, training_curves.png (when `run_dir` has metrics.jsonl) and
+    report.md linking them. Returns report.md's path."""
     out = Path(out)
     captions = [r["prompt"] + "\n" + " ".join(f"{n[:10]} {r[n]:.3g}" for n in names) for r in rows[: len(grid_images)]]
-    save_grid(grid_images, captions, out / "grid.png")
+    video = grid_images.ndim == 5
+    save_grid(grid_images, captions, out / "grid.png", cols=min(len(grid_images), 2) if video else None)
+    if video:
+        save_clip_grid(grid_images, captions, out / "grid.gif", fps=fps)
     plot_reward_hist(rows, names, out / "reward_hist.png")
     curves = None
     if run_dir is not None:
@@ -85,16 +101,17 @@ def write_report(out: Path, metrics: dict, rows: list[dict], names: list[str], *
         curves = plot_metrics(src, out / "training_curves.png")
 
     s = metrics["settings"]
+    unit = "clips" if video else "images"
     lines = ["# Evaluation", "",
-             f"{metrics['num_prompts']} prompts x {metrics['images_per_prompt']} images = {metrics['num_images']} images; "
+             f"{metrics['num_prompts']} prompts x {metrics['images_per_prompt']} {unit} = {metrics['num_images']} {unit}; "
              + ", ".join(f"{k} {v}" for k, v in s.items() if v not in (None, "")), "",
-             "Per reward: mean and sample std (ddof 1) over images; stderr over prompts (std of per-prompt "
-             "means / sqrt(prompts); over images for a single prompt); 95% CI = t(0.975, units - 1) x stderr.", "",
+             f"Per reward: mean and sample std (ddof 1) over {unit}; stderr over prompts (std of per-prompt "
+             f"means / sqrt(prompts); over {unit} for a single prompt); 95% CI = t(0.975, units - 1) x stderr.", "",
              "## Rewards", ""]
     for name in names:
         lines += reward_table(name, metrics["rewards"][name])
-    lines += ["## Images", "", f"First {len(grid_images)} images (prompt order): [grid.png](grid.png)", "",
-              "![samples](grid.png)", "", "## Reward distributions", "", "[reward_hist.png](reward_hist.png)", "",
+    lines += _samples_section(grid_images, fps)
+    lines += ["## Reward distributions", "", "[reward_hist.png](reward_hist.png)", "",
               "![reward distributions](reward_hist.png)", ""]
     if curves is not None:
         lines += ["## Training curves", "", f"From `{Path(run_dir) / 'metrics.jsonl'}`: [training_curves.png](training_curves.png)",

@@ -85,11 +85,16 @@ def _sample(args) -> int:
         return 2
     if _rlg_error(args, "sample"):
         return 2
+    kind = _sample_kind(args, "sample")
+    if kind is None:
+        return 2
     policy = _load_policy(args, "sample")
     if policy is None:
         return 2
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if kind == "video":
+        return _sample_clips(args, policy, prompts, out)
     records, all_images = [], []
     for i, prompt in enumerate(prompts):
         seeds = [image_seed(args.seed, i, args.num_images, j) for j in range(args.num_images)]
@@ -100,26 +105,87 @@ def _sample(args) -> int:
             name = f"{i:04d}_{j:02d}.png"
             save_png(img, out / name)
             records.append({"file": name, "prompt": prompt, "seed": s})
-    (out / "samples.json").write_text(json.dumps({"model": args.model, "lora": args.lora, "steps": args.steps,
-                                                   "guidance_scale": args.guidance_scale, **_rlg_settings(args),
-                                                   "samples": records}, indent=1))
+    (out / "samples.json").write_text(json.dumps({**_samples_settings(args), "samples": records}, indent=1))
     save_grid(torch.cat(all_images), [r["prompt"] for r in records], out / "grid.png")
     print(f"diffrl: wrote {len(records)} images, samples.json and grid.png to {out}")
     return 0
 
 
-def _load_policy(args, command: str):
-    """The policy of --model (--dtype, --device, --resolution, --model-seed) with --lora applied; None
-    after printing the reason when the model cannot be found."""
-    from diffrl.pipelines.registry import load_policy, policy_class, resolve_family
-    from diffrl.runtime import DTYPES
+def _samples_settings(args) -> dict:
+    """What samples.json records besides the samples: model, LoRA, sampling (and RL guidance) settings."""
+    return {"model": args.model, "lora": args.lora, "steps": args.steps, "guidance_scale": args.guidance_scale,
+            **_rlg_settings(args)}
+
+
+def _sample_clips(args, policy, prompts: list[str], out: Path) -> int:
+    """`diffrl sample` on a video model: one MP4 per clip, samples.json, and the first clips as grid.png (strips of 4
+    frames, 2 a row) and grid.gif (playing, 4 a row)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from diffrl.benchmarks.evaluate import GRID_CLIPS, generate, image_seed
+    from diffrl.visual import save_clip_grid, save_grid, save_mp4, to_uint8
+
+    fps, n = _fps(args), args.num_images
+    records, grid = [], []
+    bar = tqdm(total=len(prompts) * args.steps, desc="sample", unit="step")  # a clip takes minutes on a real Wan
+    for i, prompt in enumerate(prompts):
+        seeds = [image_seed(args.seed, i, n, j) for j in range(n)]
+        clips = to_uint8(generate(policy, [prompt] * n, seeds, steps=args.steps, guidance_scale=args.guidance_scale,
+                                  negative_prompt=args.negative_prompt, progress=bar))  # [n, F, 3, H, W]
+        for j, (s, clip) in enumerate(zip(seeds, clips)):
+            name = f"{i:04d}_{j:02d}.mp4"
+            save_mp4(clip, out / name, fps)
+            records.append({"file": name, "prompt": prompt, "seed": s})
+        grid.extend(clips[: GRID_CLIPS - len(grid)])
+    bar.close()
+    settings = {**_samples_settings(args), "num_frames": policy.num_frames, "fps": fps}
+    (out / "samples.json").write_text(json.dumps({**settings, "samples": records}, indent=1))
+    captions = [r["prompt"] for r in records[: len(grid)]]
+    save_grid(torch.stack(grid), captions, out / "grid.png", cols=min(len(grid), 2))
+    save_clip_grid(torch.stack(grid), captions, out / "grid.gif", fps=fps)
+    print(f"diffrl: wrote {len(records)} clips of {policy.num_frames} frames ({fps:g} fps MP4s), samples.json, "
+          f"grid.png and grid.gif to {out}")
+    return 0
+
+
+def _fps(args) -> float:
+    from diffrl.visual import DEFAULT_FPS
+
+    return args.fps if args.fps is not None else DEFAULT_FPS
+
+
+def _sample_kind(args, command: str) -> str | None:
+    """The kind of samples --model makes ("image", "video"), read without loading it, with --num-frames / --fps
+    checked against it; None after printing why not."""
+    from diffrl.pipelines.registry import policy_class, resolve_family
 
     try:
         kind = policy_class(resolve_family(args.model, None)).sample_kind
-        if kind != "image":  # PNG files, image grids and image rewards below
-            raise ValueError(f"{args.model} makes {kind} samples; diffrl {command} handles image models only so far "
-                             "(train video models with diffrl train, which evaluates them in-run)")
-        policy = load_policy(args.model, torch_dtype=DTYPES[args.dtype], device=args.device, resolution=args.resolution, seed=args.model_seed)
+        video_options = [flag for flag, value in (("--num-frames", args.num_frames), ("--fps", args.fps)) if value is not None]
+        if kind != "video" and video_options:
+            raise ValueError(f"{', '.join(video_options)}: for video models only; {args.model} makes {kind} samples")
+        if args.fps is not None and not args.fps > 0:
+            raise ValueError(f"--fps must be > 0, got {args.fps}")
+        if args.num_frames is not None:
+            from diffrl.pipelines.wan import check_frames
+
+            check_frames(args.num_frames, "--num-frames")
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"diffrl {command}: {exc}", file=sys.stderr)
+        return None
+    return kind
+
+
+def _load_policy(args, command: str):
+    """The policy of --model (--dtype, --device, --resolution, --num-frames, --model-seed) with --lora applied; None
+    after printing the reason when the model cannot be found."""
+    from diffrl.pipelines.registry import load_policy
+    from diffrl.runtime import DTYPES
+
+    try:
+        policy = load_policy(args.model, torch_dtype=DTYPES[args.dtype], device=args.device, resolution=args.resolution,
+                             seed=args.model_seed, num_frames=args.num_frames)
         if args.lora:
             policy.load_lora(args.lora)  # fails on a folder without a LoRA or a LoRA of another model
     except (ValueError, FileNotFoundError) as exc:
@@ -131,6 +197,13 @@ def _load_policy(args, command: str):
 
         policy = RLGuidedPolicy(policy, schedule)  # base = the same denoiser with the LoRA off
     return policy
+
+
+def _add_video_options(parser) -> None:
+    parser.add_argument("--num-frames", type=int, default=None, metavar="F",
+                        help="video models: frames per clip, 4k + 1 (default: the model's, 33; tiny-wan 9)")
+    parser.add_argument("--fps", type=float, default=None,
+                        help="video models: frame rate of the MP4s and GIFs (default 16, Wan2.1's own)")
 
 
 def _add_rlg_options(parser) -> None:
@@ -177,6 +250,21 @@ def _rlg_settings(args) -> dict:
     return {"rlg_scale": args.rlg_scale, "rlg_start_scale": args.rlg_start_scale, "rlg_skip_steps": args.rlg_skip_steps}
 
 
+def _rewards_refuse(names: list[str], kind: str, model: str) -> bool:
+    """Print why a reward cannot score the model's samples (an image reward on clips) and return True; False when
+    every reward accepts them. Read from the reward classes: nothing loads."""
+    from diffrl.rewards.registry import reward_accepts
+
+    for name in names:
+        accepts = reward_accepts(name)
+        if kind not in accepts:
+            hint = "; per_frame scores an image reward on every frame" if kind == "video" else ""
+            print(f"diffrl eval: reward {name} scores {' / '.join(accepts)} samples but {model} makes {kind} samples{hint}",
+                  file=sys.stderr)
+            return True
+    return False
+
+
 def _eval(args) -> int:
     from diffrl.data import load_prompts
     from diffrl.rewards import build_reward, list_rewards
@@ -212,6 +300,9 @@ def _eval(args) -> int:
         return 2
     if _rlg_error(args, "eval"):
         return 2
+    kind = _sample_kind(args, "eval")
+    if kind is None or _rewards_refuse(args.rewards, kind, args.model):
+        return 2
     policy = _load_policy(args, "eval")
     if policy is None:
         return 2
@@ -222,7 +313,7 @@ def _eval(args) -> int:
     settings = {"model": args.model, "lora": args.lora, "resolution": args.resolution, "dtype": args.dtype,
                 "model_seed": args.model_seed, **_rlg_settings(args)}
     common = dict(images_per_prompt=args.images_per_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
-                  seed=args.seed, batch_size=args.batch_size, negative_prompt=args.negative_prompt)
+                  seed=args.seed, batch_size=args.batch_size, negative_prompt=args.negative_prompt, fps=_fps(args))
     try:
         metrics = evaluate(policy, prompt_set, args.rewards, output_dir=args.output_dir, run_dir=args.run_dir,
                            settings=settings, **common)
@@ -241,25 +332,27 @@ def _eval(args) -> int:
     except ValueError as exc:  # e.g. resuming into a folder made with other settings
         print(f"diffrl eval: {exc}", file=sys.stderr)
         return 2
+    unit = "clip" if kind == "video" else "image"
     for name, m in metrics["rewards"].items():
         lo, hi = m["ci95"]
-        line = f"{name}: {m['mean']:.4f} per image (95% CI {lo:.4f} .. {hi:.4f}, {m['n']} images)"
+        line = f"{name}: {m['mean']:.4f} per {unit} (95% CI {lo:.4f} .. {hi:.4f}, {m['n']} {unit}s)"
         if "mean_over_tags" in m:  # GenEval's overall score leads
             line = (f"{name}: {m['mean_over_tags']:.4f} ± {m['mean_over_tags_stderr']:.4f} mean over "
-                    f"{len(m['tags'])} tags (± s.e.); {m['mean']:.4f} per image, {m['n']} images")
+                    f"{len(m['tags'])} tags (± s.e.); {m['mean']:.4f} per {unit}, {m['n']} {unit}s")
         print(line)
         for split, s in m.get("splits", {}).items():
             value, se = headline(s)
-            print(f"  {split}: {value:.4f} ± {se:.4f}{' mean over tags' if 'mean_over_tags' in s else ''}, {s['n']} images")
+            print(f"  {split}: {value:.4f} ± {se:.4f}{' mean over tags' if 'mean_over_tags' in s else ''}, {s['n']} {unit}s")
         if comparison is not None:
             d = comparison["rewards"][name]
             value, se = headline(d)
             print(f"  paired difference vs {args.compare_to}: {value:+.4f} ± {se:.4f} (95% CI {value - 1.96 * se:+.4f} .. "
-                  f"{value + 1.96 * se:+.4f}){' over tags' if 'mean_over_tags' in d else ''}, on the same {d['n']} images (prompts x seeds)")
+                  f"{value + 1.96 * se:+.4f}){' over tags' if 'mean_over_tags' in d else ''}, on the same {d['n']} {unit}s (prompts x seeds)")
             for split, s in d.get("splits", {}).items():
                 value, se = headline(s)
                 print(f"    {split}: {value:+.4f} ± {se:.4f}")
-    print(f"diffrl: wrote scores.jsonl, metrics.json, report.md and plots to {args.output_dir}"
+    clips = "; every clip as images/PPPP_JJ.mp4 (and .mkv, its exact frames), grid.gif" if kind == "video" else ""
+    print(f"diffrl: wrote scores.jsonl, metrics.json, report.md and plots to {args.output_dir}{clips}"
           + ("; comparison.md / comparison.json with the baseline in baseline/" if comparison is not None else ""))
     return 0
 
@@ -282,13 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-config", action="store_true", help="print the resolved, validated config and exit")
     train.set_defaults(func=_train, parser=train)
 
-    smp = sub.add_parser("sample", help="generate images (optionally with a trained LoRA) to a folder of PNGs",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    smp.add_argument("--model", default="tiny-sd3", help="toy-sd3 | toy-sd (shipped toy bases) | tiny-sd | tiny-sd3 | tiny-flux (random weights) | local diffusers folder | cached hub id")
+    smp = sub.add_parser("sample", help="generate images (optionally with a trained LoRA) to a folder of PNGs; clips of "
+                         "a video model to MP4s", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    smp.add_argument("--model", default="tiny-sd3", help="toy-sd3 | toy-sd (shipped toy bases) | tiny-sd | tiny-sd3 | tiny-flux | tiny-wan (random weights) | local diffusers folder | cached hub id")
     smp.add_argument("--lora", default=None, help="LoRA folder written by training (checkpoints/iter_*/lora)")
     smp.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     smp.add_argument("--prompts", default=None, help="a prompt file (.txt / .jsonl) or builtin:<name>")
-    smp.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    smp.add_argument("--num-images", type=int, default=1, help="images (a video model: clips) per prompt")
     smp.add_argument("--steps", type=int, default=40, help="denoising steps (deterministic ODE / DDIM)")
     smp.add_argument("--guidance-scale", type=float, default=4.5, help="classifier-free guidance scale")
     smp.add_argument("--negative-prompt", default="", help="negative prompt for CFG")
@@ -298,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     smp.add_argument("--device", default="cuda" if _cuda() else "cpu")
     smp.add_argument("--output-dir", default="outputs/samples")
+    _add_video_options(smp)
     _add_rlg_options(smp)
     smp.set_defaults(func=_sample)
 
@@ -305,10 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="score fixed-seed samples of a prompt set with rewards; resumable; report.md + plots",
         description="Sample every prompt with fixed seeds and the deterministic sampler, score each image with "
                     "every reward, and write scores.jsonl, metrics.json (mean, std, 95% CI, per tag), report.md, "
-                    "grid.png and reward_hist.png. Images already in OUTPUT_DIR/images are loaded, not resampled.",
+                    "grid.png and reward_hist.png. Images already in OUTPUT_DIR/images are loaded, not resampled. "
+                    "A video model's clips are images/PPPP_JJ.mp4 (to watch) and .mkv (the exact frames scored and "
+                    "reloaded), with grid.png as strips of 4 frames and grid.gif playing them.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ev.add_argument("--model", default="tiny-sd3", help="toy-sd3 | toy-sd (shipped toy bases) | tiny-sd | tiny-sd3 | tiny-flux (random weights) | local diffusers folder | cached hub id")
+    ev.add_argument("--model", default="tiny-sd3", help="toy-sd3 | toy-sd (shipped toy bases) | tiny-sd | tiny-sd3 | tiny-flux | tiny-wan (random weights) | local diffusers folder | cached hub id")
     ev.add_argument("--lora", default=None, help="LoRA folder written by training (checkpoints/iter_*/lora)")
     ev.add_argument("--prompts", required=True, nargs="+", metavar="SPEC",
                     help="prompt files (.txt / GenEval-style .jsonl with metadata) or builtin:<name>, evaluated together; "
@@ -331,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     ev.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ev.add_argument("--output-dir", required=True)
+    _add_video_options(ev)
     _add_rlg_options(ev)
     ev.set_defaults(func=_eval)
 

@@ -25,8 +25,12 @@ Two entry points share that denoiser-level mixing:
 
 - `RLGuidedPolicy(policy, scale)`: a `Policy` with the same `predict` interface, for the rollout
   loop with any sampler (ODE, SDE, DDIM), `diffrl sample --rlg-scale` and `diffrl eval`.
-- `rl_guidance(pipe, scale)`: on a stock diffusers pipeline (SD3, FLUX, SD) with a LoRA loaded by
+- `rl_guidance(pipe, scale)`: on a stock diffusers pipeline (SD3, FLUX, SD, Wan) with a LoRA loaded by
   `pipe.load_lora_weights(dir)`; `with rl_guidance(pipe, scale=1.5): images = pipe(...).images`.
+
+Nothing here depends on the latents' shape: video latents [B, C, F', h, w] are mixed like images'. On
+Wan2.2 the LoRA and the mixing are on `transformer`, the high-noise expert; the low-noise steps run the
+frozen `transformer_2` alone, which is both the base and the tuned model there.
 
 `scale` is a float (constant w) or a `GuidanceSchedule` (linear ramp, base model for the first steps).
 """
@@ -340,11 +344,12 @@ class RLGuidance:
         if len(names) != 1:
             raise ValueError(f"{type(pipe).__name__} has no single denoiser among {DENOISER_COMPONENTS}")
         for name, module in pipe.components.items():
-            if name.startswith("text_encoder") and isinstance(module, nn.Module) and _tuner_layers(module):
-                raise ValueError(
-                    f"RL guidance mixes denoiser outputs; {name} carries a LoRA too (its prompt embeddings would "
-                    "differ between the base and the tuned model). Load a denoiser-only LoRA."
-                )
+            if name == names[0] or not isinstance(module, nn.Module) or not _tuner_layers(module):
+                continue
+            why = ("its prompt embeddings would differ between the base and the tuned model" if name.startswith("text_encoder")
+                   else f"only {names[0]} is mixed, so {name}'s steps would run the tuned model alone")  # Wan2.2's expert 2
+            raise ValueError(f"RL guidance mixes denoiser outputs; {name} carries a LoRA too ({why}). "
+                             "Load a denoiser-only LoRA.")
         self.pipe = pipe
         self.schedule = scale
         self.denoiser = getattr(pipe, names[0])
