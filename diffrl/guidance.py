@@ -29,8 +29,9 @@ Two entry points share that denoiser-level mixing:
   `pipe.load_lora_weights(dir)`; `with rl_guidance(pipe, scale=1.5): images = pipe(...).images`.
 
 Nothing here depends on the latents' shape: video latents [B, C, F', h, w] are mixed like images'. On
-Wan2.2 the LoRA and the mixing are on `transformer`, the high-noise expert; the low-noise steps run the
-frozen `transformer_2` alone, which is both the base and the tuned model there.
+Wan2.2 the mixing is on the experts that carry the LoRA (`transformer`, the high-noise expert, by default;
+through a policy also `transformer_2` when both or only it train); a frozen expert's steps run it alone, both
+the base and the tuned model there. On a stock pipeline only `transformer` is mixed.
 
 `scale` is a float (constant w) or a `GuidanceSchedule` (linear ramp, base model for the first steps).
 """

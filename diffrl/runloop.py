@@ -85,7 +85,7 @@ class TrainLoop(abc.ABC):
         and on the main process the output folder, config.yaml and the trackers."""
         import torch
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
         import os
 
@@ -99,6 +99,10 @@ class TrainLoop(abc.ABC):
             mixed_precision=cfg.train.mixed_precision, log_with=log_with, project_dir=str(self.out),
             # without cpu=True accelerate ignores torchrun's WORLD_SIZE on a machine with no GPU
             cpu=not torch.cuda.is_available(),
+            # DDP would re-broadcast module buffers, a collective, in forwards; the networks' buffers are constants
+            # (rotary tables, position ids), and Wan2.2 calls a trained expert only on the steps of its noise levels,
+            # so processes make different numbers of calls and that collective would wait forever
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         )
         acc = self.accelerator
         set_seed(cfg.seed)  # LoRA initialisation; every later draw is seeded explicitly (derive_generator)

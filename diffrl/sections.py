@@ -59,12 +59,16 @@ class PolicyConfig:
     """With vae_tiling: tile side in pixels, a multiple of 8; None: diffusers' 256 (tiling engages only on larger frames)."""
     vae_tile_stride: Optional[int] = None
     """With vae_tiling: pixels from one tile to the next, a multiple of 8 and at most the side (the rest overlaps); None: diffusers' 192."""
+    wan_experts: str = "high"
+    """Wan2.2 A14B (two experts): which train, with the LoRA or fully: "high" (transformer, the high-noise expert), "low" (transformer_2) or "both"; the others stay frozen. Other models: high only."""
 
     def check(self, key: str = "policy") -> None:
         from diffrl.pipelines.base import ATTENTION_BACKENDS
+        from diffrl.pipelines.wan import WAN_EXPERTS
 
         check_fields(self, key, {"dtype": tuple(DTYPES), "attention_backend": ATTENTION_BACKENDS, "resolution": positive,
-                                 "height": positive, "width": positive, "lora_rank": non_negative})
+                                 "height": positive, "width": positive, "lora_rank": non_negative,
+                                 "wan_experts": WAN_EXPERTS})
         for name in ("resolution", "height", "width"):
             if (getattr(self, name) or 16) % 16:
                 raise ConfigError(f"'{key}.{name}' must be a multiple of 16 (VAE and patch size), got {getattr(self, name)}")
@@ -333,6 +337,7 @@ def check_run(cfg, default_flow_sampler: str) -> RunContext:
         raise ConfigError(f"'sampling.sampler' {sampler} needs a flow model; '{cfg.model}' is a UNet (sd) model: use ddim")
     check_samples(cfg, family)
     check_vae_chunking(cfg, family)
+    check_wan_experts(cfg, family)
     draws_noise = (sampler == "flow_sde" and s.noise_level > 0) or (sampler == "ddim" and s.eta > 0)
     if s.sde_window_size and not draws_noise:
         raise ConfigError(f"'sampling.sde_window_size' needs a stochastic sampler; 'sampling.sampler' {sampler} draws no noise")
@@ -371,6 +376,22 @@ def check_vae_chunking(cfg, family: str) -> None:
             vae_tile(p.vae_tile_size, p.vae_tile_stride)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+
+def check_wan_experts(cfg, family: str) -> None:
+    """policy.wan_experts low / both only on a Wan model with two experts (read from its model_index.json)."""
+    experts = cfg.policy.wan_experts
+    if experts == "high":
+        return
+    if family != "wan":
+        raise ConfigError(f"'policy.wan_experts' {experts} chooses among Wan2.2's two experts; '{cfg.model}' is a {family} "
+                          "model: remove it")
+    from diffrl.pipelines.wan import expert_count
+
+    if expert_count(cfg.model) == 1:
+        raise ConfigError(f"'policy.wan_experts' {experts} needs Wan2.2's two experts (transformer_2 and a boundary_ratio, "
+                          f"as Wan2.2-T2V-A14B); '{cfg.model}' has one, as Wan2.1 and Wan2.2 TI2V-5B: remove it (its only "
+                          "expert is 'high')")
 
 
 def check_samples(cfg, family: str) -> None:

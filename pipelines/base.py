@@ -107,7 +107,8 @@ class Policy(abc.ABC):
     def pipeline(self):
         """The stock diffusers pipeline built from this policy's own components (no copies), holding the
         unwrapped denoiser (training may have replaced `self.denoiser` with a DDP/FSDP wrapper)."""
-        setattr(self.pipe, self.lora_component, self.trainable_module())
+        for name, net in self.trained_networks().items():
+            setattr(self.pipe, name, net)
         return self.pipe
 
     # ---- shared by every family -------------------------------------------------------------
@@ -127,20 +128,30 @@ class Policy(abc.ABC):
 
         return extract_model_from_parallel(self.denoiser)
 
+    def trained_networks(self) -> dict[str, nn.Module]:
+        """The pipeline components that are trained (and carry the LoRA), by pipeline attribute name: the one
+        denoiser, or Wan2.2's experts when both train (their `trainable_module()` is a module holding the two)."""
+        return {self.lora_component: self.trainable_module()}
+
+    def networks(self) -> list[nn.Module]:
+        """Every denoiser network the model runs, trained or frozen (Wan2.2: both experts)."""
+        return list(self.trained_networks().values())
+
     def add_lora(self, rank: int, alpha: float, target_modules: list[str] | None = None, dropout: float = 0.0) -> None:
-        """Attach a peft LoRA adapter named "default" to the denoiser; base weights are frozen."""
+        """Attach a peft LoRA adapter named "default" to the denoiser (each of `trained_networks()`); base weights are
+        frozen."""
         from peft import LoraConfig
 
-        net = self.trainable_module()
-        net.requires_grad_(False)
-        config = LoraConfig(
-            r=rank,
-            lora_alpha=alpha,
-            lora_dropout=dropout,
-            init_lora_weights="gaussian",
-            target_modules=target_modules or self.default_lora_targets(),
-        )
-        net.add_adapter(config)
+        for net in self.trained_networks().values():
+            net.requires_grad_(False)
+            config = LoraConfig(
+                r=rank,
+                lora_alpha=alpha,
+                lora_dropout=dropout,
+                init_lora_weights="gaussian",
+                target_modules=target_modules or self.default_lora_targets(),
+            )
+            net.add_adapter(config)
         # trainable LoRA weights in float32 whatever the base dtype: optimizer updates at lr * 1e-3
         # scale vanish in bf16; peft casts activations to the adapter dtype and back
         for param in self.trainable_parameters():
@@ -156,30 +167,52 @@ class Policy(abc.ABC):
         The adapter's peft config goes along as metadata; without it diffusers drops `lora_alpha`
         when alpha != rank and the reloaded model differs.
         """
-        from peft.utils import get_peft_model_state_dict
-
         if not self.has_lora:
             raise RuntimeError(f"{type(self).__name__}.save_lora() needs a LoRA adapter; call add_lora() first")
-        net = self.trainable_module()
-        pipe = self.pipeline()
+        for component, net in self.trained_networks().items():
+            self._write_lora(net, self.lora_folder(Path(directory), component))
+
+    def lora_folder(self, directory: Path, component: str) -> Path:
+        """Where `save_lora(directory)` writes the LoRA of pipeline component `component`: `directory` itself."""
+        return directory
+
+    def _write_lora(self, net: nn.Module, folder: Path) -> None:
+        """`net`'s "default" adapter as a diffusers LoRA file in `folder`, keys under `lora_component`."""
+        from peft.utils import get_peft_model_state_dict
+
         c = self.lora_component  # "unet" | "transformer"
-        type(pipe).save_lora_weights(
-            str(directory),
+        type(self.pipe).save_lora_weights(
+            str(folder),
             **{
                 f"{c}_lora_layers": get_peft_model_state_dict(net),
                 f"{c}_lora_adapter_metadata": net.peft_config["default"].to_dict(),
             },
         )
 
+    def lora_usage(self, folder: str = "path/to/this/folder") -> str:
+        """The diffusers code that loads what `save_lora` wrote into `folder` (a model card's usage line)."""
+        return f'pipe.load_lora_weights("{folder}")'
+
     def load_lora(self, directory) -> None:
         """Load LoRA weights saved by `save_lora` (or any diffusers LoRA for this family) as the
         trainable "default" adapter, replacing an existing one; base weights stay frozen."""
         directory = Path(directory)
+        self._check_lora_card(directory)
+        self._drop_lora()
+        self._read_lora(directory, self.trainable_module())
+        self._train_lora_only()
+
+    @staticmethod
+    def _require_lora_file(directory: Path) -> Path:
         weights = directory / "pytorch_lora_weights.safetensors"
         if not weights.is_file():
             nested = directory / "lora" / weights.name
             hint = f"; {directory} is a checkpoint folder: its LoRA is {directory / 'lora'}" if nested.is_file() else ""
             raise FileNotFoundError(f"no LoRA in {directory}: expected {weights.name} (a diffusers LoRA folder){hint}")
+        return weights
+
+    def _check_lora_card(self, directory: Path) -> None:
+        """A LoRA trained by diffrl names its base model's family in README.md: refuse another family's."""
         card = directory / "README.md"  # written by diffrl training: the base model and its family
         if card.is_file() and card.read_text().startswith("---"):
             import yaml
@@ -188,33 +221,45 @@ class Policy(abc.ABC):
             if meta.get("family") not in (None, self.family):
                 raise ValueError(f"the LoRA in {directory} was trained on {meta.get('base_model')} (a {meta['family']} "
                                  f"model); this is a {self.family} model")
+
+    def _drop_lora(self) -> None:
+        """Delete the "default" adapter wherever it is, so that a loaded LoRA replaces it instead of stacking."""
+        for net in self.trained_networks().values():
+            if getattr(net, "_hf_peft_config_loaded", False) and "default" in net.peft_config:
+                net.delete_adapters("default")
+
+    def _read_lora(self, directory: Path, net: nn.Module, **load_kwargs) -> None:
+        """The diffusers LoRA file in `directory` into `net` (one of `trained_networks()`) as adapter "default",
+        through the stock pipeline's `load_lora_weights(directory, **load_kwargs)`; ValueError unless every LoRA
+        layer of the file found its module."""
         from safetensors import safe_open
 
-        with safe_open(str(weights), "pt") as f:
+        with safe_open(str(self._require_lora_file(directory)), "pt") as f:
             in_file = sum(k.startswith(f"{self.lora_component}.") and (".lora_A." in k or ".lora_down." in k) for k in f.keys())
-        net = self.trainable_module()
-        if self.has_lora and "default" in net.peft_config:
-            net.delete_adapters("default")
         from diffusers.utils import logging as diffusers_logging
 
         verbosity = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity_error()  # a denoiser-only LoRA warns once per text encoder it lacks
         try:
-            self.pipeline().load_lora_weights(str(directory), adapter_name="default")
+            self.pipeline().load_lora_weights(str(directory), adapter_name="default", **load_kwargs)
         finally:
             diffusers_logging.set_verbosity(verbosity)
         loaded = sum(".lora_A.default." in name for name, _ in net.named_parameters())
         if loaded == 0 or loaded < in_file:
             raise ValueError(f"the LoRA in {directory} does not fit this {self.family} model's {self.lora_component}: "
                              f"{loaded} of its {in_file} LoRA layers loaded (a LoRA of another model or family?)")
-        net.requires_grad_(False)
-        for name, p in net.named_parameters():
-            if ".lora_A." in name or ".lora_B." in name:
-                p.requires_grad_(True)
+
+    def _train_lora_only(self) -> None:
+        """Base weights frozen, every LoRA tensor of the trained networks trainable."""
+        for net in self.trained_networks().values():
+            net.requires_grad_(False)
+            for name, p in net.named_parameters():
+                if ".lora_A." in name or ".lora_B." in name:
+                    p.requires_grad_(True)
 
     @property
     def has_lora(self) -> bool:
-        return bool(getattr(self.trainable_module(), "_hf_peft_config_loaded", False))
+        return all(getattr(net, "_hf_peft_config_loaded", False) for net in self.trained_networks().values())
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.trainable_module().parameters() if p.requires_grad]
@@ -227,12 +272,14 @@ class Policy(abc.ABC):
                 f"{type(self).__name__}.reference() needs a LoRA adapter: a full fine-tune has no frozen reference "
                 "in memory. Add LoRA (policy.lora_rank > 0) or set the KL coefficient to 0."
             )
-        net = self.trainable_module()
-        net.disable_adapters()
+        nets = list(self.trained_networks().values())
+        for net in nets:
+            net.disable_adapters()
         try:
             yield
         finally:
-            net.enable_adapters()
+            for net in nets:
+                net.enable_adapters()
 
     # ---- extra LoRA adapters on the same network (EMA snapshots of the trained weights) -------
     def add_adapter_copy(self, name: str) -> None:
@@ -244,13 +291,13 @@ class Policy(abc.ABC):
 
         if not self.has_lora:
             raise RuntimeError(f"{type(self).__name__}.add_adapter_copy() needs the trainable LoRA adapter; call add_lora() first")
-        net = self.trainable_module()
-        if name in net.peft_config:
-            raise ValueError(f"adapter {name!r} already exists on the {self.lora_component}")
-        with warnings.catch_warnings():  # peft warns whenever a second adapter joins a model
-            warnings.filterwarnings("ignore", message=".*multiple adapters.*")
-            net.add_adapter(copy.deepcopy(net.peft_config["default"]), adapter_name=name)
-        net.set_adapter("default")  # add_adapter activates the new one; peft also moves requires_grad back
+        for component, net in self.trained_networks().items():
+            if name in net.peft_config:
+                raise ValueError(f"adapter {name!r} already exists on the {component}")
+            with warnings.catch_warnings():  # peft warns whenever a second adapter joins a model
+                warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+                net.add_adapter(copy.deepcopy(net.peft_config["default"]), adapter_name=name)
+            net.set_adapter("default")  # add_adapter activates the new one; peft also moves requires_grad back
         with torch.no_grad():
             for src, dst in zip(self.adapter_parameters("default"), self.adapter_parameters(name), strict=True):
                 dst.data = src.detach().float().clone()
@@ -268,24 +315,30 @@ class Policy(abc.ABC):
     def use_adapter(self, name: str) -> Iterator[None]:
         """Run the network with LoRA adapter `name` instead of "default" (use under torch.no_grad(): peft
         marks the active adapter trainable until "default" is restored on exit)."""
-        net = self.trainable_module()
-        net.set_adapter(name)
+        nets = list(self.trained_networks().values())
+        for net in nets:
+            net.set_adapter(name)
         try:
             yield
         finally:
-            net.set_adapter("default")
+            for net in nets:
+                net.set_adapter("default")
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
-        net = self.trainable_module()
-        if enabled:
-            net.enable_gradient_checkpointing()
-        else:
-            net.disable_gradient_checkpointing()
+        for net in self.trained_networks().values():  # a frozen network keeps no activations for backward
+            if enabled:
+                net.enable_gradient_checkpointing()
+            else:
+                net.disable_gradient_checkpointing()
 
     def set_attention_backend(self, backend: str = "sdpa") -> None:
         """"sdpa" (PyTorch scaled_dot_product_attention, the default), "xformers" (CUDA only), or a
         diffusers attention-dispatcher backend name ("flash", "_native_flash", ...)."""
-        net = self.trainable_module()
+        for net in self.networks():
+            self._set_attention_backend(net, backend)
+
+    @staticmethod
+    def _set_attention_backend(net: nn.Module, backend: str) -> None:
         if backend == "sdpa":
             if hasattr(net, "reset_attention_backend"):
                 net.reset_attention_backend()

@@ -22,7 +22,12 @@ POLICY_FAMILIES = {
     "flux": "diffrl.pipelines.flux:FluxPolicy",
     "wan": "diffrl.pipelines.wan:WanPolicy",
 }
-TINY_MODELS = {"tiny-sd", "tiny-sd3", "tiny-flux", "tiny-wan"}
+TINY_VARIANTS = {
+    "tiny-wan22": ("wan", {"two_experts": True}),  # Wan2.2 A14B's layout: two experts split at boundary_ratio
+    "tiny-wan22-ti2v": ("wan", {"ti2v": True}),  # Wan2.2 TI2V-5B's: one expert, its VAE, per-token timesteps
+}
+"""Tiny random models of another layout of a family: name -> (family, options of the family's `tiny`)."""
+TINY_MODELS = {"tiny-sd", "tiny-sd3", "tiny-flux", "tiny-wan", *TINY_VARIANTS}
 FLOW_FAMILIES = ("sd3", "flux", "wan")
 """Families trained with rectified flow (velocity prediction); the others are DDPM / DDIM UNets."""
 # trained SynthShapes toy base models shipped in assets/toy/ (diffrl pretrain-toy)
@@ -114,6 +119,8 @@ def resolve_family(model: str, family: str | None = None) -> str:
         if family not in POLICY_FAMILIES:
             raise ValueError(f"unknown policy family {family!r}; valid families: {', '.join(sorted(POLICY_FAMILIES))}")
         return family
+    if model in TINY_VARIANTS:
+        return TINY_VARIANTS[model][0]
     if model in TINY_MODELS:
         return model.removeprefix("tiny-")
     if model in SHIPPED_MODELS:
@@ -156,7 +163,8 @@ def load_policy(
     if model in TINY_MODELS:
         if (height or resolution) != (width or resolution):
             raise ValueError(f"the tiny models are square: got height {height or resolution}, width {width or resolution}")
-        policy = cls.tiny(seed=seed, dtype=torch_dtype, resolution=height or resolution or 32, **extra)
+        options = TINY_VARIANTS.get(model, ("", {}))[1]
+        policy = cls.tiny(seed=seed, dtype=torch_dtype, resolution=height or resolution or 32, **options, **extra)
         policy.pipeline().to(device)
     else:
         if model in SHIPPED_MODELS:
@@ -166,6 +174,18 @@ def load_policy(
     if chunked:
         policy.set_vae_chunking(**chunking)
     return policy
+
+
+def pipeline_index(model: str) -> dict | None:
+    """model_index.json of a diffusers folder, shipped toy model or cached hub id, without loading weights; None for
+    the tiny builders and for a model not found (loading it says what is missing)."""
+    if model in TINY_MODELS:
+        return None
+    try:
+        folder = shipped_model_dir(model) if model in SHIPPED_MODELS else resolve_model_dir(model)
+    except FileNotFoundError:
+        return None
+    return json.loads((folder / "model_index.json").read_text())
 
 
 def freeze_for_sampling(pipe):

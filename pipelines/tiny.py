@@ -195,18 +195,23 @@ def tiny_flux_pipeline(seed: int = 0, dtype=None, resolution: int = 32):
     return _finish(pipe, dtype or torch.float32)
 
 
-def tiny_wan_pipeline(seed: int = 0, dtype=None, two_experts: bool = False):
+def tiny_wan_pipeline(seed: int = 0, dtype=None, two_experts: bool = False, ti2v: bool = False):
     """A random tiny `WanPipeline` (diffusers' test sizes; a UMT5 encoder built from a local config and the shipped
-    T5 tokenizer); Wan2.2-style with a second (low-noise) expert and boundary_ratio 0.875 when `two_experts`."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    T5 tokenizer). `two_experts`: Wan2.2 A14B-style, a second (low-noise) expert and boundary_ratio 0.875. `ti2v`:
+    Wan2.2 TI2V-5B-style, one expert over the Wan2.2 VAE (residual, patch 2: 16x spatial, 4x temporal, 48 latent
+    channels with their own mean / std), `expand_timesteps` and TI2V's flow shift 5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
+    if two_experts and ti2v:
+        raise ValueError("Wan2.2 TI2V-5B has one expert: two_experts and ti2v exclude each other")
     tokenizer = t5_tokenizer()
+    channels = 48 if ti2v else 16
 
     def transformer():
-        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
-                                     out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2,
-                                     cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                     in_channels=channels, out_channels=channels, text_dim=32, freq_dim=256, ffn_dim=32,
+                                     num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
 
     text_config = UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                              relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
@@ -214,11 +219,31 @@ def tiny_wan_pipeline(seed: int = 0, dtype=None, two_experts: bool = False):
     pipe = WanPipeline(
         tokenizer=tokenizer,
         text_encoder=_seeded(seed + 2, lambda: UMT5EncoderModel(text_config)),
-        vae=_seeded(seed + 1, lambda: AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                                       temperal_downsample=[False, True, True])),
+        vae=_seeded(seed + 1, _tiny_wan22_vae if ti2v else _tiny_wan_vae),
         transformer=_seeded(seed, transformer),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0 if ti2v else 7.0),
         transformer_2=_seeded(seed + 3, transformer) if two_experts else None,
         boundary_ratio=0.875 if two_experts else None,
+        expand_timesteps=ti2v,
     )
     return _finish(pipe, dtype or torch.float32)
+
+
+def _tiny_wan_vae():
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True])
+
+
+def _tiny_wan22_vae():
+    """The Wan2.2 VAE's layout (diffusers' conversion settings) at diffusers' test sizes; the 48 channels' mean and
+    std are made up, unequal, so that decoding checks the un-normalisation."""
+    from diffusers import AutoencoderKLWan
+
+    z = 48
+    return AutoencoderKLWan(base_dim=3, z_dim=z, in_channels=12, out_channels=12, is_residual=True, patch_size=2,
+                            dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+                            scale_factor_spatial=16, scale_factor_temporal=4,
+                            latents_mean=[round(0.1 * (k % 7 - 3), 2) for k in range(z)],
+                            latents_std=[round(0.5 + 0.25 * (k % 5), 2) for k in range(z)])

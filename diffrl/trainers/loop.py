@@ -73,6 +73,8 @@ class Trainer(TrainLoop):
         )  # tiny models are built with a fixed weight seed: the run seed must not change the base model
         if cfg.sampling.guidance_scale_2 is not None:
             self.policy.set_low_noise_guidance(cfg.sampling.guidance_scale_2)
+        if p.wan_experts != "high":  # Wan2.2: the low-noise expert, or both, train (before the LoRA goes on)
+            self.policy.set_trained_experts(p.wan_experts)
         if p.lora_rank > 0:
             self.policy.add_lora(p.lora_rank, p.lora_alpha, p.lora_targets)
         else:
@@ -361,14 +363,19 @@ class Trainer(TrainLoop):
         extra = {f"ema.{i}": e for i, e in enumerate(self.ema or [])}
         extra.update(self.algorithm.state_tensors())
         state = {"iteration": self.iteration, "samples_seen": self.samples_seen, "seed": self.cfg.seed,
-                 "world_size": self.world, "tracker": self.tracker.state_dict()}
+                 "world_size": self.world, "tracker": self.tracker.state_dict(),
+                 "trained_networks": list(self.policy.trained_networks())}
         return save_checkpoint(self.out / "checkpoints" / f"iter_{self.iteration:06d}", self.policy,
                                self.optimizer, state, extra, card=self.model_card(
-                                   self.reward.describe(), "diffusers", 'pipe.load_lora_weights("path/to/this/folder")',
+                                   self.reward.describe(), "diffusers", self.policy.lora_usage(),
                                    family=self.policy.family))
 
     def _resume(self, path: str) -> None:
         state, extra = load_checkpoint(path, self.policy, self.optimizer)
+        trained, here = state.get("trained_networks"), list(self.policy.trained_networks())
+        if trained is not None and trained != here:  # Wan2.2's experts hold tensors of the same names
+            raise ValueError(f"the checkpoint in {path} trained {' and '.join(trained)}; this run trains {' and '.join(here)}: "
+                             "resume with the run's policy.wan_experts")
         self.iteration, self.samples_seen = state["iteration"], state["samples_seen"]
         self.tracker.load_state_dict(state["tracker"])
         if self.ema is not None:
