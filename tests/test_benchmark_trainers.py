@@ -183,3 +183,33 @@ def test_budget_and_options_are_checked_before_training(tmp_path, capsys):
     assert bench.main(["--output-dir", str(tmp_path / "b"), "--set", "max_iterations=5"]) == 2
     assert "--sample-budget" in capsys.readouterr().err
     assert not (tmp_path / "b" / "runs").exists()
+
+
+def test_clip_world_benchmark_scores_clips_and_counts_still_ones(tmp_path):
+    """--world clips on tiny-wan: held-out rows come from builtin:toy_clips_eval, the exact columns are the clip
+    scorer's, and the still-clip share equals one computed from the evaluation's lossless clips by
+    diffrl.toyworld.clips.still_share (another formula: mean frame difference below 0.5 on the 0-255 scale)."""
+    from diffrl.toyworld.clips import score_clips, still_share
+    from diffrl.visual import read_video
+
+    out = tmp_path / "clips"
+    argv = ["--world", "clips", "--model", "tiny-wan", "--algorithms", "grpo", "--sample-budget", "4",
+            "--curve-points", "1", "--eval-prompts", "8", "--train-prompts", "2", "--eval-steps", "2",
+            "--eval-batch-size", "5", "--threads", "1", "--output-dir", str(out),
+            "--set", "train.prompts_per_iteration=2", "--set", "train.group_size=2", "--set", "train.train_batch_size=4",
+            "--set", "train.rollout_batch_size=4", "--set", "sampling.num_steps=3", "--set", "data.num_eval_prompts=2",
+            "--set", "policy.lora_rank=2", "--set", "policy.lora_alpha=2"]
+    assert bench.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    prompts = load_prompts(str(out / "prompts" / "heldout.jsonl"))
+    eval_prompts = {m["prompt"] for m in load_prompts("builtin:toy_clips_eval").metadata}
+    unseen = [i for i, m in enumerate(prompts.metadata) if m["split"] == "unseen"]
+    assert len(unseen) == 8 and all(prompts.prompts[i] in eval_prompts for i in unseen)
+    rows = [json.loads(line) for line in (out / "eval" / "base" / "scores.jsonl").read_text().splitlines()]
+    clips = torch.stack([read_video(out / "eval" / "base" / r["frames"]) for r in rows]).float() / 255
+    exact = [float(s.correct) for s in score_clips(clips, [prompts.metadata[r["prompt_index"]] for r in rows])]
+    assert [r["toyclips_accuracy"] for r in rows] == exact
+    motion = [k for k, r in enumerate(rows) if r["prompt_index"] in unseen and r["tag"] in ("moving", "counting")]
+    assert results["base"]["still_share"] == pytest.approx(still_share(clips[motion]))
+    assert results["methods"]["grpo"]["samples_seen"] == 4
+    assert "still clips" in (out / "results.md").read_text()

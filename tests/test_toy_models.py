@@ -54,3 +54,42 @@ def test_eval_reproduces_the_recorded_base_accuracy(model, tmp_path):
     se = math.sqrt(2 * sum(tags[t] * (1 - tags[t]) / 50 for t in tags) / len(tags) ** 2)
     assert abs(got - p) < 3.5 * max(se, 0.01), (got, p, se)
     assert 0.15 <= p <= 0.6, p  # clearly imperfect (headroom for RL) yet well above chance
+
+
+def test_shipped_video_model_loads_as_wan_and_matches_the_stock_pipeline():
+    """toy-wan (SynthShapes clips) is a stock WanPipeline folder: our ODE rollout equals WanPipeline's own."""
+    from diffrl.pipelines.wan import WanPolicy
+
+    policy = load_policy("toy-wan", num_frames=9)
+    assert type(policy) is WanPolicy
+    assert (policy.height, policy.width, policy.num_frames) == (32, 32, 9)
+    assert policy.latent_shape()[1:] == (5, 8, 8)  # 2x in time after the first frame, 4x in space
+    prompts = ["a red shape moving left", "two blue shapes moving up"]
+    noise = policy.initial_noise(2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = sample(policy, policy.encode_prompt(prompts), make_sampler("flow_ode"), policy.schedule(6), 4.5,
+                      latents=noise, record=False).final
+        stock = policy.pipeline()(prompt=prompts, latents=noise, num_inference_steps=6, guidance_scale=4.5, height=32,
+                                  width=32, num_frames=9, max_sequence_length=policy.max_sequence_length,
+                                  output_type="latent").frames
+    torch.testing.assert_close(ours, stock, rtol=0, atol=1e-5)
+
+
+def test_shipped_video_model_reconstructs_clips_the_scorer_can_read():
+    """The toy video VAE round-trips rendered clips so that the exact scorer still reads their captions."""
+    import numpy as np
+
+    from diffrl.toyworld.clips import render_clip, score_clips
+
+    policy = load_policy("toy-wan", num_frames=9)
+    rows = load_prompts("builtin:toy_clips_eval").metadata[:40]
+    rng = np.random.default_rng(0)
+    clips = torch.from_numpy(np.stack([render_clip(m, rng) for m in rows])).permute(0, 1, 4, 2, 3).float() / 255
+    vae = policy.pipeline().vae
+    with torch.no_grad():
+        raw = vae.encode(clips.permute(0, 2, 1, 3, 4) * 2 - 1).latent_dist.mode()  # [B, C, F', h, w]
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+        decoded = policy.decode((raw - mean) / std)  # through the policy's un-normalisation
+    correct = sum(r.correct for r in score_clips(decoded, rows))
+    assert correct >= 0.9 * len(rows), correct
