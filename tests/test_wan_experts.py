@@ -244,7 +244,9 @@ def test_ti2v_trains_and_its_lora_loads_in_a_stock_pipeline(tmp_path):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("experts", CHOICES)
+@pytest.mark.parametrize("experts", [pytest.param("high", marks=pytest.mark.slow),  # 12 s each on 2 cores:
+                                     pytest.param("low", marks=pytest.mark.slow),   # one choice in the default suite
+                                     "both"])
 def test_two_processes_train_the_chosen_experts_in_step(tmp_path, experts):
     """DDP on the CPU (torchrun, gloo), one clip per micro-batch so that many batches hold one expert's steps only:
     the run ends (DDP's buffer broadcast at the start of a forward used to leave a process waiting for one that made
