@@ -328,7 +328,8 @@ def write_markdown(results: dict, path: Path) -> None:
     lines = [
         f"# Trainer benchmark (SynthShapes toy world: {world.name})", "",
         f"Model `{s['model']}`, equal sample budget {s['sample_budget']} samples per method. Evaluation: "
-        f"{s['eval_prompts']} unseen prompts, {s['pair_prompts']} unseen-pair prompts and {s['train_prompts']} training "
+        f"{s['eval_prompts']} unseen prompts, {s['pair_prompts'] if world.unseen_pairs else 0} unseen-pair prompts and "
+        f"{s['train_prompts']} training "
         f"prompts, x {s['images_per_prompt']} images each ({s['eval_steps']} deterministic steps, CFG "
         f"{s['guidance_scale']}, seed {s['eval_seed']}).", "",
         *results_table(results), "",
