@@ -201,7 +201,7 @@ def _load_policy(args, command: str):
 
 def _add_video_options(parser) -> None:
     parser.add_argument("--num-frames", type=int, default=None, metavar="F",
-                        help="video models: frames per clip, 4k + 1 (default: the model's, 33; tiny-wan 9)")
+                        help="video models: frames per clip, 4k + 1 (default: the model's: Wan 33, tiny-wan and toy-wan 9)")
     parser.add_argument("--fps", type=float, default=None,
                         help="video models: frame rate of the MP4s and GIFs (default 16, Wan2.1's own)")
 
@@ -377,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     smp = sub.add_parser("sample", help="generate images (optionally with a trained LoRA) to a folder of PNGs; clips of "
                          "a video model to MP4s", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    smp.add_argument("--model", default="tiny-sd3", help="toy-sd3 | toy-sd (shipped toy bases) | tiny-sd | tiny-sd3 | tiny-flux | tiny-wan (random weights) | local diffusers folder | cached hub id")
+    smp.add_argument("--model", default="tiny-sd3", help="toy-sd3 | toy-sd | toy-wan (shipped toy bases) | tiny-sd | tiny-sd3 | tiny-flux | tiny-wan | tiny-wan22 | tiny-wan22-ti2v (random weights) | local diffusers folder | cached hub id")
     smp.add_argument("--lora", default=None, help="LoRA folder written by training (checkpoints/iter_*/lora)")
     smp.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     smp.add_argument("--prompts", default=None, help="a prompt file (.txt / .jsonl) or builtin:<name>")
@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "reloaded), with grid.png as strips of 4 frames and grid.gif playing them.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ev.add_argument("--model", default="tiny-sd3", help="toy-sd3 | toy-sd (shipped toy bases) | tiny-sd | tiny-sd3 | tiny-flux | tiny-wan (random weights) | local diffusers folder | cached hub id")
+    ev.add_argument("--model", default="tiny-sd3", help="toy-sd3 | toy-sd | toy-wan (shipped toy bases) | tiny-sd | tiny-sd3 | tiny-flux | tiny-wan | tiny-wan22 | tiny-wan22-ti2v (random weights) | local diffusers folder | cached hub id")
     ev.add_argument("--lora", default=None, help="LoRA folder written by training (checkpoints/iter_*/lora)")
     ev.add_argument("--prompts", required=True, nargs="+", metavar="SPEC",
                     help="prompt files (.txt / GenEval-style .jsonl with metadata) or builtin:<name>, evaluated together; "

@@ -32,6 +32,9 @@ FLOW_FAMILIES = ("sd3", "flux", "wan")
 """Families trained with rectified flow (velocity prediction); the others are DDPM / DDIM UNets."""
 # trained SynthShapes toy base models shipped in assets/toy/ (diffrl pretrain-toy)
 SHIPPED_MODELS = {"toy-sd3": "sd3", "toy-sd": "sd", "toy-wan": "wan"}
+SHIPPED_SIZES = {"toy-wan": {"resolution": 32, "num_frames": 9}}
+"""The size a shipped model was trained at, used when none is given (the image toy models carry theirs in their
+configs; WanPolicy's own default is Wan's 480 x 832 and 33 frames)."""
 
 
 def shipped_model_dir(model: str) -> Path:
@@ -168,6 +171,10 @@ def load_policy(
         policy.pipeline().to(device)
     else:
         if model in SHIPPED_MODELS:
+            sizes = SHIPPED_SIZES.get(model, {})
+            resolution = resolution or (None if height or width else sizes.get("resolution"))
+            if "num_frames" in sizes and num_frames is None:
+                extra = {"num_frames": sizes["num_frames"]}
             model = str(shipped_model_dir(model))
         policy = cls.from_pretrained(model, torch_dtype=torch_dtype, device=device, height=height or resolution,
                                      width=width or resolution, **extra)

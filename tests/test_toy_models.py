@@ -60,7 +60,7 @@ def test_shipped_video_model_loads_as_wan_and_matches_the_stock_pipeline():
     """toy-wan (SynthShapes clips) is a stock WanPipeline folder: our ODE rollout equals WanPipeline's own."""
     from diffrl.pipelines.wan import WanPolicy
 
-    policy = load_policy("toy-wan", num_frames=9)
+    policy = load_policy("toy-wan")  # its trained size (32 x 32, 9 frames) when none is given
     assert type(policy) is WanPolicy
     assert (policy.height, policy.width, policy.num_frames) == (32, 32, 9)
     assert policy.latent_shape()[1:] == (5, 8, 8)  # 2x in time after the first frame, 4x in space
