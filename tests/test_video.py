@@ -69,8 +69,10 @@ def test_grpo_on_video_rescores_its_rollout_with_ratio_one(tmp_path):
     torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "nft", "crd"])
+@pytest.mark.parametrize("algorithm", ["grpo", "nft", "crd", "prdp", "easytune", "draft"])
 def test_two_iterations_train_every_lora_tensor_on_video(tmp_path, algorithm):
+    """Every trainer on 5-D latents: finite losses, every LoRA tensor moved, a checkpoint; EasyTune and DRaFT
+    back-propagate video_temporal (differentiable) through the Wan VAE decode of the whole clip."""
     trainer = Trainer(load_config(None, [*FAST, f"output_dir={tmp_path}", f"algorithm={algorithm}", "max_iterations=2",
                                          "train.learning_rate=1e-2", "logging.save_every=2"]))
     before = [p.detach().clone() for p in trainer.policy.trainable_parameters()]

@@ -123,7 +123,7 @@ def test_video_cost_cpu_mode_writes_its_table_plot_and_results_section(tmp_path)
 
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\nNewest first.\n\n## An older section\n\ntext\n")
-    assert main(["--frames", "1", "5", "--repeats", "1", "--steps", "2", "--prompts", "1", "--group", "2", "--in-process",
+    assert main(["--models", "tiny-wan", "--frames", "1", "5", "--repeats", "1", "--steps", "2", "--prompts", "1", "--group", "2", "--in-process",
                  "--output-dir", str(tmp_path), "--results-md", str(results)]) == 0
     table = [line for line in (tmp_path / "video_cost.md").read_text().splitlines() if line.startswith("|")]
     assert table[0] == "| " + " | ".join(CPU_COLUMNS) + " |"
