@@ -32,8 +32,6 @@ terms that are each 1 exactly when their condition holds, so partial == 1.0 iff 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 import torch
 from torch import Tensor
@@ -273,10 +271,6 @@ def still_share(videos: Tensor, threshold: float = 0.5) -> float:
     x = videos.to(torch.float32) * 255
     diff = (x[:, 1:] - x[:, :-1]).abs().flatten(1).mean(dim=1)  # [B]
     return float((diff < threshold).float().mean())
-
-
-def tags_of(rows: Iterable[dict]) -> list[str]:
-    return sorted({r["tag"] for r in rows})
 
 
 __all__ = [

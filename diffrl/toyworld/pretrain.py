@@ -267,6 +267,49 @@ def evaluate_accuracy(pipe, family: str, metadata: list[dict], steps: int = 20, 
     return out
 
 
+def train_denoiser(pipe, params, latents: torch.Tensor, prompts: list[str], loss_fn, evaluate, args,
+                   steps_before: int = 0) -> None:
+    """The denoiser pretraining loop of every family: AdamW with 200 warm-up steps, `args.caption_dropout` empty
+    captions, gradients clipped at 1; every `args.eval_every` steps (and at the end) `evaluate()` -> accuracies is
+    logged to OUTPUT.log.jsonl, the pipeline saved to OUTPUT, and training stops at `args.target_accuracy`.
+    loss_fn(x0 [b, ...], prompts, generator) -> scalar loss; latents [N, ...] are already scaled."""
+    out = Path(args.output_dir)
+    log_path = out.with_suffix(".log.jsonl")
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
+    gen = torch.Generator().manual_seed(args.seed)
+    start = time.time()
+    bar = tqdm(range(1, args.max_steps + 1), desc=f"pretrain {args.family}")
+    for step in bar:
+        idx = torch.randint(0, len(prompts), (args.batch_size,), generator=gen)
+        batch_prompts = [prompts[i] if torch.rand(1, generator=gen) > args.caption_dropout else "" for i in idx.tolist()]
+        loss = loss_fn(latents[idx], batch_prompts, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        minutes = (time.time() - start) / 60
+        done = step == args.max_steps or minutes > args.max_minutes
+        if step % args.eval_every == 0 or done:
+            acc = evaluate()
+            row = {"step": steps_before + step, "minutes": round(minutes, 2), "loss": loss.item(), **acc}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            tqdm.write(f"[pretrain-toy] step {step} ({minutes:.1f} min): held-out accuracy {acc['overall']:.3f} "
+                       + " ".join(f"{k}={v:.2f}" for k, v in acc.items() if k != "overall"))
+            pipe.save_pretrained(out, safe_serialization=True)
+            recorded_args = {k: v for k, v in vars(args).items() if not callable(v)}  # the CLI's handler is not data
+            (out / "toy_pretrain.json").write_text(json.dumps({**row, "family": args.family, "args": recorded_args},
+                                                              indent=1))
+            if acc["overall"] >= args.target_accuracy:
+                tqdm.write(f"[pretrain-toy] reached target accuracy {args.target_accuracy}: stopping")
+                break
+        if done:
+            break
+
+
 def pretrain(args) -> Path:
     from diffrl.toyworld import compositional_split
 
@@ -277,7 +320,6 @@ def pretrain(args) -> Path:
     torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out.with_suffix(".log.jsonl")
     log = lambda msg: tqdm.write(msg)  # noqa: E731
     train_pairs, heldout_pairs = compositional_split(seed=0)
     data = render_dataset(args.num_scenes, seed=args.seed, allowed_pairs=train_pairs)
@@ -316,39 +358,8 @@ def pretrain(args) -> Path:
     latents = scale_latents(pipe, args.family, raw)
     params = [p for m in _trainable(pipe, args.family) for p in m.parameters()]
     log(f"[pretrain-toy] {args.family}: {sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters")
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
-    gen = torch.Generator().manual_seed(args.seed)
-    start = time.time()
-    best = -1.0
-    bar = tqdm(range(1, args.max_steps + 1), desc=f"pretrain {args.family}")
-    for step in bar:
-        idx = torch.randint(0, len(data.prompts), (args.batch_size,), generator=gen)
-        prompts = [data.prompts[i] if torch.rand(1, generator=gen) > args.caption_dropout else "" for i in idx.tolist()]
-        loss = _loss(pipe, args.family, latents[idx], prompts, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        minutes = (time.time() - start) / 60
-        done = step == args.max_steps or minutes > args.max_minutes
-        if step % args.eval_every == 0 or done:
-            acc = evaluate_accuracy(pipe, args.family, heldout, steps=args.eval_steps)
-            row = {"step": steps_before + step, "minutes": round(minutes, 2), "loss": loss.item(), **acc}
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            log(f"[pretrain-toy] step {step} ({minutes:.1f} min): held-out accuracy {acc['overall']:.3f} "
-                + " ".join(f"{k}={v:.2f}" for k, v in acc.items() if k not in ("overall",)))
-            pipe.save_pretrained(out, safe_serialization=True)
-            (out / "toy_pretrain.json").write_text(json.dumps({**row, "family": args.family, "args": vars(args)}, indent=1))
-            best = max(best, acc["overall"])
-            if acc["overall"] >= args.target_accuracy:
-                log(f"[pretrain-toy] reached target accuracy {args.target_accuracy}: stopping")
-                break
-        if done:
-            break
+    train_denoiser(pipe, params, latents, data.prompts, lambda x0, prompts, gen: _loss(pipe, args.family, x0, prompts, gen),
+                   lambda: evaluate_accuracy(pipe, args.family, heldout, steps=args.eval_steps), args, steps_before)
     return out
 
 

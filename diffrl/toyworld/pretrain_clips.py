@@ -12,14 +12,14 @@ fine-tuning), or at a step / time budget.
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from .pretrain import train_denoiser
 
 LATENT_CHANNELS = 16
 OBJECT_WEIGHT = 0.5
@@ -171,7 +171,6 @@ def pretrain_clips(args) -> Path:
     size, frames = CLIP_SIZE, CLIP_FRAMES
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out.with_suffix(".log.jsonl")
     log = lambda msg: tqdm.write(msg)  # noqa: E731
     prompts, clips = render_clip_dataset(args.num_scenes, args.seed, size, frames)
     sets = builtin_clip_prompt_sets()
@@ -202,35 +201,6 @@ def pretrain_clips(args) -> Path:
         m.train().requires_grad_(True)
     params = [p for m in trainable for p in m.parameters()]
     log(f"[pretrain-toy] wan: {sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters; latents {tuple(latents.shape[1:])}")
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
-    gen = torch.Generator().manual_seed(args.seed)
-    start = time.time()
-    bar = tqdm(range(1, args.max_steps + 1), desc="pretrain wan")
-    for step in bar:
-        idx = torch.randint(0, len(prompts), (args.batch_size,), generator=gen)
-        batch_prompts = [prompts[i] if torch.rand(1, generator=gen) > args.caption_dropout else "" for i in idx.tolist()]
-        loss = flow_loss(pipe, latents[idx], batch_prompts, gen, max_length)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        minutes = (time.time() - start) / 60
-        done = step == args.max_steps or minutes > args.max_minutes
-        if step % args.eval_every == 0 or done:
-            acc = evaluate_clip_accuracy(pipe, heldout, size, frames, steps=args.eval_steps)
-            row = {"step": step, "minutes": round(minutes, 2), "loss": loss.item(), **acc}
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            log(f"[pretrain-toy] step {step} ({minutes:.1f} min): held-out accuracy {acc['overall']:.3f} "
-                + " ".join(f"{k}={v:.2f}" for k, v in acc.items() if k != "overall"))
-            pipe.save_pretrained(out, safe_serialization=True)
-            (out / "toy_pretrain.json").write_text(json.dumps({**row, "family": "wan", "args": {k: v for k, v in vars(args).items() if not callable(v)}}, indent=1))
-            if acc["overall"] >= args.target_accuracy:
-                log(f"[pretrain-toy] reached target accuracy {args.target_accuracy}: stopping")
-                break
-        if done:
-            break
+    train_denoiser(pipe, params, latents, prompts, lambda x0, texts, gen: flow_loss(pipe, x0, texts, gen, max_length),
+                   lambda: evaluate_clip_accuracy(pipe, heldout, size, frames, steps=args.eval_steps), args)
     return out
