@@ -66,7 +66,7 @@ class Policy(abc.ABC):
     lora_component: ClassVar[str] = "transformer"  # the pipeline's name for the denoiser ("unet" for SD)
     sample_kind: ClassVar[str] = "image"  # what decode returns: "image" [B, 3, H, W] or "video" [B, F, 3, H, W]
     full_model_folder: ClassVar[str] = "denoiser"  # where a checkpoint of a full fine-tune puts the model folder
-    prediction_type: str  # "flow" | "epsilon" | "v_prediction"
+    prediction_type: str  # "flow" | "epsilon" | "v_prediction" | "sample" (x0-prediction)
     denoiser: nn.Module
 
     # ---- what each family implements -------------------------------------------------------

@@ -15,7 +15,7 @@ PACKAGES = {"diffrl": "diffrl", "pipelines": "diffrl.pipelines", "rewards": "dif
 LAYERS: list[tuple[str, list[str]]] = [  # bottom to top; the most specific pattern of a module decides
     ("foundation", ["diffrl", "diffrl.runtime", "diffrl.checks", "diffrl.stats", "diffrl.hub", "diffrl.core*",
                     "diffrl.data", "diffrl.visual", "diffrl.assets*", "diffrl.toyworld", "diffrl.toyworld.world",
-                    "diffrl.toyworld.prompts", "diffrl.toyworld.scorer", "diffrl.toyworld.clips"]),
+                    "diffrl.toyworld.prompts", "diffrl.toyworld.scorer", "diffrl.toyworld.clips", "diffrl.motion*"]),
     ("sampling", ["diffrl.sampling*", "diffrl.rollout"]),
     ("models and rewards", ["diffrl.pipelines*", "diffrl.rewards*", "diffrl.toyworld.proxy", "diffrl.checkpoint",
                             "diffrl.guidance"]),
@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, list[str]]] = [  # bottom to top; the most specific patt
                     "diffrl.lm.rewards", "diffrl.lm.tasks"]),
     ("loop", ["diffrl.sections", "diffrl.runloop", "diffrl.trainers.loop", "diffrl.lm.config", "diffrl.lm.trainer"]),
     ("entry points", ["diffrl.config", "diffrl.api", "diffrl.cli", "diffrl.benchmarks*", "diffrl.toyworld.pretrain", "diffrl.toyworld.pretrain_clips",
+                      "diffrl.motion.pretrain",
                       "diffrl.lm.pretrain"]),
 ]
 

@@ -17,7 +17,8 @@ from diffrl.sampling.gaussian import (
     per_sample,
 )
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+"""What the model outputs: the noise, the v-prediction, or the clean sample itself (x0-prediction, MDM)."""
 
 
 def ddim_step(
@@ -62,6 +63,9 @@ def ddim_step(
     if prediction_type == "epsilon":
         pred_x0 = (x - beta_t ** (0.5) * out) / a_t ** (0.5)  # [B, *S]
         pred_eps = out  # [B, *S]
+    elif prediction_type == "sample":  # x0-prediction (diffusers' "sample"): eps follows from x_t
+        pred_x0 = out  # [B, *S]
+        pred_eps = (x - a_t ** (0.5) * out) / beta_t ** (0.5)  # [B, *S]
     else:  # v_prediction
         pred_x0 = (a_t**0.5) * x - (beta_t**0.5) * out  # [B, *S]
         pred_eps = (a_t**0.5) * out + (beta_t**0.5) * x  # [B, *S]

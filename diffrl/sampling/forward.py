@@ -14,7 +14,7 @@ import torch
 
 from diffrl.sampling.gaussian import per_sample
 
-PREDICTION_TYPES = ("flow", "epsilon", "v_prediction")
+PREDICTION_TYPES = ("flow", "epsilon", "v_prediction", "sample")
 
 
 def _check(prediction_type: str) -> None:
@@ -30,11 +30,13 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha, sigma) -> torch.Tens
 def training_target(x0: torch.Tensor, noise: torch.Tensor, alpha, sigma, prediction_type: str) -> torch.Tensor:
     """What the model should output at x_t = alpha x0 + sigma eps. -> [B, *S]
 
-    flow: eps - x0; epsilon: eps; v_prediction: alpha eps - sigma x0.
+    flow: eps - x0; epsilon: eps; v_prediction: alpha eps - sigma x0; sample (x0-prediction): x0.
     """
     _check(prediction_type)
     if prediction_type == "flow":
         return noise - x0
+    if prediction_type == "sample":
+        return x0
     if prediction_type == "epsilon":
         return noise
     return per_sample(alpha, x0, x0.dtype) * noise - per_sample(sigma, x0, x0.dtype) * x0
@@ -44,9 +46,12 @@ def predict_x0(x_t: torch.Tensor, output: torch.Tensor, alpha, sigma, prediction
     """The clean sample a model output implies at x_t, exact for any (alpha, sigma). -> [B, *S]
 
     flow: (x_t - sigma v) / (alpha + sigma)  (= x_t - t v when alpha = 1 - t);
-    epsilon: (x_t - sigma eps) / alpha;  v_prediction: (alpha x_t - sigma v) / (alpha^2 + sigma^2).
+    epsilon: (x_t - sigma eps) / alpha;  v_prediction: (alpha x_t - sigma v) / (alpha^2 + sigma^2);
+    sample: the output itself.
     """
     _check(prediction_type)
+    if prediction_type == "sample":
+        return output
     a, s = per_sample(alpha, x_t, x_t.dtype), per_sample(sigma, x_t, x_t.dtype)  # [] or [B, 1, ..]
     if prediction_type == "flow":
         return (x_t - s * output) / (a + s)

@@ -74,7 +74,7 @@ class Sampler:
 
         `index`: an int (all samples at the same step) or LongTensor[B] (per-sample steps, e.g.
         when re-scoring random timesteps of stored trajectories). `prediction_type`: "flow"
-        (velocity) for the flow samplers, "epsilon" or "v_prediction" for ddim. `history`: the previous
+        (velocity) for the flow samplers, "epsilon", "v_prediction" or "sample" (x0) for ddim. `history`: the previous
         step's (sample, model output), used by the multistep "flow_dpm2" (None at the first step) and
         ignored by the one-step samplers.
         """
