@@ -77,7 +77,7 @@ T2M_VOCABULARY = "vocabulary.json"
 POS_TAGS = ("VERB", "NOUN", "DET", "ADP", "NUM", "AUX", "PRON", "ADJ", "ADV",
             "Loc_VIP", "Body_VIP", "Obj_VIP", "Act_VIP", "Desc_VIP", "OTHER")
 """The T2M text encoder's 15 part-of-speech classes, in one-hot order."""
-VIP_WORDS = {  # words whose tag the reference replaces by a motion class (its word vectoriser's lists, as recalled)
+VIP_WORDS = {  # words whose tag the reference replaces by a motion class (its word vectoriser's lists as recalled, not checked here)
     "Loc_VIP": ("left", "right", "clockwise", "counterclockwise", "anticlockwise", "forward", "back", "backward",
                 "up", "down", "straight", "curve"),
     "Body_VIP": ("arm", "chin", "foot", "feet", "face", "hand", "mouth", "leg", "waist", "eye", "knee", "shoulder",

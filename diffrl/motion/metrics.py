@@ -19,9 +19,9 @@ def _check_pairs(text_emb: Tensor, motion_emb: Tensor, what: str) -> None:
 
 
 def distance_matrix(a: Tensor, b: Tensor) -> Tensor:
-    """Euclidean distances [N, M] between the rows of a [N, D] and b [M, D], from the differences (exact where the
-    expanded |a|^2 + |b|^2 - 2ab form cancels)."""
-    return (a[:, None, :] - b[None, :, :]).norm(dim=-1)  # [N, M]
+    """Euclidean distances [..., N, M] between the rows of a [..., N, D] and b [..., M, D], from the differences
+    (exact where the expanded |a|^2 + |b|^2 - 2ab form cancels), without materialising them."""
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")  # [..., N, M]
 
 
 def r_precision(text_emb: Tensor, motion_emb: Tensor, batch: int = 32, top_k: int = 3) -> Tensor:
@@ -39,7 +39,7 @@ def r_precision(text_emb: Tensor, motion_emb: Tensor, batch: int = 32, top_k: in
     used = count // batch * batch
     texts = text_emb[:used].reshape(-1, batch, text_emb.shape[1])  # [nb, batch, D]
     motions = motion_emb[:used].reshape(-1, batch, motion_emb.shape[1])  # [nb, batch, D]
-    dist = (texts[:, :, None, :] - motions[:, None, :, :]).norm(dim=-1)  # [nb, batch, batch]
+    dist = distance_matrix(texts, motions)  # [nb, batch, batch]
     matching = dist.diagonal(dim1=1, dim2=2)  # [nb, batch]
     rank = (dist < matching[..., None]).sum(-1)  # [nb, batch]: motions strictly closer than the match
     ks = torch.arange(1, top_k + 1, device=rank.device)  # [top_k]
