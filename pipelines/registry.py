@@ -21,13 +21,14 @@ POLICY_FAMILIES = {
     "sd3": "diffrl.pipelines.sd3:SD3Policy",
     "flux": "diffrl.pipelines.flux:FluxPolicy",
     "wan": "diffrl.pipelines.wan:WanPolicy",
+    "motion": "diffrl.pipelines.motion:MotionPolicy",
 }
 TINY_VARIANTS = {
     "tiny-wan22": ("wan", {"two_experts": True}),  # Wan2.2 A14B's layout: two experts split at boundary_ratio
     "tiny-wan22-ti2v": ("wan", {"ti2v": True}),  # Wan2.2 TI2V-5B's: one expert, its VAE, per-token timesteps
 }
 """Tiny random models of another layout of a family: name -> (family, options of the family's `tiny`)."""
-TINY_MODELS = {"tiny-sd", "tiny-sd3", "tiny-flux", "tiny-wan", *TINY_VARIANTS}
+TINY_MODELS = {"tiny-sd", "tiny-sd3", "tiny-flux", "tiny-wan", "tiny-motion", *TINY_VARIANTS}
 FLOW_FAMILIES = ("sd3", "flux", "wan")
 """Families trained with rectified flow (velocity prediction); the others are DDPM / DDIM UNets."""
 # trained SynthShapes toy base models shipped in assets/toy/ (diffrl pretrain-toy)
@@ -53,6 +54,7 @@ PIPELINE_CLASSES = {
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
     "WanPipeline": "wan",
+    "MotionDiffusionPipeline": "motion",
 }
 
 
@@ -153,11 +155,15 @@ def load_policy(
     """Build the Policy for `model`: "tiny-<family>" (random tiny weights), a local diffusers
     folder, or a hub id in the local HF cache. `resolution` sets height = width (None: the
     pipeline's default; 32 for the tiny models), `height` / `width` a non-square size; `num_frames` the clip
-    length of a video family; `vae_*` how a video family's VAE decodes (`set_vae_chunking`: slicing, tiling)."""
+    length of a video or motion family (a motion model has no resolution); `vae_*` how a video family's VAE decodes
+    (`set_vae_chunking`: slicing, tiling)."""
     fam = resolve_family(model, family)
     cls = policy_class(fam)
-    if num_frames is not None and cls.sample_kind != "video":
-        raise ValueError(f"num_frames is for video models; {model} is a {fam} ({cls.sample_kind}) model")
+    if num_frames is not None and cls.sample_kind not in ("video", "motion"):
+        raise ValueError(f"num_frames is for video and motion models; {model} is a {fam} ({cls.sample_kind}) model")
+    if cls.sample_kind == "motion" and any(v is not None for v in (resolution, height, width)):
+        raise ValueError(f"{model} is a motion model: it has no resolution / height / width (got {resolution}, "
+                         f"{height}, {width}); set num_frames for the clip length")
     chunking = {"slicing": vae_slicing, "tiling": vae_tiling, "tile_size": vae_tile_size, "tile_stride": vae_tile_stride}
     chunked = any(v not in (None, False) for v in chunking.values())
     if chunked and not hasattr(cls, "set_vae_chunking"):
@@ -166,8 +172,10 @@ def load_policy(
     if model in TINY_MODELS:
         if (height or resolution) != (width or resolution):
             raise ValueError(f"the tiny models are square: got height {height or resolution}, width {width or resolution}")
-        options = TINY_VARIANTS.get(model, ("", {}))[1]
-        policy = cls.tiny(seed=seed, dtype=torch_dtype, resolution=height or resolution or 32, **options, **extra)
+        options = dict(TINY_VARIANTS.get(model, ("", {}))[1])
+        if cls.sample_kind != "motion":
+            options["resolution"] = height or resolution or 32
+        policy = cls.tiny(seed=seed, dtype=torch_dtype, **options, **extra)
         policy.pipeline().to(device)
     else:
         if model in SHIPPED_MODELS:
