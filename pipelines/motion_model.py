@@ -36,11 +36,12 @@ OUTPUT_TYPES = ("features", "normalized")
 
 def sinusoidal_embedding(positions: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
     """MDM's sinusoidal code of positions [*] (frame indices or diffusion timesteps) -> [*, dim], in `dtype`:
-    channel 2k holds sin(p w_k), channel 2k + 1 cos(p w_k), w_k = 10000^(-2k / dim). Computed in `dtype` so that
-    a float64 model is float64 end to end."""
-    freqs = torch.exp(torch.arange(0, dim, 2, dtype=dtype, device=positions.device) * (-math.log(10000.0) / dim))  # [dim/2]
-    angles = positions.to(dtype)[..., None] * freqs  # [*, dim/2]
-    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # [*, dim]
+    channel 2k holds sin(p w_k), channel 2k + 1 cos(p w_k), w_k = 10000^(-2k / dim). Computed in float32 or wider
+    (bf16 cannot even hold t = 999), in float64 for a float64 model, so that it stays float64 end to end."""
+    wide = torch.promote_types(dtype, torch.float32)
+    freqs = torch.exp(torch.arange(0, dim, 2, dtype=wide, device=positions.device) * (-math.log(10000.0) / dim))  # [dim/2]
+    angles = positions.to(wide)[..., None] * freqs  # [*, dim/2]
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2).to(dtype)  # [*, dim]
 
 
 class MotionAttention(nn.Module):
