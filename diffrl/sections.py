@@ -30,7 +30,7 @@ TRACKERS = ("tensorboard", "wandb", "none")
 @dataclass
 class PolicyConfig:
     family: Optional[str] = None
-    """Model family ("sd", "sd3", "flux", "wan"); None detects it from the model folder's model_index.json."""
+    """Model family ("sd", "sd3", "flux", "wan", "motion"); None detects it from the model folder's model_index.json."""
     resolution: int = 512
     """Image height and width in pixels (Flow-GRPO: 512)."""
     height: Optional[int] = None
@@ -50,7 +50,7 @@ class PolicyConfig:
     attention_backend: str = "sdpa"
     """"sdpa" (PyTorch scaled_dot_product_attention), "xformers" (CUDA), or a diffusers dispatcher backend."""
     num_frames: Optional[int] = None
-    """Video models: frames per clip, 4k + 1 for Wan (Flow-GRPO Wan2.1: 33); None: the model's default (33; tiny-wan 9)."""
+    """Video models: frames per clip, 4k + 1 for Wan (Flow-GRPO Wan2.1: 33); motion models: frames at 20 fps, at most the model's max_frames; None: the model's default (Wan 33, tiny-wan 9, toy-motion and tiny-motion 60)."""
     vae_slicing: bool = False
     """Video (Wan): decode one clip of a batch at a time (diffusers' vae.enable_slicing): the same clips, the decode's peak memory of one."""
     vae_tiling: bool = False
@@ -331,10 +331,11 @@ def check_run(cfg, default_flow_sampler: str) -> RunContext:
     flow = family in FLOW_FAMILIES
     sampler = resolve_sampler(s, default_flow_sampler, flow)
     if flow and sampler == "ddim":
-        raise ConfigError(f"'sampling.sampler' ddim needs a UNet (sd) model; '{cfg.model}' is a flow model ({family}): "
+        raise ConfigError(f"'sampling.sampler' ddim needs a DDPM / DDIM model (sd, motion); '{cfg.model}' is a flow model ({family}): "
                           "use flow_sde, flow_ode or flow_dpm2")
     if not flow and sampler.startswith("flow"):
-        raise ConfigError(f"'sampling.sampler' {sampler} needs a flow model; '{cfg.model}' is a UNet (sd) model: use ddim")
+        raise ConfigError(f"'sampling.sampler' {sampler} needs a flow model; '{cfg.model}' is a DDPM / DDIM ({family}) "
+                          "model: use ddim")
     check_samples(cfg, family)
     check_vae_chunking(cfg, family)
     check_wan_experts(cfg, family)
@@ -394,6 +395,29 @@ def check_wan_experts(cfg, family: str) -> None:
                           "expert is 'high')")
 
 
+def check_motion(cfg) -> None:
+    """A motion model: no pixel size, a clip length within the model's max_frames, HumanML3D's 263 features (what
+    the motion rewards read); all from the model's JSON files, before any weights load."""
+    from diffrl.pipelines.motion import HUMANML3D_FEATURES, model_limits
+
+    p = cfg.policy
+    for name in ("height", "width"):
+        if getattr(p, name) is not None:
+            raise ConfigError(f"'policy.{name}' is an image size; '{cfg.model}' is a motion model: remove it "
+                              "(policy.num_frames sets the clip length)")
+    try:
+        limits = model_limits(cfg.model)
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise ConfigError(f"'model': {exc}") from None
+    frames = p.num_frames if p.num_frames is not None else limits["default_frames"]
+    if not 1 <= frames <= limits["max_frames"]:
+        raise ConfigError(f"'policy.num_frames' {frames} is over the model's maximum: '{cfg.model}' takes 1.."
+                          f"{limits['max_frames']} frames ({limits['max_frames'] / 20:.1f} s at 20 fps)")
+    if limits["feature_dim"] != HUMANML3D_FEATURES:
+        raise ConfigError(f"'model' {cfg.model} has {limits['feature_dim']} features per frame; diffrl's motion "
+                          f"rewards read HumanML3D's {HUMANML3D_FEATURES}-d features: use a {HUMANML3D_FEATURES}-feature model")
+
+
 def check_samples(cfg, family: str) -> None:
     """The policy's samples (images or videos), their size, and the rewards that score them agree."""
     from diffrl.pipelines.registry import policy_class
@@ -402,7 +426,9 @@ def check_samples(cfg, family: str) -> None:
 
     kind = policy_class(family).sample_kind
     frames = cfg.policy.num_frames
-    if frames is not None:
+    if kind == "motion":
+        check_motion(cfg)
+    elif frames is not None:
         if kind != "video":
             raise ConfigError(f"'policy.num_frames' is for video models; '{cfg.model}' is a {family} ({kind}) model")
         from diffrl.pipelines.wan import check_frames

@@ -27,6 +27,8 @@ HUMANML3D_FEATURES = 263
 """Features per frame of HumanML3D's representation."""
 PREDICTION_TYPES = ("sample", "epsilon")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+TINY_FRAMES, TINY_MAX_FRAMES = 60, 196
+"""tiny-motion's default clip length (3 s at 20 fps) and its max_frames (MDM's 196)."""
 
 
 def check_scheduler(scheduler) -> None:
@@ -114,7 +116,7 @@ class MotionPolicy(Policy):
         return cls(pipe, num_frames=num_frames)
 
     @classmethod
-    def tiny(cls, seed: int = 0, dtype: torch.dtype = torch.float32, num_frames: int = 60,
+    def tiny(cls, seed: int = 0, dtype: torch.dtype = torch.float32, num_frames: int = TINY_FRAMES,
              prediction_type: str = "sample") -> "MotionPolicy":
         """Random tiny MDM (latent 32, 2 layers, 4 heads, ff 64, tiny CLIP; mean 0 / std 1): milliseconds a step.
 
@@ -132,7 +134,7 @@ class MotionPolicy(Policy):
         clip_config = _tiny_clip_config(len(tokenizer))
         transformer = _seeded(seed, lambda: MotionTransformer(
             feature_dim=HUMANML3D_FEATURES, latent_dim=32, num_layers=2, num_heads=4, ff_dim=64,
-            text_dim=clip_config.hidden_size, max_frames=196, dropout=0.0))
+            text_dim=clip_config.hidden_size, max_frames=TINY_MAX_FRAMES, dropout=0.0))
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                                   prediction_type=prediction_type, clip_sample=False)
         pipe = MotionDiffusionPipeline(transformer=transformer, scheduler=scheduler, tokenizer=tokenizer,
@@ -216,3 +218,20 @@ class MotionPolicy(Policy):
         if loaded == 0 or loaded < in_file:
             raise ValueError(f"the LoRA in {directory} does not fit this {self.family} model's {self.lora_component}: "
                              f"{loaded} of its {in_file} LoRA layers loaded (a LoRA of another model or family?)")
+
+
+def model_limits(model: str) -> dict[str, int]:
+    """{"feature_dim", "max_frames", "default_frames"} of a motion model, read from its folder's JSON files without
+    loading weights (config validation uses it); the tiny builder's values for "tiny-motion"."""
+    import json
+
+    from diffrl.pipelines.motion_model import MDM_FRAMES
+    from diffrl.pipelines.registry import SHIPPED_MODELS, TINY_MODELS, pipeline_index, resolve_model_dir, shipped_model_dir
+
+    if model in TINY_MODELS:
+        return {"feature_dim": HUMANML3D_FEATURES, "max_frames": TINY_MAX_FRAMES, "default_frames": TINY_FRAMES}
+    folder = shipped_model_dir(model) if model in SHIPPED_MODELS else resolve_model_dir(model)
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    index = pipeline_index(model) or {}
+    return {"feature_dim": int(config.get("feature_dim", HUMANML3D_FEATURES)), "max_frames": int(config["max_frames"]),
+            "default_frames": int(index.get("default_frames", MDM_FRAMES))}
