@@ -28,6 +28,8 @@ HUMANML3D_FEATURES = 263
 PREDICTION_TYPES = ("sample", "epsilon")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 TINY_FRAMES, TINY_MAX_FRAMES = 60, 196
+MDM_SIZE = {"latent_dim": 512, "num_layers": 8, "ff_dim": 1024}
+"""MDM's HumanML3D denoiser size (trans_enc, 4 heads)."""
 """tiny-motion's default clip length (3 s at 20 fps) and its max_frames (MDM's 196)."""
 
 
@@ -117,13 +119,15 @@ class MotionPolicy(Policy):
 
     @classmethod
     def tiny(cls, seed: int = 0, dtype: torch.dtype = torch.float32, num_frames: int = TINY_FRAMES,
-             prediction_type: str = "sample") -> "MotionPolicy":
+             prediction_type: str = "sample", mdm_size: bool = False) -> "MotionPolicy":
         """Random tiny MDM (latent 32, 2 layers, 4 heads, ff 64, tiny CLIP; mean 0 / std 1): milliseconds a step.
 
         The scheduler is MDM's: DDPMScheduler, 1000 steps, cosine betas, x0-prediction, no clipping. A DDPM config
         (rather than SD's DDIM with set_alpha_to_one False, steps_offset 1) keeps MDM's convention that the last
         step lands on t = 0 with alpha_prev 1, i.e. returns the model's clean-sample prediction; DDIM sampling
-        reads the same config. Weights depend only on `seed`; dropout 0, eval mode.
+        reads the same config. Weights depend only on `seed`; dropout 0, eval mode. `mdm_size`: the denoiser at MDM's
+        HumanML3D size instead (latent 512, 8 layers, 4 heads, ff 1024: 17.6 M parameters; "random-mdm"), for memory
+        and speed measurements; the text encoder stays tiny (it runs once per batch, without gradient).
         """
         from transformers import CLIPTextModel
 
@@ -133,7 +137,8 @@ class MotionPolicy(Policy):
         tokenizer = clip_tokenizer()
         clip_config = _tiny_clip_config(len(tokenizer))
         transformer = _seeded(seed, lambda: MotionTransformer(
-            feature_dim=HUMANML3D_FEATURES, latent_dim=32, num_layers=2, num_heads=4, ff_dim=64,
+            feature_dim=HUMANML3D_FEATURES, **(MDM_SIZE if mdm_size else {"latent_dim": 32, "num_layers": 2, "ff_dim": 64}),
+            num_heads=4,
             text_dim=clip_config.hidden_size, max_frames=TINY_MAX_FRAMES, dropout=0.0))
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                                   prediction_type=prediction_type, clip_sample=False)

@@ -26,6 +26,7 @@ POLICY_FAMILIES = {
 TINY_VARIANTS = {
     "tiny-wan22": ("wan", {"two_experts": True}),  # Wan2.2 A14B's layout: two experts split at boundary_ratio
     "tiny-wan22-ti2v": ("wan", {"ti2v": True}),  # Wan2.2 TI2V-5B's: one expert, its VAE, per-token timesteps
+    "random-mdm": ("motion", {"mdm_size": True}),  # MDM's denoiser size, random weights: memory / speed benchmarks
 }
 """Tiny random models of another layout of a family: name -> (family, options of the family's `tiny`)."""
 TINY_MODELS = {"tiny-sd", "tiny-sd3", "tiny-flux", "tiny-wan", "tiny-motion", *TINY_VARIANTS}
