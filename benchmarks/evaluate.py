@@ -16,6 +16,11 @@ is `images/PPPP_JJ.mp4` to watch (H.264, lossy) and `images/PPPP_JJ.mkv`, its ex
 lossless), which the rewards score and a re-run loads; grid.png shows the first clips as strips of 4
 frames and grid.gif plays them.
 
+Motion models (`policy.sample_kind == "motion"`): motion j of prompt i is `images/PPPP_JJ.mp4`, a stick figure
+to watch, and `images/PPPP_JJ.safetensors`, its de-normalised features [T, 263] (what the rewards score and a
+re-run loads, exactly) with the joints [T, 22, 3] recovered from them; grid.png and grid.gif show the first
+motions as stick-figure clips.
+
 Statistics are `diffrl.stats`': mean, sample std over images, stderr over prompts (images of one prompt
 are correlated), ci95, per tag and the mean over tags (GenEval's overall score) with its stderr.
 `compare_scores` gives the paired difference of two evaluations on the same prompts and seeds.
@@ -149,7 +154,7 @@ def compare_scores(before: list[dict], after: list[dict], reward_names: list[str
 def _check_settings(out: Path, settings: dict, prompts: list[str]) -> None:
     """Refuse to resume into a folder whose images were made with other settings or prompts."""
     path = out / _SETTINGS_FILE
-    if not path.is_file() or not any(f.suffix in (".png", ".mkv") for f in (out / "images").iterdir()):
+    if not path.is_file() or not any(f.suffix in (".png", ".mkv", ".safetensors") for f in (out / "images").iterdir()):
         return
     old = json.loads(path.read_text())
     diff = [f"{k}: {old['settings'].get(k)!r} then, {v!r} now" for k, v in settings.items() if old["settings"].get(k) != v]
@@ -159,32 +164,71 @@ def _check_settings(out: Path, settings: dict, prompts: list[str]) -> None:
                          "use a fresh output dir or delete its images/ folder")
 
 
-def _files(video: bool, prompt_index: int, image_index: int) -> dict[str, str]:
-    """The files of one sample, relative to the output dir: "file" to open, and for a clip "frames", its exact pixels."""
+def _files(kind: str, prompt_index: int, image_index: int) -> dict[str, str]:
+    """The files of one sample, relative to the output dir: "file" to open, and for a clip "frames", its exact pixels,
+    for a motion "features", its exact features."""
     stem = f"images/{prompt_index:04d}_{image_index:02d}"
-    return {"file": f"{stem}.mp4", "frames": f"{stem}.mkv"} if video else {"file": f"{stem}.png"}
+    if kind == "motion":
+        return {"file": f"{stem}.mp4", "features": f"{stem}.safetensors"}
+    return {"file": f"{stem}.mp4", "frames": f"{stem}.mkv"} if kind == "video" else {"file": f"{stem}.png"}
+
+
+def save_motion(features: torch.Tensor, stem: Path, fps: float, caption: str) -> None:
+    """One motion's features [T, 263] -> stem.mp4 (the stick figure, to watch) and stem.safetensors (the features
+    and their joints [T, 22, 3] in metres, y up, with the caption and frame rate as metadata: what a resume loads,
+    and what Blender and other tools can read); the .safetensors goes last, so a motion whose file exists is
+    complete."""
+    from safetensors.torch import save_file
+
+    from diffrl.motion.render import save_motion_mp4
+    from diffrl.motion.representation import recover_from_ric
+
+    joints = recover_from_ric(features)  # [T, 22, 3]
+    save_motion_mp4(joints, stem.with_suffix(".mp4"), caption=caption, fps=fps)
+    tmp = stem.with_name(f".{stem.name}.safetensors.tmp")
+    save_file({"features": features.contiguous(), "joints": joints.contiguous()}, tmp,
+              metadata={"caption": caption, "fps": f"{fps:g}"})
+    os.replace(tmp, stem.with_suffix(".safetensors"))
+
+
+def _stick_figure_clip(features: torch.Tensor) -> torch.Tensor:
+    """A motion's features [T, 263] -> its stick figure uint8 [T, 3, H, W] at the report grid's cell height (160)."""
+    from diffrl.motion.render import render_clip
+    from diffrl.motion.representation import recover_from_ric
+
+    return torch.from_numpy(render_clip(recover_from_ric(features), size=160)).permute(0, 3, 1, 2)  # [T, 3, H, W]
+
+
+def load_motion_features(path: str | Path) -> torch.Tensor:
+    """A motion's .safetensors -> its features [T, 263]."""
+    from safetensors.torch import load_file
+
+    return load_file(path)["features"]
 
 
 def _sample_or_load(policy, out: Path, files: list[dict], prompts: list[str], seeds: list[int], *, fps: float,
                     progress, **sampling) -> tuple[torch.Tensor, int]:
-    """The uint8 pixels of one batch ([b, 3, H, W], clips [b, F, 3, H, W]): loaded where their file exists, the rest
-    generated in one denoiser batch and saved. Returns (pixels, how many were generated)."""
-    video = "frames" in files[0]
-    stored = [f["frames" if video else "file"] for f in files]  # what a resume loads
+    """The uint8 pixels of one batch ([b, 3, H, W], clips [b, F, 3, H, W]; motions: float32 features [b, T, 263]):
+    loaded where their file exists, the rest generated in one denoiser batch and saved. Returns (pixels, how many
+    were generated)."""
+    video, motion = "frames" in files[0], "features" in files[0]
+    stored = [f["frames" if video else "features" if motion else "file"] for f in files]  # what a resume loads
     missing = [b for b, f in enumerate(stored) if not (out / f).is_file()]
     pixels: list[torch.Tensor | None] = [None] * len(files)
     if missing:
-        made = to_uint8(generate(policy, [prompts[b] for b in missing], [seeds[b] for b in missing],
-                                 progress=progress, **sampling))
+        made = generate(policy, [prompts[b] for b in missing], [seeds[b] for b in missing], progress=progress, **sampling)
+        made = made.float().cpu() if motion else to_uint8(made)
         for b, px in zip(missing, made):
             if video:
                 save_clip(px, out / Path(stored[b]).with_suffix(""), fps)
+            elif motion:
+                save_motion(px, out / Path(stored[b]).with_suffix(""), fps, prompts[b])
             else:
                 save_png(px, out / stored[b])
             pixels[b] = px
     for b, f in enumerate(stored):
         if pixels[b] is None:
-            pixels[b] = read_video(out / f) if video else load_png(out / f)
+            pixels[b] = read_video(out / f) if video else load_motion_features(out / f) if motion else load_png(out / f)
     return torch.stack(pixels), len(missing)
 
 
@@ -212,6 +256,7 @@ def evaluate(
     training output_dir) holds metrics.jsonl. `batch_size` images (across prompts) go through the
     denoiser at once. `settings` (e.g. model name, LoRA) is recorded and must match on a resume.
     A video model writes images/PPPP_JJ.mp4 and .mkv per clip instead, and grid.gif; `fps` is their frame rate.
+    A motion model writes images/PPPP_JJ.mp4 (stick figure) and .safetensors (features, joints) per motion.
     """
     from tqdm.auto import tqdm
 
@@ -221,17 +266,17 @@ def evaluate(
         raise ValueError(f"images_per_prompt, batch_size and steps must be >= 1, got {images_per_prompt}, {batch_size}, {steps}")
     reward_fns = [build_reward(r) if isinstance(r, str) else r for r in rewards]
     names = [r.name for r in reward_fns]
-    clash = set(names) & {"prompt_index", "image_index", "prompt", "tag", "seed", "file", "frames"}
+    clash = set(names) & {"prompt_index", "image_index", "prompt", "tag", "seed", "file", "frames", "features"}
     if clash or len(set(names)) != len(names):
         raise ValueError(f"reward names must be distinct and not clash with score columns: {names}")
     device = policy.device
     reward_fns = [r.to(device) for r in reward_fns]
-    video = policy.sample_kind == "video"
+    video, motion = policy.sample_kind == "video", policy.sample_kind == "motion"
 
     out = Path(output_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     full = {"steps": steps, "guidance_scale": guidance_scale, "seed": seed, "images_per_prompt": images_per_prompt,
-            "negative_prompt": negative_prompt, **({"num_frames": policy.num_frames, "fps": fps} if video else {}),
+            "negative_prompt": negative_prompt, **({"num_frames": policy.num_frames, "fps": fps} if video or motion else {}),
             **(settings or {})}
     _check_settings(out, full, prompt_set.prompts)
     (out / _SETTINGS_FILE).write_text(json.dumps({"settings": full, "prompts": prompt_set.prompts}, indent=1))
@@ -240,20 +285,20 @@ def evaluate(
     items = [(i, j) for i in range(len(prompt_set)) for j in range(K)]
     rows, grid_images = [], []
     n_generated = 0
-    grid_size = GRID_CLIPS if video else GRID_IMAGES
+    grid_size = GRID_CLIPS if video or motion else GRID_IMAGES
     # clips take long: count denoising steps (one per step of each batch); images: count images
     chunks = range(0, len(items), batch_size)
     bar = tqdm(total=len(chunks) * steps if video else len(items), desc="eval", unit="step" if video else "img",
                disable=not progress)
     for start in chunks:
         chunk = items[start : start + batch_size]
-        files = [_files(video, i, j) for i, j in chunk]
+        files = [_files(policy.sample_kind, i, j) for i, j in chunk]
         seeds = [image_seed(seed, i, K, j) for i, j in chunk]
         prompts = [prompt_set.prompts[i] for i, _ in chunk]
         pixels, made = _sample_or_load(policy, out, files, prompts, seeds, fps=fps, progress=bar if video else None,
                                        steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt)
         n_generated += made
-        images = pixels.float().div(255)  # [b, 3, H, W] or [b, F, 3, H, W] in [0, 1], exactly the saved pixels
+        images = pixels if motion else pixels.float().div(255)  # [b, 3, H, W] or [b, F, 3, H, W] in [0, 1], exactly the saved pixels
         metadata = [prompt_set.metadata[i] for i, _ in chunk]
         scores = {r.name: r(images.to(device), prompts, metadata).tolist() for r in reward_fns}
         for b, (i, j) in enumerate(chunk):
@@ -278,5 +323,7 @@ def evaluate(
         "rewards": compute_metrics(rows, names),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if motion:  # the report shows motions as stick-figure clips
+        grid_images = [_stick_figure_clip(features) for features in grid_images]
     write_report(out, metrics, rows, names, grid_images=torch.stack(grid_images), run_dir=run_dir, fps=fps)
     return metrics

@@ -95,6 +95,8 @@ def _sample(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if kind == "video":
         return _sample_clips(args, policy, prompts, out)
+    if kind == "motion":
+        return _sample_motions(args, policy, prompts, out)
     records, all_images = [], []
     for i, prompt in enumerate(prompts):
         seeds = [image_seed(args.seed, i, args.num_images, j) for j in range(args.num_images)]
@@ -149,25 +151,60 @@ def _sample_clips(args, policy, prompts: list[str], out: Path) -> int:
     return 0
 
 
-def _fps(args) -> float:
+def _sample_motions(args, policy, prompts: list[str], out: Path) -> int:
+    """`diffrl sample` on a motion model: per motion PPPP_JJ.mp4 (the stick figure) and PPPP_JJ.safetensors (its
+    de-normalised features [T, 263] and joints [T, 22, 3], metres, y up, for Blender and other tools), samples.json,
+    and the first motions as grid.png (key-frame strips, 2 a row) and grid.gif (playing, 4 a row)."""
+    from tqdm.auto import tqdm
+
+    from diffrl.benchmarks.evaluate import GRID_CLIPS, generate, image_seed, save_motion
+    from diffrl.motion.render import save_motion_gif, save_motion_grid
+    from diffrl.motion.representation import recover_from_ric
+
+    fps, n = _fps(args, "motion"), args.num_images
+    records, grid = [], []
+    bar = tqdm(total=len(prompts) * args.steps, desc="sample", unit="step")
+    for i, prompt in enumerate(prompts):
+        seeds = [image_seed(args.seed, i, n, j) for j in range(n)]
+        features = generate(policy, [prompt] * n, seeds, steps=args.steps, guidance_scale=args.guidance_scale,
+                            negative_prompt=args.negative_prompt, progress=bar).float().cpu()  # [n, T, 263]
+        for j, s in enumerate(seeds):
+            stem = f"{i:04d}_{j:02d}"
+            save_motion(features[j], out / stem, fps, prompt)
+            records.append({"file": f"{stem}.mp4", "features": f"{stem}.safetensors", "prompt": prompt, "seed": s})
+        grid.extend(recover_from_ric(features[: GRID_CLIPS - len(grid)]))  # [T, 22, 3] each
+    bar.close()
+    settings = {**_samples_settings(args), "num_frames": features.shape[1], "fps": fps}
+    (out / "samples.json").write_text(json.dumps({**settings, "samples": records}, indent=1))
+    captions = [r["prompt"] for r in records[: len(grid)]]
+    save_motion_grid(grid, captions, out / "grid.png")
+    save_motion_gif(grid, captions, out / "grid.gif", fps=fps)
+    print(f"diffrl: wrote {len(records)} motions of {features.shape[1]} frames (stick-figure MP4s at {fps:g} fps; "
+          f"features and joints as .safetensors), samples.json, grid.png and grid.gif to {out}")
+    return 0
+
+
+def _fps(args, kind: str = "video") -> float:
+    """--fps, else the model's own rate: Wan2.1's 16 for clips, HumanML3D's 20 for motions."""
+    from diffrl.motion.skeleton import FPS
     from diffrl.visual import DEFAULT_FPS
 
-    return args.fps if args.fps is not None else DEFAULT_FPS
+    return args.fps if args.fps is not None else FPS if kind == "motion" else DEFAULT_FPS
 
 
 def _sample_kind(args, command: str) -> str | None:
-    """The kind of samples --model makes ("image", "video"), read without loading it, with --num-frames / --fps
-    checked against it; None after printing why not."""
+    """The kind of samples --model makes ("image", "video", "motion"), read without loading it, with --num-frames /
+    --fps checked against it; None after printing why not."""
     from diffrl.pipelines.registry import policy_class, resolve_family
 
     try:
         kind = policy_class(resolve_family(args.model, None)).sample_kind
         video_options = [flag for flag, value in (("--num-frames", args.num_frames), ("--fps", args.fps)) if value is not None]
-        if kind != "video" and video_options:
-            raise ValueError(f"{', '.join(video_options)}: for video models only; {args.model} makes {kind} samples")
+        if kind not in ("video", "motion") and video_options:
+            raise ValueError(f"{', '.join(video_options)}: for video and motion models only; {args.model} makes {kind} samples")
         if args.fps is not None and not args.fps > 0:
             raise ValueError(f"--fps must be > 0, got {args.fps}")
-        if args.num_frames is not None:
+        if args.num_frames is not None and kind == "video":
             from diffrl.pipelines.wan import check_frames
 
             check_frames(args.num_frames, "--num-frames")
@@ -201,9 +238,11 @@ def _load_policy(args, command: str):
 
 def _add_video_options(parser) -> None:
     parser.add_argument("--num-frames", type=int, default=None, metavar="F",
-                        help="video models: frames per clip, 4k + 1 (default: the model's: Wan 33, tiny-wan and toy-wan 9)")
+                        help="video models: frames per clip, 4k + 1 (default: the model's: Wan 33, tiny-wan and toy-wan 9); "
+                             "motion models: poses per motion, 20 a second")
     parser.add_argument("--fps", type=float, default=None,
-                        help="video models: frame rate of the MP4s and GIFs (default 16, Wan2.1's own)")
+                        help="video models: frame rate of the MP4s and GIFs (default 16, Wan2.1's own); motion models: "
+                             "playback rate of the stick-figure MP4s and GIFs (default 20, HumanML3D's)")
 
 
 def _add_rlg_options(parser) -> None:
@@ -313,7 +352,7 @@ def _eval(args) -> int:
     settings = {"model": args.model, "lora": args.lora, "resolution": args.resolution, "dtype": args.dtype,
                 "model_seed": args.model_seed, **_rlg_settings(args)}
     common = dict(images_per_prompt=args.images_per_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
-                  seed=args.seed, batch_size=args.batch_size, negative_prompt=args.negative_prompt, fps=_fps(args))
+                  seed=args.seed, batch_size=args.batch_size, negative_prompt=args.negative_prompt, fps=_fps(args, kind))
     try:
         metrics = evaluate(policy, prompt_set, args.rewards, output_dir=args.output_dir, run_dir=args.run_dir,
                            settings=settings, **common)
@@ -332,7 +371,7 @@ def _eval(args) -> int:
     except ValueError as exc:  # e.g. resuming into a folder made with other settings
         print(f"diffrl eval: {exc}", file=sys.stderr)
         return 2
-    unit = "clip" if kind == "video" else "image"
+    unit = {"video": "clip", "motion": "motion"}.get(kind, "image")
     for name, m in metrics["rewards"].items():
         lo, hi = m["ci95"]
         line = f"{name}: {m['mean']:.4f} per {unit} (95% CI {lo:.4f} .. {hi:.4f}, {m['n']} {unit}s)"
@@ -351,7 +390,9 @@ def _eval(args) -> int:
             for split, s in d.get("splits", {}).items():
                 value, se = headline(s)
                 print(f"    {split}: {value:+.4f} ± {se:.4f}")
-    clips = "; every clip as images/PPPP_JJ.mp4 (and .mkv, its exact frames), grid.gif" if kind == "video" else ""
+    clips = {"video": "; every clip as images/PPPP_JJ.mp4 (and .mkv, its exact frames), grid.gif",
+             "motion": "; every motion as images/PPPP_JJ.mp4 (stick figure) and .safetensors (features, joints), grid.gif"
+             }.get(kind, "")
     print(f"diffrl: wrote scores.jsonl, metrics.json, report.md and plots to {args.output_dir}{clips}"
           + ("; comparison.md / comparison.json with the baseline in baseline/" if comparison is not None else ""))
     return 0

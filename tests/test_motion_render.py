@@ -1,6 +1,8 @@
 """Stick-figure renders of joint motions: the left / right colours land where the raised arm is, clips have a frame
 per pose and change where the body moves, the written grid / GIF / MP4 hold exactly those pictures."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -91,3 +93,88 @@ def test_bad_shapes_are_refused_with_the_expected_layout():
         render_strip(torch.zeros(5, 263))
     with pytest.raises(ValueError, match="no frames"):
         render_clip(np.zeros((0, 22, 3)))
+
+
+def test_diffrl_sample_on_a_motion_model_writes_reloadable_features_and_stick_figures(tmp_path):
+    """`diffrl sample --model tiny-motion --num-frames 20`: the .safetensors holds the features a direct rollout of
+    the same seed makes and joints whose pelvis height is feature channel 3; the MP4 and grid.gif have 20 frames."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from diffrl import cli
+    from diffrl.benchmarks.evaluate import deterministic_sampler
+    from diffrl.pipelines.registry import load_policy
+    from diffrl.rollout import sample
+    from diffrl.runtime import derive_generator
+
+    out = tmp_path / "s"
+    code = cli.main(["sample", "--model", "tiny-motion", "--num-frames", "20", "--steps", "2", "--prompt", "a person walks",
+                     "--prompt", "a person jumps", "--device", "cpu", "--output-dir", str(out)])
+    assert code == 0
+    meta = json.loads((out / "samples.json").read_text())
+    assert meta["num_frames"] == 20 and meta["fps"] == skeleton.FPS
+    saved = load_file(out / meta["samples"][1]["features"])
+    assert saved["features"].shape == (20, 263) and saved["joints"].shape == (20, 22, 3)
+    torch.testing.assert_close(saved["joints"][:, 0, 1], saved["features"][:, 3], rtol=0, atol=0)
+    with safe_open(out / meta["samples"][1]["features"], "pt") as fh:
+        assert fh.metadata() == {"caption": "a person jumps", "fps": "20"}
+
+    policy = load_policy("tiny-motion", num_frames=20)  # the second prompt's motion, seed 1, rebuilt here
+    noise = policy.initial_noise(1, generator=derive_generator(meta["samples"][1]["seed"]))
+    with torch.no_grad():
+        traj = sample(policy, policy.encode_prompt(["a person jumps"]), deterministic_sampler(policy), policy.schedule(2),
+                      4.5, latents=noise, record=False)
+        expected = policy.decode(traj.final)[0].float()  # [20, 263]
+    torch.testing.assert_close(saved["features"], expected, rtol=0, atol=0)  # float32 stored exactly
+
+    assert read_video(out / meta["samples"][1]["file"]).shape[0] == 20
+    with Image.open(out / "grid.gif") as gif:
+        assert gif.n_frames == 20
+    assert (out / "grid.png").is_file()
+
+
+def test_diffrl_eval_on_a_motion_model_stores_exact_features_and_resumes_to_the_same_scores(tmp_path):
+    """evaluate() on tiny-motion: per motion an MP4 and a .safetensors; a second run loads them (none generated)
+    and scores exactly what the first run scored; grid.gif plays the motions' 20 frames."""
+    from diffrl.benchmarks.evaluate import evaluate
+    from diffrl.data import PromptSet
+    from diffrl.pipelines.registry import load_policy
+    from diffrl.rewards import build_reward
+
+    policy = load_policy("tiny-motion", num_frames=20)
+    prompts = PromptSet(["a person walks", "a person jumps"], [{}, {}])
+    common = dict(images_per_prompt=2, steps=2, guidance_scale=4.5, seed=0, batch_size=4, output_dir=tmp_path,
+                  progress=False, fps=skeleton.FPS)
+    first = evaluate(policy, prompts, [build_reward("tmr", model="tiny")], **common)
+    rows = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    assert [r["features"] for r in rows][:2] == ["images/0000_00.safetensors", "images/0000_01.safetensors"]
+    assert read_video(tmp_path / rows[3]["file"]).shape[0] == 20
+    with Image.open(tmp_path / "grid.gif") as gif:
+        assert gif.n_frames == 20
+    stamps = {r["features"]: (tmp_path / r["features"]).stat().st_mtime_ns for r in rows}
+    again = evaluate(policy, prompts, [build_reward("tmr", model="tiny")], **common)
+    assert {f: (tmp_path / f).stat().st_mtime_ns for f in stamps} == stamps  # loaded, not rewritten
+    assert again["rewards"] == first["rewards"]
+    assert [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()] == rows
+
+
+def test_training_panel_of_motions_is_a_strip_grid_and_a_gif_sent_to_the_trackers(tmp_path):
+    """Trainer._save_panel on motion features [B, T, 263]: the first 2 motions of each of 4 prompts become
+    images/<name>.png (strips, 2 a row) and images/<name>.gif (T frames); the PNG goes to log_image."""
+    from types import SimpleNamespace
+
+    from diffrl.motion.representation import joints_to_features
+    from diffrl.trainers.loop import Trainer
+
+    features = torch.stack([joints_to_features(walk(9, speed=0.5 + 0.1 * b, raised="lr"[b % 2])) for b in range(8)])
+    logged = []
+    trainer = SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(eval_images_per_prompt=2)), out=tmp_path,
+                              policy=SimpleNamespace(sample_kind="motion"), log_image=lambda k, p: logged.append((k, p)))
+    rows = [{"prompt": f"prompt {b // 2}", "image_index": b % 2, "score": 0.1 * b} for b in range(8)]
+    Trainer._save_panel(trainer, features.float(), rows, "iter_000000", "eval/motions")
+    panel = np.asarray(Image.open(tmp_path / "images" / "iter_000000.png").convert("RGB"))
+    strip = render_strip(walk(8))  # the default strip: one cell of the panel
+    assert panel.shape[1] == 2 * strip.shape[1] and panel.shape[0] == 4 * (strip.shape[0] + 44)
+    with Image.open(tmp_path / "images" / "iter_000000.gif") as gif:
+        assert gif.n_frames == features.shape[1]
+    assert logged == [("eval/motions", tmp_path / "images" / "iter_000000.png")]

@@ -253,4 +253,4 @@ def test_bad_video_options_fail_before_any_model_loads(tmp_path, monkeypatch, ca
     assert cli.main([*eval_args, "--rewards", "jpeg_compressibility"]) == 2
     assert "jpeg_compressibility scores image samples but tiny-wan makes video samples; per_frame" in capsys.readouterr().err
     assert cli.main(["sample", "--model", "tiny-sd3", "--prompt", "x", "--num-frames", "9", *out]) == 2
-    assert "--num-frames: for video models only; tiny-sd3 makes image samples" in capsys.readouterr().err
+    assert "--num-frames: for video and motion models only; tiny-sd3 makes image samples" in capsys.readouterr().err

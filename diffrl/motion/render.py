@@ -163,9 +163,10 @@ def _caption(fig, caption: str | None, width_px: int) -> None:
 
 def _legend(fig) -> None:
     """'left' in the left colour and 'right' in the right colour, bottom left, below the floor."""
-    fig.text(0.01, 0.01, "left", color=LEFT_COLOUR, fontsize=7, ha="left", va="bottom", weight="bold")
+    box = {"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1}
+    fig.text(0.01, 0.01, "left", color=LEFT_COLOUR, fontsize=7, ha="left", va="bottom", weight="bold", bbox=box)
     fig.text(0.01 + 24 / fig.bbox.width, 0.01, "right", color=RIGHT_COLOUR, fontsize=7, ha="left", va="bottom",
-             weight="bold")
+             weight="bold", bbox=box, zorder=6)
 
 
 CAPTION_PX = 30

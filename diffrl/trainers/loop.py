@@ -291,13 +291,24 @@ class Trainer(TrainLoop):
     def _save_panel(self, images: torch.Tensor, rows: list[dict], name: str, tracker_key: str) -> None:
         """A panel of PANEL_CELLS images (8 per row) captioned with prompt and score: the first prompts with up to
         PANEL_IMAGES images each (32 prompts x 1, 16 x 2, 8 x 4); every image's score is in eval/<tag>.jsonl.
-        Clips: the panel shows 4 frames of each, and images/<name>.gif plays the same clips side by side."""
+        Clips: the panel shows 4 frames of each, and images/<name>.gif plays the same clips side by side. Motions
+        (features [B, T, 263]): a strip of stick-figure key frames each, and the GIF plays them."""
         from diffrl.visual import save_clip_grid, save_grid
 
         per_prompt = min(PANEL_IMAGES, self.cfg.data.eval_images_per_prompt)
-        video = images.ndim == 5  # a clip is a strip of 4 frames: 8 clips, 2 a row
+        motion = self.policy.sample_kind == "motion"
+        video = images.ndim == 5 or motion  # a clip or a motion is a strip of frames: 8 of them, 2 a row
         keep = [b for b, r in enumerate(rows) if r["image_index"] < per_prompt][: PANEL_CELLS // 4 if video else PANEL_CELLS]
         captions = [f"{rows[b]['prompt']}\nreward {rows[b]['score']:.3f}" for b in keep]
+        if motion:
+            from diffrl.motion.render import save_motion_gif, save_motion_grid
+            from diffrl.motion.representation import recover_from_ric
+
+            joints = recover_from_ric(images[keep].float().cpu())  # [k, T, 22, 3]
+            path = save_motion_grid(joints, captions, self.out / "images" / f"{name}.png")
+            save_motion_gif(joints, captions, self.out / "images" / f"{name}.gif")
+            self.log_image(tracker_key, path)
+            return
         path = save_grid(images[keep], captions, self.out / "images" / f"{name}.png", cols=2 if video else 8)
         if video:
             save_clip_grid(images[keep], captions, self.out / "images" / f"{name}.gif", cols=4)
