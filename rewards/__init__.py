@@ -14,6 +14,7 @@ from . import toy_proxy  # noqa: F401  (SynthShapes learned proxy: toy_proxy)
 from . import video  # noqa: F401  (per_frame, temporal_flicker, motion_smoothness, dynamics, video_temporal)
 from . import video_consistency, video_flow, videoalign  # noqa: F401  (feature_consistency, dynamic_degree, videoalign)
 from . import motion_models  # noqa: F401  (tmr, t2m_evaluator: text-motion models, user weights)
+from . import motion  # noqa: F401  (motion_skating, _penetration, _floating, _jerk, _bone_length, motion_physics)
 from .base import Reward
 from .registry import build_reward, list_rewards, register_reward
 

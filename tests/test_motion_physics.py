@@ -218,3 +218,95 @@ def test_float32_and_shape_errors():
         jerk(walk())
     with pytest.raises(ValueError, match="at least 4 frames"):
         jerk(clean_batch()[:, :3])
+
+
+# --- rewards on features --------------------------------------------------------------------------------------------
+
+REWARDS = {"motion_skating": "foot_skating", "motion_penetration": "ground_penetration",
+           "motion_floating": "floating", "motion_jerk": "jerk", "motion_bone_length": "bone_length_error"}
+
+
+def features_of(joints):
+    from diffrl.motion.representation import joints_to_features
+
+    return joints_to_features(joints)  # [B, T-1, 263]
+
+
+def test_motion_rewards_are_registered_differentiable_motion_rewards():
+    from diffrl.rewards import build_reward, list_rewards
+    from diffrl.rewards.registry import reward_accepts
+
+    for name in [*REWARDS, "motion_physics"]:
+        assert name in list_rewards()
+        reward = build_reward(name)
+        assert reward.differentiable and reward_accepts(name) == ("motion",)
+
+
+@pytest.mark.parametrize("name", [*REWARDS, "motion_physics"])
+def test_motion_rewards_are_zero_on_clean_features(name):
+    from diffrl.rewards import build_reward
+
+    scores = build_reward(name)(features_of(clean_batch()), ["a person moves"] * 3)
+    assert scores.dtype == F64 and (scores.abs() < 1e-9).all(), scores
+
+
+@pytest.mark.parametrize("damage,name", [(d, n) for d, n in DAMAGE if n != "foot_skating_ratio"],
+                         ids=[d.__name__ for d, n in DAMAGE if n != "foot_skating_ratio"])
+def test_motion_rewards_fall_below_zero_on_their_damage(damage, name):
+    from diffrl.rewards import build_reward
+
+    reward_name = {v: k for k, v in REWARDS.items()}[name]
+    features = features_of(damage(clean_batch()))
+    assert (build_reward(reward_name)(features, ["x"] * 3) < 0).all()
+    assert (build_reward("motion_physics")(features, ["x"] * 3) < 0).all()
+
+
+def test_motion_physics_is_the_weighted_sum_of_the_terms_on_recovered_joints():
+    from diffrl.motion.representation import recover_from_ric
+    from diffrl.rewards import build_reward
+
+    features = features_of(jitter(sink(skate(clean_batch()))))
+    joints = recover_from_ric(features)
+    weights = {"skating": 2.0, "penetration": 3.0, "floating": 0.5, "jerk": 0.01, "bone_length": 7.0}
+    expected = -(2.0 * foot_skating(joints) + 3.0 * ground_penetration(joints) + 0.5 * floating(joints)
+                 + 0.01 * jerk(joints) + 7.0 * bone_length_error(joints))
+    torch.testing.assert_close(build_reward("motion_physics", **weights)(features, ["x"] * 3), expected,
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(build_reward("motion_jerk", limit=500.0)(features, ["x"] * 3),
+                               -jerk(joints, limit=500.0), rtol=1e-12, atol=0)
+
+
+def test_metadata_length_keeps_only_the_first_frames():
+    from diffrl.rewards import build_reward
+
+    features = features_of(clean_batch())  # [3, 60, 263]
+    damaged = features.clone()
+    damaged[:, 40:, 3] -= 0.2  # the root (and with it the pelvis) sinks 20 cm after frame 40: stretched hips
+    reward = build_reward("motion_bone_length")
+    assert (reward(damaged, ["x"] * 3) < 0).all()
+    scores = reward(damaged, ["x"] * 3, [{"length": 40}, {"length": 60}, {}])
+    assert scores[0].abs() < 1e-9 and scores[1] < 0 and scores[2] < 0
+    torch.testing.assert_close(scores[1:], reward(damaged[1:], ["x"] * 2))
+    with pytest.raises(ValueError, match=r"metadata\[1\]\['length'\] must be a whole number of frames in 1..60"):
+        reward(damaged, ["x"] * 3, [{}, {"length": 61}, {}])
+
+
+def test_motion_rewards_reject_images_and_other_widths():
+    from diffrl.rewards import build_reward
+
+    with pytest.raises(ValueError, match=r"expects motion \[B, T, D\], got samples of shape \[2, 3, 8, 8\]"):
+        build_reward("motion_skating")(torch.rand(2, 3, 8, 8), ["x"] * 2)
+    with pytest.raises(ValueError, match=r"\[B, T, 263\].*feature width 135"):
+        build_reward("motion_physics")(torch.zeros(2, 10, 135), ["x"] * 2)
+    ric_only = features_of(clean_batch())[..., :67]  # the 67-d prefix is enough
+    assert (build_reward("motion_physics")(ric_only, ["x"] * 3).abs() < 1e-9).all()
+
+
+def test_reward_gradients_reach_the_features():
+    from diffrl.rewards import build_reward
+
+    features = features_of(jitter(skate(lift(clean_batch())))).requires_grad_(True)
+    build_reward("motion_physics")(features, ["x"] * 3).sum().backward()
+    assert torch.isfinite(features.grad).all()
+    assert features.grad[..., :67].abs().sum(dim=(1, 2)).gt(0).all()  # every sample's root + ric get a gradient
+    assert (features.grad[..., 67:] == 0).all()  # recover_from_ric reads dims 0:67 only
