@@ -15,6 +15,7 @@ from . import video  # noqa: F401  (per_frame, temporal_flicker, motion_smoothne
 from . import video_consistency, video_flow, videoalign  # noqa: F401  (feature_consistency, dynamic_degree, videoalign)
 from . import motion_models  # noqa: F401  (tmr, t2m_evaluator: text-motion models, user weights)
 from . import motion  # noqa: F401  (motion_skating, _penetration, _floating, _jerk, _bone_length, motion_physics)
+from . import toymotion  # noqa: F401  (motion world: toymotion, toymotion_accuracy, toymotion_soft)
 from .base import Reward
 from .registry import build_reward, list_rewards, register_reward
 
