@@ -169,8 +169,10 @@ def test_foot_skating_closed_form():
     joints = skeleton.rest_pose(F64).expand(11, 22, 3).clone()[None]
     joints[0, :, 10, 1] = 0.0
     joints[0, :, 10, 0] += 0.9 / FPS * torch.arange(11, dtype=F64)  # 0.9 m/s on the floor throughout
-    contact = torch.sigmoid(torch.tensor(0.05 / 0.01, dtype=F64)) ** 2
-    torch.testing.assert_close(foot_skating(joints), (contact * 0.9 - 0.2)[None], rtol=1e-12, atol=0)
+    contact = torch.sigmoid(torch.tensor(0.03 / 0.01, dtype=F64)) ** 2
+    torch.testing.assert_close(foot_skating(joints), (contact * 0.9 - 0.15)[None], rtol=1e-12, atol=0)
+    torch.testing.assert_close(foot_skating(joints, height=0.05, tolerance=0.2),
+                               (torch.sigmoid(torch.tensor(5.0, dtype=F64)) ** 2 * 0.9 - 0.2)[None], rtol=1e-12, atol=0)
 
 
 def test_penetration_and_floating_closed_form():
@@ -191,8 +193,22 @@ def test_jerk_closed_form_and_limits():
     t = times()
     rigid = pose_motion(torch.stack([4000 / 6 * t**3, torch.full_like(t, 0.957), torch.zeros_like(t)], -1),
                         torch.zeros_like(t))[None]  # the root's jerk is exactly 4000 m/s^3, the limbs' 0
-    torch.testing.assert_close(jerk(rigid), torch.tensor([(4000 - 3000) / 22], dtype=F64), rtol=1e-9, atol=0)
-    assert jerk(rigid, root_limit=4001).item() == 0
+    torch.testing.assert_close(jerk(rigid), torch.tensor([(4000 - 1000) / 22], dtype=F64), rtol=1e-9, atol=0)
+    assert jerk(rigid, limit=4001).item() == 0
+    spike = torch.zeros(1, 12, 22, 3, dtype=F64)
+    spike[0, 6:, :, 0] = 0.1  # the body steps 10 cm at once: root jerk 800, 1600, 800 m/s^3 on three frames
+    # 7 windows of 3 jerk frames; only the one holding all three keeps a minimum above 0 (800), on the root's track
+    torch.testing.assert_close(jerk(spike, limit=0.0), torch.tensor([800 / 7 / 22], dtype=F64))
+    torch.testing.assert_close(jerk(spike, limit=0.0, window=1), torch.tensor([3200 / 9 / 22], dtype=F64))
+
+
+def test_zero_on_every_world_motion_except_the_gmd_ratio():
+    from diffrl.motion import world
+
+    joints = world.generate_batch(world.all_labels(), 0)  # [30, 61, 22, 3]
+    for name, penalty in PENALTIES.items():
+        if name != "foot_skating_ratio":
+            assert (penalty(joints).abs() < 1e-9).all(), name
 
 
 def test_bone_length_error_closed_form():
@@ -216,8 +232,8 @@ def test_float32_and_shape_errors():
     assert foot_skating(clean_batch().float()).dtype == torch.float32
     with pytest.raises(ValueError, match=r"\[B, T, 22, 3\].*\[61, 22, 3\]"):
         jerk(walk())
-    with pytest.raises(ValueError, match="at least 4 frames"):
-        jerk(clean_batch()[:, :3])
+    with pytest.raises(ValueError, match="at least 6 frames"):
+        jerk(clean_batch()[:, :5])
 
 
 # --- rewards on features --------------------------------------------------------------------------------------------
