@@ -3,9 +3,10 @@
 Every function takes joints [B, T, 22, 3] (metres, y up, the floor at y = 0, FPS frames a second) and returns a
 non-negative penalty [B]: exactly 0 on clean motion of our world (planted feet do not move, bones keep their lengths,
 airborne bodies fall ballistically; the GMD ratio excepted, see there) and positive on the failure it targets. All
-are torch functions that let gradients reach the joints, except `foot_skating_ratio` (a metric: counts of thresholded events), whose
-differentiable counterpart is `foot_skating`. Hinges and minima are differentiable almost everywhere (torch takes the
-usual subgradient at the kinks); the masks in `floating` select frames and carry no gradient.
+are torch functions that let gradients reach the joints, except `foot_skating_ratio` (a metric: counts of
+thresholded events), whose differentiable counterpart is `foot_skating`. Hinges and minima are differentiable almost
+everywhere (torch takes the usual subgradient at the kinks); the masks in `floating` select frames and carry no
+gradient.
 
     foot_skating_ratio  GMD / OmniControl: fraction of frames where a toe near the floor slides (metric)
     foot_skating        soft contact x toe speed, sustained over 4 frames, above a tolerance (m/s)
