@@ -36,6 +36,7 @@ How a pose is built (exact by construction, so the physics measures read zero on
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import zlib
@@ -88,14 +89,11 @@ _SIGN = {"left": 1.0, "right": -1.0}  # +x is the body's left
 
 
 def all_labels() -> list[dict]:
-    """Every structured label of the world ({"tag", fields...}), in a fixed order."""
+    """Every structured label of the world ({"tag", fields...}), in a fixed order (30)."""
     labels = []
     for tag, fields in LABEL_FIELDS.items():
-        names = list(fields)
-        combos = [()] if not names else np.array(np.meshgrid(*[range(len(fields[n])) for n in names],
-                                                              indexing="ij")).reshape(len(names), -1).T
-        for combo in combos:
-            labels.append({"tag": tag, **{n: fields[n][int(i)] for n, i in zip(names, combo)}})
+        for values in itertools.product(*fields.values()):
+            labels.append({"tag": tag, **dict(zip(fields, values))})
     return labels
 
 
@@ -355,74 +353,111 @@ def plan_footfalls(swings: list[tuple[int, int]], root: Tensor, yaw: Tensor, off
     return torch.stack(falls), torch.stack(yaws)
 
 
-def _step_schedule(first: float, last_end: float, count: int, swing_fraction: float, period: float | None = None):
-    """`count` alternating steps, the first starting at `first`: swing k starts at first + k period / 2 and lasts
-    swing_fraction period. Without `period`, the one that makes the last swing end at `last_end`."""
-    if period is None:
-        period = (last_end - first) / ((count - 1) / 2 + swing_fraction)
+def _step_schedule(first: float, last_end: float, count: int, swing_fraction: float):
+    """`count` alternating steps: swing k starts at first + k period / 2 and lasts swing_fraction period, with the
+    period that makes the last swing end at `last_end`. Returns (starts, ends, period) in seconds."""
+    period = (last_end - first) / ((count - 1) / 2 + swing_fraction)
     starts = first + np.arange(count) * period / 2
     return starts, starts + swing_fraction * period, period
 
 
+@dataclass(frozen=True)
+class GaitStyle:
+    """How a gait looks; the footfalls and the root path follow from it and the cruise speed."""
+
+    stance: float  # fraction of a cycle each foot is on the floor (below 0.5: both feet airborne between steps)
+    cadence: float  # cycles (two steps) per second, before fitting a whole number of steps into the clip
+    lift: float  # swing toe height at mid-swing (m)
+    ramp: float  # seconds to speed up from rest to cruise (and to slow down to a stop)
+    lean: float  # forward spine lean at cruise (rad)
+    drop: float  # pelvis lowered at cruise (m)
+    bob: float  # extra pelvis drop in double support (m)
+    arm_swing: float  # amplitude of the arms' swing against the legs (rad)
+    elbow: float  # elbow flexion (rad)
+
+
+def gait_style(direction: str, cruise: float, run: bool) -> GaitStyle:
+    """Walking forward / backward gets faster steps with speed, sidesteps short quick steps (the feet never cross:
+    the stride stays under 0.45 m) without arm swing, running a flight phase, a forward lean and bent elbows."""
+    if run:
+        return GaitStyle(stance=0.35, cadence=1.45, lift=0.14, ramp=0.6, lean=0.15, drop=0.06, bob=0.0,
+                         arm_swing=0.6, elbow=1.3)
+    if direction in ("left", "right"):
+        return GaitStyle(stance=0.6, cadence=1.0 + cruise, lift=0.06, ramp=0.5, lean=0.03, drop=0.03, bob=0.012,
+                         arm_swing=0.0, elbow=0.15)
+    return GaitStyle(stance=0.6, cadence=0.75 + 0.35 * cruise, lift=0.08, ramp=0.5, lean=0.03 + 0.03 * cruise,
+                     drop=0.02 + 0.02 * cruise, bob=0.012, arm_swing=0.2 + 0.15 * cruise, elbow=0.25)
+
+
+def _other(side: str) -> str:
+    return "right" if side == "left" else "left"
+
+
+def _stepping_feet(steps: list[tuple[int, int]], lead: str, root: Tensor, yaw: Tensor, offsets: list[Tensor],
+                   lift: float) -> tuple[Tensor, Tensor]:
+    """Toes [2, P, 3] and foot yaws [2, P] of alternating steps (swing frame windows, `lead` foot first), each foot
+    landing at the root plus its body-frame offset (plan_footfalls)."""
+    toes, toe_yaw = [], []
+    for k, side in enumerate(SIDES):
+        swings = [window for i, window in enumerate(steps) if (lead if i % 2 == 0 else _other(lead)) == side]
+        falls, yaws = plan_footfalls(swings, root, yaw, offsets[k], side)
+        toe, foot_yaw = foot_track(swings, falls, yaws, lift)
+        toes.append(toe)
+        toe_yaw.append(foot_yaw)
+    return torch.stack(toes), torch.stack(toe_yaw)
+
+
+def _within_reach(height: Tensor, root: Tensor, yaw: Tensor, toes: Tensor, toe_yaw: Tensor) -> Tensor:
+    """The pelvis heights [P] lowered (smoothly, only where needed) so both hips reach their ankles."""
+    floor_root = root * torch.tensor([1.0, 0.0, 1.0], dtype=root.dtype)  # [P, 3]
+    for k, side in enumerate(SIDES):
+        ankles = ankle_targets(toes[k], toe_yaw[k], side)  # [P, 3]
+        height = keep_below(height, reachable_height(floor_root, yaw, ankles, side))
+    return height
+
+
 def _gait_plan(plan: BodyPlan, t: Tensor, direction: str, cruise: float, run: bool, lead: str,
                rng: np.random.Generator) -> BodyPlan:
-    """Walking (or running) along `direction` at `cruise` m/s for most of the clip, starting and ending still."""
+    """Walking (or running) along `direction` at `cruise` m/s for most of the clip, starting and ending still: a
+    whole number of alternating steps (`lead` foot first) ends at 2.8 s, the root stops in the last swing."""
     dx, dz = TRAVEL_DIRECTIONS[direction]
     lateral = dx != 0.0
-    if run:
-        stance, cadence, lift, ramp_s, lean, drop, swing_amp, elbow = 0.35, 1.45, 0.14, 0.6, 0.15, 0.06, 0.6, 1.3
-    elif lateral:
-        stance, cadence, lift, ramp_s, lean, drop, swing_amp, elbow = 0.6, 1.0 + cruise, 0.06, 0.5, 0.03, 0.03, 0.0, 0.15
-    else:
-        stance, cadence, lift, ramp_s = 0.6, 0.75 + 0.35 * cruise, 0.08, 0.5
-        lean, drop, swing_amp, elbow = 0.03 + 0.03 * cruise, 0.02 + 0.02 * cruise, 0.2 + 0.15 * cruise, 0.25
+    style = gait_style(direction, cruise, run)
     start, last_end = float(rng.uniform(0.0, 0.1)), 2.8
-    swing_fraction = 1.0 - stance
-    period = 1.0 / cadence
+    swing_fraction = 1.0 - style.stance
+    period = 1.0 / style.cadence
     count = max(2, int(round((last_end - start - swing_fraction * period) / (period / 2))) + 1)
     starts, ends, period = _step_schedule(start, last_end, count, swing_fraction)
     stop = float(starts[-1] + swing_fraction * period / 2)
-    ramp_s = min(ramp_s, (stop - start) / 2)
+    ramp_s = min(style.ramp, (stop - start) / 2)
     distance = cruise * travelled(t, start, stop, ramp_s)  # [P]
     envelope = speed_envelope(t, start, stop, ramp_s)  # [P]
     root = plan.root.clone()
     root[:, 0], root[:, 2] = dx * distance, dz * distance
     stride = cruise * period
     # mid-gait footfalls: the ankle under the hip at mid-stance; sidesteps widen with the stride so feet never cross
-    feet = [rest_toe_offset(side).clone() for side in SIDES]
-    for k, side in enumerate(SIDES):
-        foot = _OFFSETS[_LEGS[side][3]]
-        under_hip = _OFFSETS[_LEGS[side][0]][2] - (feet[k][2] - foot[2])
-        feet[k][2] += under_hip
-        if lateral:
-            feet[k][0] += _SIGN[side] * stride / 4
-    frames = [(_to_frame(a), _to_frame(b)) for a, b in zip(starts, ends)]
-    order = [lead, "right" if lead == "left" else "left"]
-    toes, toe_yaw = [], []
-    for k, side in enumerate(SIDES):
-        swings = [w for i, w in enumerate(frames) if order[i % 2] == side]
-        falls, yaws = plan_footfalls(swings, root, plan.yaw, feet[k], side)
-        toe, yaw = foot_track(swings, falls, yaws, lift)
-        toes.append(toe)
-        toe_yaw.append(yaw)
-    toes, toe_yaw = torch.stack(toes), torch.stack(toe_yaw)  # [2, P, 3], [2, P]
+    offsets = []
+    for side in SIDES:
+        hip, _, _, toe = _LEGS[side]
+        offset = rest_toe_offset(side).clone()
+        offset[2] += _OFFSETS[hip][2] - (offset[2] - _OFFSETS[toe][2])  # hip z - ankle z
+        offset[0] += _SIGN[side] * stride / 4 if lateral else 0.0
+        offsets.append(offset)
+    steps = [(_to_frame(a), _to_frame(b)) for a, b in zip(starts, ends)]
+    toes, toe_yaw = _stepping_feet(steps, lead, root, plan.yaw, offsets, style.lift)  # [2, P, 3], [2, P]
     # the pelvis: lower while moving, a bob that is lowest in double support, and never higher than the legs reach
-    centres = torch.as_tensor((starts + ends) / 2)
-    phase = torch.as_tensor(np.interp(t.numpy(), centres.numpy(), np.arange(count) + 0.5))
-    bob = 0.0 if run else 0.012
-    height = STAND_HEIGHT - drop * envelope - bob * envelope * (1 + torch.cos(2 * math.pi * phase)) / 2
-    for k, side in enumerate(SIDES):
-        ankles = ankle_targets(toes[k], toe_yaw[k], side)
-        height = keep_below(height, reachable_height(root * torch.tensor([1.0, 0.0, 1.0]), plan.yaw, ankles, side))
-    root[:, 1] = height
+    phase = torch.as_tensor(np.interp(t.numpy(), (starts + ends) / 2, np.arange(count) + 0.5))  # [P] steps
+    height = STAND_HEIGHT - style.drop * envelope - style.bob * envelope * (1 + torch.cos(2 * math.pi * phase)) / 2
+    root[:, 1] = _within_reach(height, root, plan.yaw, toes, toe_yaw)
     # arms swing against the legs: the left arm forward while the right foot is ahead
     heading = yaw_matrix(plan.yaw)[:, :, 2]  # [P, 3]
     ahead = ((toes[1] - toes[0]) * heading).sum(-1)  # [P]
-    swing = swing_amp * (ahead / (0.5 * stride)).clamp(-1.0, 1.0)  # [P]
+    swing = style.arm_swing * (ahead / (0.5 * stride)).clamp(-1.0, 1.0)  # [P]
     abduct = torch.full_like(t, 0.15 if lateral else 0.1)
     upper = torch.stack([arm_direction(swing, abduct, "left"), arm_direction(-swing, abduct, "right")])
-    fore = torch.stack([arm_direction(swing + elbow, abduct, "left"), arm_direction(-swing + elbow, abduct, "right")])
-    return BodyPlan(root=root, yaw=plan.yaw, lean=lean * envelope, toes=toes, toe_yaw=toe_yaw,
+    fore = torch.stack([arm_direction(swing + style.elbow, abduct, "left"),
+                        arm_direction(-swing + style.elbow, abduct, "right")])
+    return BodyPlan(root=root, yaw=plan.yaw, lean=style.lean * envelope, toes=toes, toe_yaw=toe_yaw,
                     upper_arm=upper, forearm=fore)
 
 
@@ -440,7 +475,8 @@ def _run(label: dict, rng: np.random.Generator) -> BodyPlan:
 
 
 def _turn(label: dict, rng: np.random.Generator) -> BodyPlan:
-    """Turning in place: the heading follows a smoothstep while the feet step around the pelvis."""
+    """Turning in place: the heading follows a smoothstep while the feet step around the pelvis (4 steps for a
+    quarter turn, 6 for a half turn, the turning side's foot first)."""
     plan, t = _standing_plan(), _times()
     side = label["direction"]
     total = _SIGN[side] * math.radians(label["angle"])
@@ -448,23 +484,12 @@ def _turn(label: dict, rng: np.random.Generator) -> BodyPlan:
     duration = (1.2 if label["angle"] == 90 else 2.0) * float(rng.uniform(0.95, 1.05))
     plan.yaw = total * ramp(t, begin, begin + duration)
     count = 4 if label["angle"] == 90 else 6
-    starts, ends, _ = _step_schedule(begin - 0.05, begin + duration + 0.1, count, 0.3 / 0.7, period=None)
-    frames = [(_to_frame(a), _to_frame(b)) for a, b in zip(starts, ends)]
-    order = [side, "right" if side == "left" else "left"]
-    toes, toe_yaw = [], []
-    for k, foot in enumerate(SIDES):
-        swings = [w for i, w in enumerate(frames) if order[i % 2] == foot]
-        falls, yaws = plan_footfalls(swings, plan.root, plan.yaw, rest_toe_offset(foot), foot)
-        toe, yaw = foot_track(swings, falls, yaws, lift=0.06)
-        toes.append(toe)
-        toe_yaw.append(yaw)
-    plan.toes, plan.toe_yaw = torch.stack(toes), torch.stack(toe_yaw)
-    stepping = ramp(t, begin - 0.2, begin) * (1 - ramp(t, float(ends[-1]), float(ends[-1]) + 0.2))
-    height = STAND_HEIGHT - 0.015 * stepping
-    for k, foot in enumerate(SIDES):
-        ankles = ankle_targets(plan.toes[k], plan.toe_yaw[k], foot)
-        height = keep_below(height, reachable_height(plan.root * torch.tensor([1.0, 0.0, 1.0]), plan.yaw, ankles, foot))
-    plan.root[:, 1] = height
+    starts, ends, _ = _step_schedule(begin - 0.05, begin + duration + 0.1, count, swing_fraction=0.4)
+    steps = [(_to_frame(a), _to_frame(b)) for a, b in zip(starts, ends)]
+    rest = [rest_toe_offset(foot) for foot in SIDES]
+    plan.toes, plan.toe_yaw = _stepping_feet(steps, side, plan.root, plan.yaw, rest, lift=0.06)
+    stepping = ramp(t, begin - 0.2, begin) * (1 - ramp(t, float(ends[-1]), float(ends[-1]) + 0.2))  # [P]
+    plan.root[:, 1] = _within_reach(STAND_HEIGHT - 0.015 * stepping, plan.root, plan.yaw, plan.toes, plan.toe_yaw)
     return plan
 
 
@@ -509,7 +534,7 @@ def _jump(label: dict, rng: np.random.Generator) -> BodyPlan:
     height = torch.where(t >= clock, low + depth * ramp(t, clock, clock + recover), height)
     plan.root[:, 1] = height
     plan.toes[:, :, 1] = lift.clamp(min=0.0)
-    plan.lean = 0.25 * (STAND_HEIGHT - height).clamp(min=0.0) / depth * 0.5
+    plan.lean = 0.12 * (STAND_HEIGHT - height).clamp(min=0.0) / depth  # lean into the crouches
     zero = torch.zeros_like(t)
     plan.upper_arm = torch.stack([arm_direction(swing, zero + 0.1, side) for side in SIDES])
     plan.forearm = torch.stack([arm_direction(swing + 0.3, zero + 0.1, side) for side in SIDES])
