@@ -50,8 +50,8 @@ def test_every_label_has_a_motion_of_61_poses_that_starts_at_the_origin_facing_p
     assert len(LABELS) == sum(math.prod(len(v) for v in f.values()) for f in LABEL_FIELDS.values()) == 30
     assert joints.shape == (len(labels), POSES, 22, 3) and joints.dtype == torch.float64
     assert joints[:, 0, 0, [0, 2]].abs().max() == 0
-    torch.testing.assert_close(_facing(joints[:, 0]), torch.tensor([0.0, 1.0], dtype=torch.float64).expand(len(labels), 2),
-                               atol=1e-12, rtol=0)
+    plus_z = torch.tensor([0.0, 1.0], dtype=torch.float64).expand(len(labels), 2)
+    torch.testing.assert_close(_facing(joints[:, 0]), plus_z, atol=1e-12, rtol=0)
 
 
 def test_bone_lengths_are_the_skeletons_in_every_frame(world):
@@ -184,6 +184,13 @@ def test_soft_score_has_finite_informative_gradients_in_float64(world):
         (grad,) = torch.autograd.grad(scores.sum(), motions)
         assert torch.isfinite(grad).all()
         assert (grad.flatten(1).abs().sum(-1) > 0).all()  # every motion's score moves with its joints
+    # far from the world (noise, a collapsed body): still finite
+    noise = torch.randn(len(LABELS), 60, 22, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for junk in (noise, torch.zeros_like(noise)):
+        junk.requires_grad_(True)
+        scores = soft_score(junk, LABELS)
+        (grad,) = torch.autograd.grad(scores.sum(), junk)
+        assert torch.isfinite(scores).all() and (scores > 0).all() and torch.isfinite(grad).all()
 
 
 # ---- prompt sets --------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Captions of the motion world: templates with some lexical variety, the train / held-out split, the prompt sets.
 
 A record is {"tag", <label fields>, "prompt", "split"}, e.g.
-    {"tag": "walk", "direction": "backward", "speed": "fast", "prompt": "a man walks backwards quickly", "split": "unseen"}
+    {"tag": "walk", "direction": "backward", "speed": "fast", "prompt": "a man walks backwards quickly",
+     "split": "unseen"}
 
 The split is by caption text, so "held-out" means never trained on:
 - HELD_OUT_LABELS are captioned only in the evaluation set: unseen combinations of words that training shows
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .world import LABEL_FIELDS, TAGS, all_labels, check_label
+from .world import TAGS, all_labels, check_label
 
 SUBJECTS: tuple[tuple[str, str], ...] = (
     ("a person", "their"), ("someone", "their"), ("a man", "his"), ("a woman", "her"), ("the person", "their"))

@@ -124,10 +124,11 @@ def _runs(mask: Tensor, min_length: int) -> Tensor:
     return count
 
 
-def _rising_edges(soft_mask: Tensor) -> Tensor:
-    """Soft count of 0 -> 1 transitions of soft_mask [B, T] in [0, 1] (the first frame follows a 0) -> [B]."""
-    before = F.pad(soft_mask[:, :-1], (1, 0))  # [B, T]
-    return (soft_mask * (1 - before)).sum(-1)
+def _rising_edges(soft_mask: Tensor, width: float = 0.01) -> Tensor:
+    """Soft count [B] of 0 -> 1 transitions of soft_mask [B, T] in [0, 1] (the first frame follows a 0): the summed
+    rises, each through a smooth ReLU (x + sqrt(x^2 + width^2) - width) / 2, so a flat background adds nothing."""
+    rise = soft_mask - F.pad(soft_mask[:, :-1], (1, 0))  # [B, T]
+    return ((rise + torch.sqrt(rise * rise + width * width) - width) / 2).sum(-1)
 
 
 def left_axis_per_frame(facing: Tensor) -> Tensor:
@@ -172,8 +173,8 @@ def measure(joints: Tensor, soft: bool = False) -> dict[str, Tensor]:
         out["distance"] = torch.sqrt(travel.pow(2).sum(-1) + 1e-6)
         out["mean_speed"] = torch.sqrt(steps + 1e-8).mean(-1) * FPS
         lowest = -0.01 * torch.logsumexp(torch.stack([-toe_l, -toe_r]) / 0.01, dim=0)  # [B, T] soft min
-        out["jumps"] = _rising_edges(torch.sigmoid((lowest - AIRBORNE_HEIGHT) / 0.005))
-        out["dips"] = _rising_edges(torch.sigmoid((DIP_HEIGHT - pelvis) / 0.005))
+        out["jumps"] = _rising_edges(torch.sigmoid((lowest - AIRBORNE_HEIGHT) / 0.015))
+        out["dips"] = _rising_edges(torch.sigmoid((DIP_HEIGHT - pelvis) / 0.015))
         for side, toe in (("left", toe_l), ("right", toe_r)):
             out[f"toe_peak_{side}"] = (torch.softmax(toe / 0.01, dim=-1) * toe).sum(-1)
     else:
@@ -185,7 +186,7 @@ def measure(joints: Tensor, soft: bool = False) -> dict[str, Tensor]:
         out["toe_peak_left"], out["toe_peak_right"] = toe_l.amax(-1), toe_r.amax(-1)
     for side, (elbow, wrist, sign) in arms.items():
         above = joints[..., wrist, 1] - head - RAISED_MARGIN  # [B, T]
-        raised = torch.sigmoid(above / 0.01) if soft else (above > 0).to(joints.dtype)  # [B, T]
+        raised = torch.sigmoid(above / 0.03) if soft else (above > 0).to(joints.dtype)  # [B, T]
         forearm = joints[..., wrist, :][..., [0, 2]] - joints[..., elbow, :][..., [0, 2]]  # [B, T, 2]
         outward = sign * (forearm * left_dir).sum(-1)  # [B, T]
         step = outward[:, 1:] - outward[:, :-1]  # [B, T-1]
