@@ -17,17 +17,22 @@ FAST = [
 ]
 
 
+MOTION = ["reward=motion_physics", "data.prompts=builtin:toy_motion_train", "policy.num_frames=16",
+          "sampling.num_steps=4"]
+"""tiny-motion: a motion reward and prompt set, 16 frames (0.8 s); DDPM's last step lands on alpha 1 (not trained)."""
+
+
 def make_trainer(tmp_path, *extra, model="tiny-sd3"):
     cfg = load_config(None, [*FAST, f"model={model}", f"output_dir={tmp_path}", *extra])
     return Trainer(cfg)
 
 
-@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sd3", "tiny-flux", "tiny-motion"])
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 1e-6)])
 def test_first_update_ratio_is_one_on_policy(tmp_path, model, dtype, tol):
     """Re-scoring stored transitions under the sampling weights gives ratio 1, although the rollout
     ran in batches of 4 with CFG over all steps and re-scoring runs 2 rows at a time, steps shuffled."""
-    trainer = make_trainer(tmp_path, f"policy.dtype={dtype}", model=model)
+    trainer = make_trainer(tmp_path, f"policy.dtype={dtype}", *(MOTION if model == "tiny-motion" else []), model=model)
     batch = trainer.rollout(0)
     B, N = batch.trajectory.log_probs.shape
     assert batch.trajectory.log_probs.dtype == (torch.float64 if dtype == "float64" else torch.float32)
