@@ -606,14 +606,15 @@ def _squat(label: dict, rng: np.random.Generator) -> BodyPlan:
 
 
 def _kick(label: dict, rng: np.random.Generator) -> BodyPlan:
-    """A forward kick: the kicking foot goes forward and up and back to where it stood; the other stays planted."""
+    """A forward kick: the kicking foot rises, swings forward and up, and comes back to where it stood (forward
+    travel grows with the square of the rise, so a low foot barely slides over the floor); the other stays planted."""
     plan, t = _standing_plan(), _times()
     side = label["side"]
     begin, duration = float(rng.uniform(0.3, 0.6)), 0.9 * float(rng.uniform(0.95, 1.05))
     reach, up = 0.55 * float(rng.uniform(0.9, 1.1)), 0.45 * float(rng.uniform(0.9, 1.1))
     bump = torch.sin(math.pi * ((t - begin) / duration).clamp(0.0, 1.0))  # 0 -> 1 -> 0
     k = SIDES.index(side)
-    plan.toes[k, :, 2] = plan.toes[k, :, 2] + reach * bump
+    plan.toes[k, :, 2] = plan.toes[k, :, 2] + reach * bump ** 2
     plan.toes[k, :, 1] = up * bump
     plan.lean = -0.12 * bump
     zero = torch.zeros_like(t)
