@@ -131,20 +131,14 @@ def _rising_edges(soft_mask: Tensor, width: float = 0.01) -> Tensor:
     return ((rise + torch.sqrt(rise * rise + width * width) - width) / 2).sum(-1)
 
 
-def left_axis_per_frame(facing: Tensor) -> Tensor:
-    """The body's left axis in the floor plane [B, T, 2] (x, z) from its facing [B, T, 2]."""
-    unit = facing / facing.norm(dim=-1, keepdim=True).clamp(min=1e-9)
-    return torch.stack([unit[..., 1], -unit[..., 0]], dim=-1)
-
-
 def measure(joints: Tensor, soft: bool = False) -> dict[str, Tensor]:
     """The measures (module docstring) of motions [B, T, 22, 3] as tensors [B]. soft=True: smooth versions (soft
     minimum and maximum, sigmoid indicators, soft counts of rising edges) that gradients pass through."""
     joints = _check_joints(joints)
     root = joints[..., 0, :]  # [B, T, 3]
     facing = _facing(joints)  # [B, T, 2] (x, z)
-    start = facing[:, 0] / facing[:, 0].norm(dim=-1, keepdim=True).clamp(min=1e-9)  # [B, 2] forward at frame 0
-    left_axis = torch.stack([start[:, 1], -start[:, 0]], dim=-1)  # [B, 2]: l(psi) = (cos, -sin) for h = (sin, cos)
+    forward_axes = facing / facing.norm(dim=-1, keepdim=True).clamp(min=1e-9)  # [B, T, 2] h = (sin psi, cos psi)
+    left_axes = torch.stack([forward_axes[..., 1], -forward_axes[..., 0]], dim=-1)  # [B, T, 2] l = (cos psi, -sin psi)
     travel = root[:, -1, [0, 2]] - root[:, 0, [0, 2]]  # [B, 2]
     steps = (root[:, 1:, [0, 2]] - root[:, :-1, [0, 2]]).pow(2).sum(-1)  # [B, T-1]
     # turn: atan2 of the sine and cosine of each frame-to-frame change of the facing
@@ -156,10 +150,9 @@ def measure(joints: Tensor, soft: bool = False) -> dict[str, Tensor]:
     toe_l, toe_r = joints[..., J["l_foot"], 1], joints[..., J["r_foot"], 1]  # [B, T]
     pelvis = root[..., 1]  # [B, T]
     head = joints[..., J["head"], 1]  # [B, T]
-    left_dir = left_axis_per_frame(facing)  # [B, T, 2]
     out = {
-        "forward": (travel * start).sum(-1),
-        "left": (travel * left_axis).sum(-1),
+        "forward": (travel * forward_axes[:, 0]).sum(-1),  # in frame 0's body axes
+        "left": (travel * left_axes[:, 0]).sum(-1),
         "turn": turn,
         "end_height": pelvis[:, -1],
     }
@@ -188,7 +181,7 @@ def measure(joints: Tensor, soft: bool = False) -> dict[str, Tensor]:
         above = joints[..., wrist, 1] - head - RAISED_MARGIN  # [B, T]
         raised = torch.sigmoid(above / 0.03) if soft else (above > 0).to(joints.dtype)  # [B, T]
         forearm = joints[..., wrist, :][..., [0, 2]] - joints[..., elbow, :][..., [0, 2]]  # [B, T, 2]
-        outward = sign * (forearm * left_dir).sum(-1)  # [B, T]
+        outward = sign * (forearm * left_axes).sum(-1)  # [B, T]
         step = outward[:, 1:] - outward[:, :-1]  # [B, T-1]
         both = raised[:, 1:] * raised[:, :-1]  # [B, T-1]
         out[f"raised_{side}"] = raised.sum(-1)
@@ -353,11 +346,10 @@ def score_motions(joints: Tensor, labels: list[dict]) -> list[MotionScore]:
     for key, index in _groups(labels).items():
         rules = rules_for(dict(key))
         sub = {name: value[index] for name, value in measures.items()}
-        held = torch.stack([rule.holds(rule.value(sub)) for rule in rules], dim=-1)  # [b, R]
-        credit = torch.stack([torch.where(rule.holds(rule.value(sub)), torch.ones_like(rule.value(sub)),
-                                          0.5 * torch.exp(-rule.miss(rule.value(sub)) / rule.scale))
-                              for rule in rules], dim=-1)  # [b, R]
         values = torch.stack([rule.value(sub) for rule in rules], dim=-1)  # [b, R]
+        held = torch.stack([rule.holds(values[:, r]) for r, rule in enumerate(rules)], dim=-1)  # [b, R]
+        misses = torch.stack([rule.miss(values[:, r]) / rule.scale for r, rule in enumerate(rules)], dim=-1)  # [b, R]
+        credit = torch.where(held, torch.ones_like(values), 0.5 * torch.exp(-misses))  # [b, R]
         for row, i in enumerate(index):
             correct = bool(held[row].all())
             details = {rule.name: (bool(held[row, r]), float(values[row, r])) for r, rule in enumerate(rules)}

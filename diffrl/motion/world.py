@@ -20,7 +20,8 @@ Labels ({"tag": ..., fields}; extra keys such as "prompt" are ignored):
     kick    side left | right (a forward kick; the other foot stays planted)
     stand   (stands still)
 
-How a pose is built (exact by construction, so the physics measures read zero on this data):
+How a pose is built (exact by construction: diffrl.motion.physics' penalties read zero on this data; the GMD
+skating ratio does not, as it also counts swing toes passing below 5 cm faster than 0.5 m/s):
 - The body is a plan of per-frame quantities: pelvis position, heading (yaw), spine lean, the two foot-joint (toe)
   targets with their yaws, and the four arm-bone directions. `pose_body` turns a plan into joints.
 - Spine, neck, head, collars and shoulders are the rest offsets rotated by yaw then lean; arm bones are the rest
@@ -30,8 +31,8 @@ How a pose is built (exact by construction, so the physics measures read zero on
   planned footfall on the floor, y = 0, for its whole stance: no foot skating. Footfalls are planned from the root
   path (the root at the stance's middle frame plus a body-frame offset), swings interpolate between them with a
   smoothstep and lift the foot by a sine.
-- When walking, the pelvis is lowered where needed (a soft minimum with the highest pelvis the legs reach), so the
-  IK never has to stretch a leg and a stance foot never moves.
+- When stepping (walks, runs, turns), the pelvis is lowered smoothly where needed (`keep_below` the highest pelvis
+  the legs reach), so the IK never has to stretch a leg and a stance foot never moves.
 """
 
 from __future__ import annotations
@@ -225,7 +226,7 @@ def reachable_height(root_xz: Tensor, yaw: Tensor, ankles: Tensor, side: str, re
     across = (hip - ankles)[:, [0, 2]].norm(dim=-1)  # [P]
     span = reach * (thigh + shank)
     if bool((across >= span).any()):
-        raise ValueError(f"the {side} ankle is {float(across.max()):.3f} m across from its hip, beyond the leg's "
+        raise RuntimeError(f"the {side} ankle is {float(across.max()):.3f} m across from its hip, beyond the leg's "
                          f"reach {span:.3f} m: the plan's stride is too long")
     return ankles[:, 1] + torch.sqrt(span ** 2 - across ** 2) - hip[:, 1]
 
