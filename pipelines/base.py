@@ -26,6 +26,28 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def ddim_schedule(scheduler, num_steps: int) -> Schedule:
+    """The N-step DDIM schedule of a DDIM-family scheduler (SD's DDIMScheduler, MDM's DDPMScheduler): timesteps as
+    `set_timesteps(n)` gives them, alpha_cumprod at t and at the step's prev_timestep t - T // n, and once that is
+    negative the final alpha the scheduler's own step uses: a DDIMScheduler's `set_alpha_to_one` (SD: False, so
+    alpha_cumprod[0]), 1 for a DDPMScheduler, whose last step lands on the clean sample whatever its config says.
+    Reads a copy: the scheduler's state is left alone."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    extra = {"set_alpha_to_one": True} if isinstance(scheduler, DDPMScheduler) else {}
+    sched = DDIMScheduler.from_config(scheduler.config, **extra)
+    sched.set_timesteps(num_steps)
+    timesteps = sched.timesteps.clone()  # [N] int64
+    prev = timesteps - sched.config.num_train_timesteps // num_steps  # [N]
+    a_t = sched.alphas_cumprod[timesteps]  # [N]
+    a_prev = torch.where(prev >= 0, sched.alphas_cumprod[prev.clamp(min=0)], sched.final_alpha_cumprod)  # [N]
+    alphas = torch.cat([a_t[:1], a_prev])  # [N + 1]
+    if not torch.equal(alphas[1:-1], a_t[1:]):
+        raise ValueError(f"{type(scheduler).__name__} with timestep_spacing={sched.config.timestep_spacing!r} and "
+                         f"{num_steps} steps does not chain (t_i - T // n != t_(i+1)); the Schedule cannot represent it")
+    return Schedule(kind="ddim", timesteps=timesteps, alphas_cumprod=alphas)
+
+
 @dataclass
 class Condition:
     """Prompt conditioning for a batch: the adapter's keyword tensors, conditional and unconditional.

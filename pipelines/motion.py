@@ -19,7 +19,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
-from diffrl.pipelines.base import Condition, Policy, at_least_float32
+from diffrl.pipelines.base import Condition, Policy, at_least_float32, ddim_schedule
 from diffrl.pipelines.motion_model import MotionDiffusionPipeline, MotionTransformer
 from diffrl.sampling import Schedule
 
@@ -48,24 +48,6 @@ def check_scheduler(scheduler) -> None:
     if isinstance(scheduler, DDPMScheduler) and config.variance_type != "fixed_small":
         raise ValueError(f"DDPMScheduler variance_type must be 'fixed_small' (MDM's FIXED_SMALL, the eta = 1 DDIM "
                          f"variance), got {config.variance_type!r}")
-
-
-def ddim_schedule(scheduler_config, num_steps: int) -> Schedule:
-    """The N-step DDIM schedule of a DDPM or DDIM scheduler config: timesteps as `set_timesteps(n)` gives them,
-    alpha_cumprod at t and at the step's prev_timestep t - T // n (the final alpha once that is negative: 1 for a
-    DDPMScheduler config, whose last step lands on the clean sample; a DDIM config's `set_alpha_to_one` says)."""
-    extra = {"set_alpha_to_one": True} if scheduler_config.get("_class_name") == "DDPMScheduler" else {}
-    sched = DDIMScheduler.from_config(scheduler_config, **extra)  # a copy: leave the pipe's scheduler alone
-    sched.set_timesteps(num_steps)
-    timesteps = sched.timesteps.clone()  # [N] int64
-    prev = timesteps - sched.config.num_train_timesteps // num_steps  # [N]
-    a_t = sched.alphas_cumprod[timesteps]  # [N]
-    a_prev = torch.where(prev >= 0, sched.alphas_cumprod[prev.clamp(min=0)], sched.final_alpha_cumprod)  # [N]
-    alphas = torch.cat([a_t[:1], a_prev])  # [N + 1]
-    if not torch.equal(alphas[1:-1], a_t[1:]):
-        raise ValueError(f"timestep_spacing={sched.config.timestep_spacing!r} with {num_steps} steps does not chain "
-                         "(t_i - T // n != t_(i+1)); the Schedule cannot represent it")
-    return Schedule(kind="ddim", timesteps=timesteps, alphas_cumprod=alphas)
 
 
 class MotionPolicy(Policy):
@@ -157,7 +139,7 @@ class MotionPolicy(Policy):
         return Condition(cond={"text_embeds": text.to(self.dtype)}, uncond={"text_embeds": uncond.to(self.dtype)})
 
     def schedule(self, num_steps: int) -> Schedule:
-        return ddim_schedule(self.pipe.scheduler.config, num_steps)
+        return ddim_schedule(self.pipe.scheduler, num_steps)
 
     def initial_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """randn [B, num_frames, D] in float32 (float64 for a float64 policy), as the pipeline draws it."""

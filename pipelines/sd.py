@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from diffrl.pipelines.base import Condition, Policy, at_least_float32
+from diffrl.pipelines.base import Condition, Policy, at_least_float32, ddim_schedule
 from diffrl.sampling import Schedule
 
 
@@ -97,23 +97,8 @@ class StableDiffusionPolicy(Policy):
         )
 
     def schedule(self, num_steps: int) -> Schedule:
-        """DDIM timesteps as `set_timesteps(n)` gives them, and alpha_cumprod at t and at DDIMScheduler.step's
-        prev_timestep = t - T // n (the scheduler's final_alpha_cumprod once that is negative)."""
-        from diffusers import DDIMScheduler
-
-        sched = DDIMScheduler.from_config(self.scheduler.config)  # a copy: leave the pipe's state alone
-        sched.set_timesteps(num_steps)
-        timesteps = sched.timesteps.clone()  # [N] int64
-        prev = timesteps - sched.config.num_train_timesteps // num_steps  # [N]
-        a_t = sched.alphas_cumprod[timesteps]  # [N]
-        a_prev = torch.where(prev >= 0, sched.alphas_cumprod[prev.clamp(min=0)], sched.final_alpha_cumprod)  # [N]
-        alphas = torch.cat([a_t[:1], a_prev])  # [N + 1]
-        if not torch.equal(alphas[1:-1], a_t[1:]):
-            raise ValueError(
-                f"{type(self.scheduler).__name__} with timestep_spacing={sched.config.timestep_spacing!r} and "
-                f"{num_steps} steps does not chain (t_i - T // n != t_(i+1)); the Schedule cannot represent it"
-            )
-        return Schedule(kind="ddim", timesteps=timesteps, alphas_cumprod=alphas)
+        """DDIM timesteps and alphas as DDIMScheduler.step walks them, the final alpha its set_alpha_to_one's."""
+        return ddim_schedule(self.scheduler, num_steps)
 
     def initial_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """As `prepare_latents`: randn [B, C, H / f, W / f] (drawn on the generator's device) * init_noise_sigma."""

@@ -94,6 +94,22 @@ def test_schedule_is_the_ddpm_timesteps_with_the_cosine_alphas(n):
     assert float(sched.alphas_cumprod[-1]) == 1.0
 
 
+def test_a_ddpm_scheduler_ends_on_alpha_one_whatever_its_config_carries():
+    """A DDPMScheduler made from SD's DDIM config keeps set_alpha_to_one False (and steps_offset 1) in its config;
+    DDPMScheduler.step still uses alpha_prev 1 once t - T // n < 0, so the schedule ends on 1, the rest being
+    alpha_cumprod at timesteps (n - 1 - i) T // n + 1. (The config's _class_name, once read to tell, is absent
+    from a scheduler built in memory.)"""
+    policy = make_policy(normalised=False)
+    sd_style = DDIMScheduler.from_config(policy.pipe.scheduler.config, steps_offset=1, set_alpha_to_one=False)
+    policy.pipe.scheduler = DDPMScheduler.from_config(sd_style.config)
+    assert policy.pipe.scheduler.config.set_alpha_to_one is False
+    n = 4
+    sched = policy.schedule(n)
+    timesteps = torch.arange(n - 1, -1, -1) * (T_TRAIN // n) + 1  # [N]
+    assert torch.equal(sched.timesteps, timesteps) and float(sched.alphas_cumprod[-1]) == 1.0
+    torch.testing.assert_close(sched.alphas_cumprod[:-1].double(), ref_alphas_cumprod()[timesteps], atol=2e-6, rtol=0)
+
+
 # ---- step log-probs against the Gaussian posterior ---------------------------------------------------
 @pytest.mark.parametrize("prediction_type", ["sample", "epsilon"])
 @pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
