@@ -70,11 +70,19 @@ def plot_reward_hist(rows: list[dict], names: list[str], path: Path) -> Path:
     return path
 
 
-def _samples_section(grid_images: torch.Tensor, fps: float) -> list[str]:
-    """report.md's lines on the grid: images, or clips (grid.png as strips of 4 frames, grid.gif playing them)."""
+def _samples_section(grid_images: torch.Tensor, fps: float, kind: str = "image") -> list[str]:
+    """report.md's lines on the grid: images, clips or motions (grid.png as strips of 4 frames, grid.gif playing
+    them), and which file of each sample holds what the rewards scored."""
     n = len(grid_images)
-    if grid_images.ndim == 4:
+    if kind == "image":
         return ["## Images", "", f"First {n} images (prompt order): [grid.png](grid.png)", "", "![samples](grid.png)", ""]
+    if kind == "motion":
+        return ["## Motions", "", f"First {n} motions (prompt order) as stick figures, 4 poses of each: [grid.png](grid.png); "
+                f"the same motions playing at {fps:g} frames a second: [grid.gif](grid.gif). Every motion: "
+                "`images/PPPP_JJ.mp4` (the stick figure, to watch) and `images/PPPP_JJ.safetensors` (the exact "
+                "de-normalised HumanML3D features [T, 263] the rewards scored, `features`, and the joints [T, 22, 3] in "
+                "metres recovered from them, `joints`).", "",
+                "![motions, 4 poses each](grid.png)", "", "![motions playing](grid.gif)", ""]
     return ["## Clips", "", f"First {n} clips (prompt order), 4 frames of each: [grid.png](grid.png); the same clips "
             f"playing at {fps:g} frames a second: [grid.gif](grid.gif). Every clip: `images/PPPP_JJ.mp4` (H.264, to "
             "watch) and `images/PPPP_JJ.mkv` (FFV1, the exact frames the rewards scored).", "",
@@ -101,7 +109,8 @@ def write_report(out: Path, metrics: dict, rows: list[dict], names: list[str], *
         curves = plot_metrics(src, out / "training_curves.png")
 
     s = metrics["settings"]
-    unit = "clips" if video else "images"
+    kind = metrics.get("sample_kind", "video" if video else "image")  # motions reach here as stick-figure clips
+    unit = {"image": "images", "video": "clips", "motion": "motions"}[kind]
     lines = ["# Evaluation", "",
              f"{metrics['num_prompts']} prompts x {metrics['images_per_prompt']} {unit} = {metrics['num_images']} {unit}; "
              + ", ".join(f"{k} {v}" for k, v in s.items() if v not in (None, "")), "",
@@ -110,7 +119,7 @@ def write_report(out: Path, metrics: dict, rows: list[dict], names: list[str], *
              "## Rewards", ""]
     for name in names:
         lines += reward_table(name, metrics["rewards"][name])
-    lines += _samples_section(grid_images, fps)
+    lines += _samples_section(grid_images, fps, kind)
     lines += ["## Reward distributions", "", "[reward_hist.png](reward_hist.png)", "",
               "![reward distributions](reward_hist.png)", ""]
     if curves is not None:

@@ -165,6 +165,30 @@ def test_report_has_a_row_per_tag_and_links_existing_files(policy, geneval, tmp_
         assert grid.size[0] > 0
 
 
+def test_motion_report_names_the_files_evaluate_writes(tmp_path):
+    """A motion model's report.md counts motions, links grid.png / grid.gif (which exist) and says each motion is
+    images/PPPP_JJ.mp4 plus PPPP_JJ.safetensors with `features` [T, 263] and `joints` [T, 22, 3]: exactly what
+    scores.jsonl lists and the files hold (no .mkv, a video's exact frames)."""
+    from safetensors.torch import load_file
+
+    motion = load_policy("tiny-motion", num_frames=8)
+    prompts = load_prompts("builtin:toy_motion_eval")
+    prompts = type(prompts)(prompts.prompts[:2], prompts.metadata[:2])
+    out = tmp_path / "e"
+    evaluate(motion, prompts, ["motion_physics"], images_per_prompt=1, steps=STEPS, guidance_scale=2.5, seed=0,
+             batch_size=2, output_dir=out, progress=False, fps=20)
+    report = (out / "report.md").read_text()
+    assert "## Motions" in report and "2 prompts x 1 motions = 2 motions" in report and ".mkv" not in report
+    assert "`images/PPPP_JJ.mp4`" in report and "`images/PPPP_JJ.safetensors`" in report
+    links = re.findall(r"\]\(([^)]+)\)", report)
+    assert {"grid.png", "grid.gif"} <= set(links) and all((out / link).is_file() for link in links)
+    for row in _rows(out):
+        stem = f"images/{row['prompt_index']:04d}_{row['image_index']:02d}"
+        assert (row["file"], row["features"]) == (f"{stem}.mp4", f"{stem}.safetensors") and (out / row["file"]).is_file()
+        tensors = load_file(out / row["features"])
+        assert {k: tuple(v.shape) for k, v in tensors.items()} == {"features": (8, 263), "joints": (8, 22, 3)}
+
+
 def test_toyworld_accuracy_is_a_rate(policy, geneval, tmp_path):
     try:
         import diffrl.toyworld  # noqa: F401  (registers the toyworld rewards where it exists)
