@@ -10,6 +10,11 @@ from pathlib import Path
 
 from diffrl.config import ConfigError, describe_options, load_config
 
+MODEL_HELP = ("toy-sd3 | toy-sd | toy-wan (shipped toy bases) | toy-motion (procedural motion world) | tiny-sd | tiny-sd3 | "
+              "tiny-flux | tiny-wan | tiny-wan22 | tiny-wan22-ti2v | tiny-motion | random-mdm (random weights; random-mdm "
+              "at MDM's size) | local diffusers folder | cached hub id")
+"""--model of `diffrl sample` and `diffrl eval`."""
+
 
 def _options_help(sections: list[str] | None = None) -> str:
     """Every option (or those of `sections`, "run" for the top-level ones), grouped by section."""
@@ -208,6 +213,13 @@ def _sample_kind(args, command: str) -> str | None:
             from diffrl.pipelines.wan import check_frames
 
             check_frames(args.num_frames, "--num-frames")
+        if args.num_frames is not None and kind == "motion":
+            from diffrl.pipelines.motion import model_limits
+
+            limit = model_limits(args.model)["max_frames"]  # the model's JSON, no weights
+            if not 1 <= args.num_frames <= limit:
+                raise ValueError(f"--num-frames must be in 1..{limit} for {args.model} (its max_frames, {limit / 20:.1f} s "
+                                 f"at 20 fps), got {args.num_frames}")
     except (ValueError, FileNotFoundError) as exc:
         print(f"diffrl {command}: {exc}", file=sys.stderr)
         return None
@@ -304,6 +316,32 @@ def _rewards_refuse(names: list[str], kind: str, model: str) -> bool:
     return False
 
 
+def _eval_rewards(args) -> list | None:
+    """The --rewards built with their --reward-kwargs and loaded, so that a wrong argument or missing weights fail
+    before the model loads and samples; None after printing why."""
+    from diffrl.rewards import build_reward
+
+    kwargs = {}
+    try:
+        for item in args.reward_kwargs or []:
+            name, sep, text = item.partition("=")
+            if not sep or name not in args.rewards:
+                raise ValueError(f"--reward-kwargs takes NAME=JSON with NAME one of --rewards ({', '.join(args.rewards)}), "
+                                 f"got {item!r}")
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"--reward-kwargs {name}: {text!r} is not JSON ({exc})") from None
+            if not isinstance(value, dict):
+                raise ValueError(f"--reward-kwargs {name}: a JSON object of keyword arguments, e.g. "
+                                 f"{name}='{{\"model\": \"tiny\"}}', got {text!r}")
+            kwargs[name] = value
+        return [build_reward(name, **kwargs.get(name, {})).load() for name in args.rewards]
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+        print(f"diffrl eval: {exc}", file=sys.stderr)
+        return None
+
+
 def _eval(args) -> int:
     from diffrl.data import load_prompts
     from diffrl.rewards import build_reward, list_rewards
@@ -342,6 +380,9 @@ def _eval(args) -> int:
     kind = _sample_kind(args, "eval")
     if kind is None or _rewards_refuse(args.rewards, kind, args.model):
         return 2
+    rewards = _eval_rewards(args)
+    if rewards is None:
+        return 2
     policy = _load_policy(args, "eval")
     if policy is None:
         return 2
@@ -354,7 +395,7 @@ def _eval(args) -> int:
     common = dict(images_per_prompt=args.images_per_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
                   seed=args.seed, batch_size=args.batch_size, negative_prompt=args.negative_prompt, fps=_fps(args, kind))
     try:
-        metrics = evaluate(policy, prompt_set, args.rewards, output_dir=args.output_dir, run_dir=args.run_dir,
+        metrics = evaluate(policy, prompt_set, rewards, output_dir=args.output_dir, run_dir=args.run_dir,
                            settings=settings, **common)
         comparison = None
         if args.compare_to:
@@ -364,9 +405,9 @@ def _eval(args) -> int:
             baseline = _load_policy(argparse.Namespace(**{**vars(args), "lora": baseline_lora, "rlg_scale": None}), "eval")
             if baseline is None:
                 return 2
-            evaluate(baseline, prompt_set, args.rewards, output_dir=Path(args.output_dir) / "baseline",
+            evaluate(baseline, prompt_set, rewards, output_dir=Path(args.output_dir) / "baseline",
                      settings={**settings, "lora": baseline_lora, **{k: None for k in _rlg_settings(args)}}, **common)
-            comparison = write_comparison(args.output_dir, Path(args.output_dir) / "baseline", args.rewards,
+            comparison = write_comparison(args.output_dir, Path(args.output_dir) / "baseline", [r.name for r in rewards],
                                           label=f"{args.lora or 'base'} vs {args.compare_to}")
     except ValueError as exc:  # e.g. resuming into a folder made with other settings
         print(f"diffrl eval: {exc}", file=sys.stderr)
@@ -418,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     smp = sub.add_parser("sample", help="generate images (optionally with a trained LoRA) to a folder of PNGs; clips of "
                          "a video model to MP4s", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    smp.add_argument("--model", default="tiny-sd3", help="toy-sd3 | toy-sd | toy-wan (shipped toy bases) | tiny-sd | tiny-sd3 | tiny-flux | tiny-wan | tiny-wan22 | tiny-wan22-ti2v (random weights) | local diffusers folder | cached hub id")
+    smp.add_argument("--model", default="tiny-sd3", help=MODEL_HELP)
     smp.add_argument("--lora", default=None, help="LoRA folder written by training (checkpoints/iter_*/lora)")
     smp.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     smp.add_argument("--prompts", default=None, help="a prompt file (.txt / .jsonl) or builtin:<name>")
@@ -442,10 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "every reward, and write scores.jsonl, metrics.json (mean, std, 95% CI, per tag), report.md, "
                     "grid.png and reward_hist.png. Images already in OUTPUT_DIR/images are loaded, not resampled. "
                     "A video model's clips are images/PPPP_JJ.mp4 (to watch) and .mkv (the exact frames scored and "
-                    "reloaded), with grid.png as strips of 4 frames and grid.gif playing them.",
+                    "reloaded), with grid.png as strips of 4 frames and grid.gif playing them. A motion model's "
+                    "motions are images/PPPP_JJ.mp4 (a stick figure) and .safetensors (the exact features scored, "
+                    "and the joints).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ev.add_argument("--model", default="tiny-sd3", help="toy-sd3 | toy-sd | toy-wan (shipped toy bases) | tiny-sd | tiny-sd3 | tiny-flux | tiny-wan | tiny-wan22 | tiny-wan22-ti2v (random weights) | local diffusers folder | cached hub id")
+    ev.add_argument("--model", default="tiny-sd3", help=MODEL_HELP)
     ev.add_argument("--lora", default=None, help="LoRA folder written by training (checkpoints/iter_*/lora)")
     ev.add_argument("--prompts", required=True, nargs="+", metavar="SPEC",
                     help="prompt files (.txt / GenEval-style .jsonl with metadata) or builtin:<name>, evaluated together; "
@@ -454,6 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-prompts", type=int, default=None, help="evaluate only the first N prompts of each file")
     ev.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt")
     ev.add_argument("--rewards", nargs="+", required=True, metavar="NAME", help="reward names (diffrl.rewards.list_rewards())")
+    ev.add_argument("--reward-kwargs", nargs="+", default=None, metavar="NAME=JSON",
+                    help="constructor arguments of a reward in --rewards as a JSON object, e.g. "
+                         "tmr='{\"model\": \"tiny\"}' per_frame='{\"reward\": \"aesthetic\"}' (diffrl train's "
+                         "reward_kwargs)")
     ev.add_argument("--steps", type=int, default=40, help="denoising steps (deterministic ODE / DDIM)")
     ev.add_argument("--guidance-scale", type=float, default=4.5, help="classifier-free guidance scale")
     ev.add_argument("--negative-prompt", default="", help="negative prompt for CFG")

@@ -1,11 +1,14 @@
 """Config validation on motion models: a clip longer than the model's max_frames, a model without HumanML3D's 263
 features, an image reward, an image size or a flow sampler each fail with a message naming the field, read from
-the model's JSON files while loading any weights fails the test; a valid motion config passes."""
+the model's JSON files while loading any weights fails the test; a valid motion config passes. The same for
+`diffrl sample` / `diffrl eval` on a motion model (--num-frames, --reward-kwargs), and eval's --reward-kwargs reach
+the reward."""
 
 import json
 import shutil
 
 import pytest
+import torch
 
 from diffrl import cli
 from diffrl.config import ConfigError, load_config
@@ -100,3 +103,43 @@ def test_valid_motion_configs_validate(saved_motion, no_model_loading):
     assert default.policy.num_frames is None and default.policy.height is None and default.sampling.sampler == "ddim"
     saved = load_config(None, [*MOTION, f"model={saved_motion}", "rewards.motion_physics=1", "rewards.toymotion=1"])
     assert saved.sampling.sampler == "ddim" and set(saved.rewards) == {"motion_physics", "toymotion"}
+
+
+def test_cli_sample_refuses_too_many_frames_before_loading(tmp_path, no_model_loading, capsys):
+    out = tmp_path / "samples"
+    assert cli.main(["sample", "--model", "tiny-motion", "--num-frames", "197", "--prompt", "a person walks",
+                     "--output-dir", str(out)]) == 2
+    assert "--num-frames must be in 1..196 for tiny-motion" in capsys.readouterr().err and not out.exists()
+
+
+EVAL = ["eval", "--model", "tiny-motion", "--num-frames", "8", "--prompts", "builtin:toy_motion_eval", "--num-prompts",
+        "2", "--images-per-prompt", "1", "--steps", "2", "--device", "cpu", "--rewards", "tmr"]
+
+
+@pytest.mark.parametrize("reward_kwargs, expected", [
+    ([], "reward 'tmr' has no default weights"),
+    (['tmr={"modle": "tiny"}'], "unexpected keyword argument 'modle'"),
+    (["tmx={}"], "--reward-kwargs takes NAME=JSON with NAME one of --rewards (tmr), got 'tmx={}'"),
+    (["tmr=[1]"], "--reward-kwargs tmr: a JSON object of keyword arguments"),
+    (["tmr={model: tiny}"], "--reward-kwargs tmr: '{model: tiny}' is not JSON"),
+])
+def test_cli_eval_refuses_bad_reward_kwargs_before_loading(tmp_path, no_model_loading, capsys, reward_kwargs, expected):
+    out = tmp_path / "eval"
+    extra = ["--reward-kwargs", *reward_kwargs] if reward_kwargs else []
+    assert cli.main([*EVAL, *extra, "--output-dir", str(out)]) == 2
+    assert expected in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_eval_reward_kwargs_reach_the_reward(tmp_path):
+    """--reward-kwargs tmr={"model": "tiny"}: the tmr column of scores.jsonl is the tiny TMR's score of each saved
+    motion's features, computed here from the files."""
+    from safetensors.torch import load_file
+
+    from diffrl.rewards import build_reward
+
+    out = tmp_path / "eval"
+    assert cli.main([*EVAL, "--reward-kwargs", 'tmr={"model": "tiny"}', "--output-dir", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    features = torch.stack([load_file(out / row["features"])["features"] for row in rows])  # [2, 8, 263]
+    direct = build_reward("tmr", model="tiny")(features, [row["prompt"] for row in rows], [{} for _ in rows])  # [2]
+    assert len(rows) == 2 and [row["tmr"] for row in rows] == pytest.approx(direct.tolist(), abs=1e-6)
