@@ -411,7 +411,8 @@ def check_motion(cfg) -> None:
         raise ConfigError(f"'model': {exc}") from None
     frames = p.num_frames if p.num_frames is not None else limits["default_frames"]
     if not 1 <= frames <= limits["max_frames"]:
-        raise ConfigError(f"'policy.num_frames' {frames} is over the model's maximum: '{cfg.model}' takes 1.."
+        what = "over the model's maximum" if frames > limits["max_frames"] else "not a clip length"
+        raise ConfigError(f"'policy.num_frames' {frames} is {what}: '{cfg.model}' takes 1.."
                           f"{limits['max_frames']} frames ({limits['max_frames'] / 20:.1f} s at 20 fps)")
     if limits["feature_dim"] != HUMANML3D_FEATURES:
         raise ConfigError(f"'model' {cfg.model} has {limits['feature_dim']} features per frame; diffrl's motion "

@@ -33,7 +33,7 @@ TINY_MODELS = {"tiny-sd", "tiny-sd3", "tiny-flux", "tiny-wan", "tiny-motion", *T
 FLOW_FAMILIES = ("sd3", "flux", "wan")
 """Families trained with rectified flow (velocity prediction); the others are DDPM / DDIM UNets."""
 # trained SynthShapes toy base models shipped in assets/toy/ (diffrl pretrain-toy)
-SHIPPED_MODELS = {"toy-sd3": "sd3", "toy-sd": "sd", "toy-wan": "wan"}
+SHIPPED_MODELS = {"toy-sd3": "sd3", "toy-sd": "sd", "toy-wan": "wan", "toy-motion": "motion"}
 SHIPPED_SIZES = {"toy-wan": {"resolution": 32, "num_frames": 9}}
 """The size a shipped model was trained at, used when none is given (the image toy models carry theirs in their
 configs; WanPolicy's own default is Wan's 480 x 832 and 33 frames)."""

@@ -317,6 +317,10 @@ def pretrain(args) -> Path:
         from diffrl.toyworld.pretrain_clips import pretrain_clips
 
         return pretrain_clips(args)
+    if args.family == "motion":  # the procedural motion world's text-to-motion model
+        from diffrl.motion.pretrain import pretrain_motion
+
+        return pretrain_motion(args)
     torch.set_num_threads(args.threads)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -365,8 +369,9 @@ def pretrain(args) -> Path:
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="diffrl pretrain-toy")
-    p.add_argument("--family", choices=["sd3", "sd", "wan"], default="sd3",
-                   help="flow transformer (sd3), UNet DDPM (sd), or the SynthShapes-clips video model (wan)")
+    p.add_argument("--family", choices=["sd3", "sd", "wan", "motion"], default="sd3",
+                   help="flow transformer (sd3), UNet DDPM (sd), the SynthShapes-clips video model (wan), or the "
+                        "procedural motion world's text-to-motion model (motion)")
     p.add_argument("--output-dir", required=True, help="where the diffusers pipeline folder is saved (at each evaluation)")
     p.add_argument("--init-from", default=None,
                    help="continue training this saved toy pipeline folder (keeps its autoencoder and tokenizer)")
