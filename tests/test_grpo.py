@@ -214,3 +214,12 @@ def test_skipping_zero_advantage_rows_leaves_the_gradient_unchanged(tmp_path):
     for a, p in zip(grads[0], params):
         torch.testing.assert_close(a, p.grad, rtol=1e-10, atol=1e-14)
     assert any(p.grad.abs().sum() > 0 for p in params)
+
+
+def test_update_of_a_model_trained_with_dropout_starts_on_policy(tmp_path):
+    """toy-motion was pretrained with dropout 0.1 (MDM's): the update must run the same function as the rollout, so
+    a one-epoch iteration whose only train batch is taken before any optimiser step has every ratio 1."""
+    trainer = make_trainer(tmp_path, *MOTION, "train.train_batch_size=6", "grpo.timestep_fraction=1.0", model="toy-motion")
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in trainer.policy.denoiser.modules())
+    row = trainer.train_iteration()
+    assert abs(row["ratio_max"] - 1.0) < 1e-5 and abs(row["ratio_mean"] - 1.0) < 1e-5

@@ -405,11 +405,11 @@ class Trainer(TrainLoop):
         in_update = self.algorithm.samples_in_update  # then update() samples and the scores come after it
         row = {} if in_update else self.advantages(batch)
         gen = derive_generator(cfg.seed, self.iteration, self.rank, 2)
-        self.policy.denoiser.train()
+        # the denoiser stays in eval mode: a model trained with dropout (MDM: 0.1) would otherwise compute another
+        # function in the update than in the rollout (on-policy ratios != 1, noisy reward gradients)
         for group in self.optimizer.param_groups:  # train.lr_schedule: a function of the iteration (exact resume)
             group["lr"] = cfg.train.learning_rate_at(self.iteration, cfg.max_iterations)
         metrics = self.algorithm.update(batch, self.optimizer, gen)
-        self.policy.denoiser.eval()
         if in_update:
             self.score(batch)
             row = self.advantages(batch)  # the reward statistics of the log
