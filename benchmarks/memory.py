@@ -2,13 +2,15 @@
 
     python -m diffrl.benchmarks.memory --output-dir outputs/memory             # steps 10, 20, 50
     python -m diffrl.benchmarks.memory --steps 10 20 --methods easytune draft_all --output-dir ...
+    python -m diffrl.benchmarks.memory --model random-mdm --output-dir outputs/memory_motion   # motion, MDM size
 
 An update of these trainers samples its chains with gradient (diffrl.trainers.reward_backprop), so its
 memory is what the method keeps for backward: EasyTune one denoiser call at a time (flat in the number of
 steps N), DRaFT-K the last K steps (with step checkpointing: each step's input latents, recomputing its
 activations in backward; without: every kept step's activations). Setup: the shipped toy flow model
 (toy-sd3, 32 px, LoRA r16), the differentiable proxy reward toy_proxy, one train batch of --batch chains
-(flow ODE, CFG 4.5). Each (device, method, N) runs in a fresh subprocess: model load, one warm-up update,
+(flow ODE, CFG 4.5); motion models: MDM's denoiser size with random weights (random-mdm, 60 frames) or the toy
+motion model, the weight-free physics reward motion_physics, deterministic DDIM with CFG 2.5. Each (device, method, N) runs in a fresh subprocess: model load, one warm-up update,
 then --repeats measured updates; time is their median, memory the peak above the value just before them:
 on the CPU the C heap in use (glibc mallinfo2, sampled every 2 ms; unlike the resident set size it does not
 keep what the allocator cached, so it shows activation memory and nothing else), on a GPU
@@ -39,15 +41,31 @@ METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+SETUPS = {
+    # sample kind -> what an update samples and scores
+    "image": ("reward=toy_proxy", "data.prompts=builtin:toy_train", "policy.resolution=32", "sampling.sampler=flow_ode",
+              "sampling.guidance_scale=4.5"),
+    # motion: MotionRFT's setting, deterministic DDIM with CFG 2.5 (MDM's), the weight-free physics reward
+    "motion": ("reward=motion_physics", "data.prompts=builtin:toy_motion_train", "sampling.sampler=ddim",
+               "sampling.eta=0.0", "sampling.guidance_scale=2.5"),
+}
+"""Per sample kind: reward, prompts, sampler and guidance of the measured updates."""
+
+
+def sample_kind_of(model: str) -> str:
+    from diffrl.pipelines.registry import policy_class, resolve_family
+
+    return policy_class(resolve_family(model)).sample_kind
+
+
 def worker_overrides(method: str, steps: int, model: str, batch: int, out: str) -> list[str]:
     _, extra = METHODS[method]
     return [
-        *(o.replace("{k10}", str(min(10, steps))) for o in extra),
-        f"model={model}", "reward=toy_proxy", "data.prompts=builtin:toy_train", f"output_dir={out}",
-        "policy.resolution=32", "policy.lora_rank=16", "policy.lora_alpha=32",
-        "sampling.sampler=flow_ode", f"sampling.num_steps={steps}", "sampling.guidance_scale=4.5",
-        "train.prompts_per_iteration=1", f"train.group_size={batch}", f"train.rollout_batch_size={batch}",
-        f"train.train_batch_size={batch}", "logging.log_with=none", "logging.progress=false",
+        *(o.replace("{k10}", str(min(10, steps))) for o in extra), *SETUPS[sample_kind_of(model)],
+        f"model={model}", f"output_dir={out}", "policy.lora_rank=16", "policy.lora_alpha=32",
+        f"sampling.num_steps={steps}", "train.prompts_per_iteration=1", f"train.group_size={batch}",
+        f"train.rollout_batch_size={batch}", f"train.train_batch_size={batch}", "logging.log_with=none",
+        "logging.progress=false",
     ]
 
 
@@ -86,7 +104,6 @@ def run_worker(args) -> dict:
         trainer = Trainer(load_config(None, worker_overrides(args.method, args.steps[0], args.model, args.batch, out)))
         device = trainer.accelerator.device.type
         alg = trainer.algorithm
-        trainer.policy.denoiser.train()
         alg.update(trainer.rollout(0), trainer.optimizer, derive_generator(0, 0))  # warm-up: lazy init, Adam state
         batches = [trainer.rollout(1 + r) for r in range(args.repeats)]
         probe = peak_memory_probe(device)
@@ -155,9 +172,9 @@ def write_report(args, rows: list[dict], out: Path) -> None:
     devices = sorted({r["device"] for r in rows})
     lines = [
         "# Reward-backprop memory: EasyTune vs DRaFT-K against sampling steps", "",
-        f"Model `{args.model}` (32 px, LoRA r16 / alpha 32, float32), reward toy_proxy, one train batch of {args.batch} "
-        f"chains (flow ODE, CFG 4.5); one warm-up update, then {args.repeats} measured; torch threads {args.threads}; "
-        f"torch {torch.__version__}, {platform.machine()}.", "",
+        f"Model `{args.model}` (LoRA r16 / alpha 32, float32), one train batch of {args.batch} chains, "
+        f"{' '.join(o for o in SETUPS[sample_kind_of(args.model)] if not o.startswith('data.'))}; one warm-up update, "
+        f"then {args.repeats} measured; torch threads {args.threads}; torch {torch.__version__}, {platform.machine()}.", "",
         *(f"Memory on {d}: {next(r['memory_kind'] for r in rows if r['device'] == d)}." for d in devices), "",
         *table(rows), "",
     ]
@@ -210,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--devices", nargs="+", choices=["cpu", "cuda"], default=None,
                    help="default: cpu, and cuda when torch sees a GPU")
-    p.add_argument("--model", default="toy-sd3")
+    p.add_argument("--model", default="toy-sd3",
+                   help="toy-sd3 (images, 32 px), or a motion model: random-mdm (MDM's denoiser size), toy-motion")
     p.add_argument("--batch", type=int, default=8, help="chains per update (one train batch)")
     p.add_argument("--repeats", type=int, default=2, help="measured updates after the warm-up")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads in each worker")
@@ -230,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.batch < 1 or args.repeats < 1 or min(args.steps) < 1:
         raise SystemExit("memory: --batch, --repeats and --steps must be >= 1")
+    if sample_kind_of(args.model) not in SETUPS:
+        raise SystemExit(f"memory: --model {args.model} makes {sample_kind_of(args.model)} samples; this benchmark "
+                         f"measures {' and '.join(SETUPS)} models")
     if args.devices is None:
         import torch
 

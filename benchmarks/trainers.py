@@ -67,14 +67,36 @@ class World:
     unseen: str  # captions never trained on
     unseen_pairs: str | None  # captions naming a colour-shape pair pretraining never showed
     motion_tags: tuple[str, ...] = ()  # clips: captions a still clip always fails (the still-clip exploit check)
+    overrides: dict[str, tuple[str, ...]] | None = None  # per-algorithm settings; None: ALGORITHM_OVERRIDES
+    measures: tuple[tuple[str, str, float], ...] = ()
+    """Extra columns: (label, reward, scale): scale x the reward's mean over the unseen prompts (e.g. the foot-skating
+    ratio of motions, reported by a reward that scores minus it)."""
+    title: str = "SynthShapes toy world"
 
+
+MOTION_OVERRIDES: dict[str, tuple[str, ...]] = {
+    # GRPO as DDPO runs it on a DDPM model: DDIM eta 1 (ancestral) rollouts, 10 of the 50 steps trained per sample
+    "grpo": ("grpo.timestep_fraction=0.2", "grpo.kl_beta=0.0"),
+    "nft": ("nft.timestep_fraction=0.2",),
+    "crd": ("crd.timestep_fraction=0.2",),
+    # EasyTune as MotionRFT runs it: the last 10 of 50 deterministic DDIM steps, one optimiser step each, on a
+    # differentiable reward: the rule scorer's smooth version plus the physics penalties
+    "easytune": ("sampling.eta=0.0", "easytune.window_fraction=0.2", "rewards={toymotion_soft: 1.0, motion_physics: 1.0}"),
+    "draft": ("sampling.eta=0.0", "draft.k=1", "rewards={toymotion_soft: 1.0, motion_physics: 1.0}"),
+}
+"""The motion world's per-algorithm settings (its base recipe: benchmarks/configs/toy_motion_trainers.yaml)."""
 
 WORLDS = {
     "shapes": World("shapes", DEFAULT_CONFIG, "toyworld_accuracy", "toyworld", "builtin:toy_eval", "builtin:toy_eval_pairs"),
     "clips": World("clips", CONFIGS / "toy_video_trainers.yaml", "toyclips_accuracy", "toyclips", "builtin:toy_clips_eval",
                    None, motion_tags=("moving", "counting")),
+    "motion": World("motion", CONFIGS / "toy_motion_trainers.yaml", "toymotion_accuracy", "toymotion",
+                    "builtin:toy_motion_eval", None, overrides=MOTION_OVERRIDES,
+                    measures=(("foot skating m/s", "motion_skating", -1.0),
+                                                               ("skating ratio", "motion_skating_ratio", -1.0)), title="procedural motion world"),
 }
-"""shapes: SynthShapes images (toy-sd3 / toy-sd); clips: SynthShapes clips (toy-wan)."""
+"""shapes: SynthShapes images (toy-sd3 / toy-sd); clips: SynthShapes clips (toy-wan); motion: the procedural motion
+world (toy-motion)."""
 STILL_THRESHOLD = 0.25
 """A clip whose `dynamics` (mean frame difference / 2 on the 0-255 scale, capped at 1) is below this is still."""
 
@@ -120,7 +142,7 @@ def samples_per_iteration(cfg) -> int:
 
 
 def plan_runs(config: str | Path, algorithms: list[str], sample_budget: int, common: list[str],
-              runs_dir: Path, curve_points: int) -> list[RunPlan]:
+              runs_dir: Path, curve_points: int, overrides: dict[str, tuple[str, ...]] | None = None) -> list[RunPlan]:
     """Resolve and validate every method's config (no model loads) and size it to the sample budget."""
     from diffrl.config import load_config
     from diffrl.trainers import ALGORITHMS
@@ -134,7 +156,8 @@ def plan_runs(config: str | Path, algorithms: list[str], sample_budget: int, com
     plans = []
     for name in algorithms:
         ALGORITHMS.get(name)  # unknown names fail with the valid ones
-        base = [f"algorithm={name}", *ALGORITHM_OVERRIDES.get(name, ()), *common, f"output_dir={runs_dir / name}"]
+        own = (ALGORITHM_OVERRIDES if overrides is None else overrides).get(name, ())
+        base = [f"algorithm={name}", *own, *common, f"output_dir={runs_dir / name}"]
         per_iter = samples_per_iteration(load_config(config, base))
         plans.append(RunPlan(name, base, per_iter, 0, runs_dir / name))
     uneven = [p for p in plans if sample_budget % p.samples_per_iteration]
@@ -266,7 +289,9 @@ def evaluate_one(policy, lora: Path | None, prompt_set, rewards: list, out_dir: 
     proxy = sum(r[PROXY] for r in unseen) / len(unseen) if unseen and PROXY in unseen[0] else None
     accuracy = _split_accuracy(rows, split_of, "unseen", world.exact)
     moving = [r for r in unseen if r["tag"] in world.motion_tags and "dynamics" in r]
+    measures = {label: scale * sum(r[reward] for r in unseen) / len(unseen) for label, reward, scale in world.measures}
     return {
+        "measures": measures,
         "eval_dir": str(out_dir),
         "accuracy": accuracy,
         "accuracy_by_tag": accuracy["by_tag"],
@@ -303,8 +328,9 @@ def _acc(s: dict | None) -> str:
 
 def results_table(results: dict) -> list[str]:
     tags = sorted(results["base"]["accuracy_by_tag"])
+    measures = list(results["base"].get("measures", {}))
     head = ["method", "samples", "train s", "wall s", "peak RSS MB", "peak CUDA MB", "unseen prompts", "unseen pairs",
-            "train prompts", *tags, "partial credit", "proxy − exact", "still clips"]
+            "train prompts", *tags, "partial credit", "proxy − exact", "still clips", *measures]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
 
     def row(name, samples, run, ev):
@@ -313,7 +339,8 @@ def results_table(results: dict) -> list[str]:
                  _num(run.get("peak_rss_mb"), ".0f"), _num(run.get("peak_cuda_mb"), ".0f"), _acc(ev["accuracy"]),
                  _acc(ev["accuracy_unseen_pairs"]), _acc(ev["accuracy_train"]),
                  *(_acc(ev["accuracy_by_tag"].get(t)) for t in tags),
-                 f"{ev['partial']:.3f}", gap, _num(ev.get("still_share"), ".3f")]
+                 f"{ev['partial']:.3f}", gap, _num(ev.get("still_share"), ".3f"),
+                 *(_num(ev["measures"][m], ".4f") for m in measures)]
         lines.append("| " + " | ".join(cells) + " |")
 
     row("base", 0, {}, results["base"])
@@ -326,7 +353,7 @@ def write_markdown(results: dict, path: Path) -> None:
     s = results["settings"]
     world = WORLDS[s.get("world", "shapes")]
     lines = [
-        f"# Trainer benchmark (SynthShapes toy world: {world.name})", "",
+        f"# Trainer benchmark ({world.title}: {world.name})", "",
         f"Model `{s['model']}`, equal sample budget {s['sample_budget']} samples per method. Evaluation: "
         f"{s['eval_prompts']} unseen prompts, {s['pair_prompts'] if world.unseen_pairs else 0} unseen-pair prompts and "
         f"{s['train_prompts']} training "
@@ -347,7 +374,9 @@ def write_markdown(results: dict, path: Path) -> None:
         + (f"still clips: the share of unseen {' / '.join(world.motion_tags)} clips (captions a still clip always fails) "
            f"whose `dynamics` is below {STILL_THRESHOLD} (mean absolute frame difference under "
            f"{2 * STILL_THRESHOLD:g} on the 0-255 scale): a generator that learned to stop moving shows here."
-           if world.motion_tags else "still clips: – (images)."), "",
+           if world.motion_tags else "still clips: – (not clips).")
+        + "".join(f" {label}: {scale:g} x the mean of reward {reward} on the unseen prompts." for label, reward, scale in
+                  world.measures), "",
         "## Accuracy against samples seen", "",
         "| method | samples | unseen prompts | unseen pairs | train prompts | proxy − exact |", "|---|---:|---:|---:|---:|---:|",
         f"| base | 0 | {_acc(results['base']['accuracy'])} | {_acc(results['base']['accuracy_unseen_pairs'])} | "
@@ -425,20 +454,22 @@ def run_benchmark(args) -> dict:
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()] if args.algorithms else ALGORITHMS.names()
     eval_path = out / "prompts" / "heldout.jsonl"
     common = [f"data.eval_prompts={eval_path}", *([f"model={args.model}"] if args.model else []), *args.set]
-    plans = plan_runs(config, algorithms, args.sample_budget, common, out / "runs", args.curve_points)
+    plans = plan_runs(config, algorithms, args.sample_budget, common, out / "runs", args.curve_points, world.overrides)
     base_cfg = load_config(config, common)  # evaluation settings shared by every method
     train_prompts = load_prompts(base_cfg.data.prompts)
     write_heldout_prompts(eval_path, args.eval_prompts, args.pair_prompts, train_prompts.metadata, args.train_prompts,
                           world)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # loaded before training so that a missing model fails at once; the trainers load their own copy
+    size = {} if world.name == "motion" else {"resolution": base_cfg.policy.resolution}
     policy = load_policy(base_cfg.model, family=base_cfg.policy.family, torch_dtype=DTYPES[base_cfg.policy.dtype],
-                         device=device, resolution=base_cfg.policy.resolution, num_frames=base_cfg.policy.num_frames)
+                         device=device, num_frames=base_cfg.policy.num_frames, **size)
 
     proxy_note = ""
     rewards = [build_reward(world.exact), build_reward(world.partial)]
     if world.motion_tags:
         rewards.append(build_reward("dynamics"))
+    rewards += [build_reward(reward) for _, reward, _ in world.measures]
     if world.name != "shapes":
         proxy_note = f"{PROXY} scores images of the shapes world"
     elif args.no_proxy:
@@ -530,7 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "accuracy (overall, per tag, against samples seen), the proxy - exact gap, time and memory.",
     )
     p.add_argument("--world", choices=sorted(WORLDS), default="shapes",
-                   help="shapes: SynthShapes images (toy-sd3); clips: SynthShapes clips (toy-wan), with the still-clip check")
+                   help="shapes: SynthShapes images (toy-sd3); clips: SynthShapes clips (toy-wan), with the still-clip "
+                        "check; motion: the procedural motion world (toy-motion), with the foot-skating ratio")
     p.add_argument("--config", default=None, help="base YAML recipe (default: the world's, benchmarks/configs/"
                                                   "toy_trainers.yaml or toy_video_trainers.yaml)")
     p.add_argument("--model", default=None, help="model for every trainer and the base row (default: the YAML's), e.g. toy-sd3")

@@ -6,11 +6,12 @@
     motion_jerk         -jerk                limb jerk above the clean motion's limit (m/s^3)
     motion_bone_length  -bone_length_error   relative deviation from the skeleton's bone lengths
     motion_physics      minus the weighted sum of the five (weights as keyword arguments)
+    motion_skating_ratio -foot_skating_ratio share of frames with a skating toe (GMD's metric; not differentiable)
 
 Samples are DE-normalised HumanML3D features [B, T, 263] (x * Std + Mean; the 67-d root + ric prefix works too),
 turned into joints by recover_from_ric (y up, the floor at y = 0, 20 fps). A sample whose metadata carries
 "length" (a number of frames) is scored on its first `length` frames only: the padding after a shorter clip does not
-count. Every reward is differentiable with respect to the features. Keyword arguments of the single-term rewards go
+count. Every reward but motion_skating_ratio is differentiable with respect to the features. Keyword arguments of the single-term rewards go
 to their penalty (e.g. build_reward("motion_jerk", limit=2000.0)).
 """
 
@@ -152,3 +153,12 @@ class MotionPhysics(Reward):
                 joints.shape[0])  # [b]
 
         return -penalty_per_sample(weighted, samples, metadata, self._name())
+
+
+@register_reward("motion_skating_ratio")
+class MotionSkatingRatio(MotionPenalty):
+    """-foot_skating_ratio: the share of frames with a skating toe as GMD / OmniControl report it (not differentiable;
+    a metric to compare with data: it is not 0 on clean walks, whose swing toes move while still low)."""
+
+    differentiable = False
+    penalty = staticmethod(physics.foot_skating_ratio)
