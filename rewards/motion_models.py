@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -57,8 +56,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
-
-from diffrl.hub import cached_snapshot, hub_cache_dir, looks_like_hub_id
 
 from .hub import TINY, ModelReward, dtype_kwarg, resolve_folder, seeded
 from .registry import register_reward
@@ -151,23 +148,10 @@ def weights_folder(spec: str | None, *, reward: str, needs: tuple[str, ...]) -> 
     if spec is None:
         raise FileNotFoundError(f"reward {reward!r} has no default weights: none are published in a layout it reads. "
                                 f"{fix}")
-    path = Path(os.path.expanduser(spec))
-    if path.is_dir():
-        folder = path
-    elif looks_like_hub_id(spec):
-        try:
-            folder = cached_snapshot(spec)
-        except Exception as err:  # not in the cache (nothing is downloaded)
-            raise FileNotFoundError(f"reward {reward!r}: weights {spec!r} are neither a local folder (looked for "
-                                    f"{path.resolve()}) nor a hub repo in the Hugging Face cache ({hub_cache_dir()}). "
-                                    f"{fix}") from err
-    else:
-        raise FileNotFoundError(f"reward {reward!r}: weights folder {str(path)!r} does not exist (looked for "
-                                f"{path.resolve()}). {fix}")
-    missing = [name for name in needs if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"reward {reward!r}: weights folder {folder} lacks {', '.join(missing)}. {fix}")
-    return folder
+    try:
+        return resolve_folder(spec, reward=reward, what="weights", needs=needs)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} {fix}") from err
 
 
 def read_config(cls, path: Path):
