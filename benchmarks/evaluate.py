@@ -164,27 +164,28 @@ def _check_settings(out: Path, settings: dict, prompts: list[str]) -> None:
                          "use a fresh output dir or delete its images/ folder")
 
 
-def _files(kind: str, prompt_index: int, image_index: int) -> dict[str, str]:
+def _files(kind: str, prompt_index: int, image_index: int, motion_videos: bool = True) -> dict[str, str]:
     """The files of one sample, relative to the output dir: "file" to open, and for a clip "frames", its exact pixels,
-    for a motion "features", its exact features."""
+    for a motion "features", its exact features (and "file" its stick-figure MP4, unless `motion_videos` is off)."""
     stem = f"images/{prompt_index:04d}_{image_index:02d}"
     if kind == "motion":
-        return {"file": f"{stem}.mp4", "features": f"{stem}.safetensors"}
+        return {"file": f"{stem}.mp4" if motion_videos else f"{stem}.safetensors", "features": f"{stem}.safetensors"}
     return {"file": f"{stem}.mp4", "frames": f"{stem}.mkv"} if kind == "video" else {"file": f"{stem}.png"}
 
 
-def save_motion(features: torch.Tensor, stem: Path, fps: float, caption: str) -> None:
+def save_motion(features: torch.Tensor, stem: Path, fps: float, caption: str, video: bool = True) -> None:
     """One motion's features [T, 263] -> stem.mp4 (the stick figure, to watch) and stem.safetensors (the features
     and their joints [T, 22, 3] in metres, y up, with the caption and frame rate as metadata: what a resume loads,
     and what Blender and other tools can read); the .safetensors goes last, so a motion whose file exists is
-    complete."""
+    complete. `video` False: no MP4 (rendering it takes about 0.5 s a motion on a CPU)."""
     from safetensors.torch import save_file
 
     from diffrl.motion.render import save_motion_mp4
     from diffrl.motion.representation import recover_from_ric
 
     joints = recover_from_ric(features)  # [T, 22, 3]
-    save_motion_mp4(joints, stem.with_suffix(".mp4"), caption=caption, fps=fps)
+    if video:
+        save_motion_mp4(joints, stem.with_suffix(".mp4"), caption=caption, fps=fps)
     tmp = stem.with_name(f".{stem.name}.safetensors.tmp")
     save_file({"features": features.contiguous(), "joints": joints.contiguous()}, tmp,
               metadata={"caption": caption, "fps": f"{fps:g}"})
@@ -207,7 +208,7 @@ def load_motion_features(path: str | Path) -> torch.Tensor:
 
 
 def _sample_or_load(policy, out: Path, files: list[dict], prompts: list[str], seeds: list[int], *, fps: float,
-                    progress, **sampling) -> tuple[torch.Tensor, int]:
+                    progress, motion_videos: bool = True, **sampling) -> tuple[torch.Tensor, int]:
     """The uint8 pixels of one batch ([b, 3, H, W], clips [b, F, 3, H, W]; motions: float32 features [b, T, 263]):
     loaded where their file exists, the rest generated in one denoiser batch and saved. Returns (pixels, how many
     were generated)."""
@@ -222,7 +223,7 @@ def _sample_or_load(policy, out: Path, files: list[dict], prompts: list[str], se
             if video:
                 save_clip(px, out / Path(stored[b]).with_suffix(""), fps)
             elif motion:
-                save_motion(px, out / Path(stored[b]).with_suffix(""), fps, prompts[b])
+                save_motion(px, out / Path(stored[b]).with_suffix(""), fps, prompts[b], video=motion_videos)
             else:
                 save_png(px, out / stored[b])
             pixels[b] = px
@@ -248,6 +249,7 @@ def evaluate(
     settings: dict | None = None,
     progress: bool = True,
     fps: float = DEFAULT_FPS,
+    motion_videos: bool = True,
 ) -> dict:
     """Sample (or load) every image of `prompt_set`, score it with every reward, write the outputs.
 
@@ -256,7 +258,8 @@ def evaluate(
     training output_dir) holds metrics.jsonl. `batch_size` images (across prompts) go through the
     denoiser at once. `settings` (e.g. model name, LoRA) is recorded and must match on a resume.
     A video model writes images/PPPP_JJ.mp4 and .mkv per clip instead, and grid.gif; `fps` is their frame rate.
-    A motion model writes images/PPPP_JJ.mp4 (stick figure) and .safetensors (features, joints) per motion.
+    A motion model writes images/PPPP_JJ.mp4 (stick figure) and .safetensors (features, joints) per motion; with
+    `motion_videos` False only the .safetensors (the trainers benchmark: hundreds of motions per checkpoint).
     """
     from tqdm.auto import tqdm
 
@@ -292,10 +295,11 @@ def evaluate(
                disable=not progress)
     for start in chunks:
         chunk = items[start : start + batch_size]
-        files = [_files(policy.sample_kind, i, j) for i, j in chunk]
+        files = [_files(policy.sample_kind, i, j, motion_videos) for i, j in chunk]
         seeds = [image_seed(seed, i, K, j) for i, j in chunk]
         prompts = [prompt_set.prompts[i] for i, _ in chunk]
         pixels, made = _sample_or_load(policy, out, files, prompts, seeds, fps=fps, progress=bar if video else None,
+                                       motion_videos=motion_videos,
                                        steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt)
         n_generated += made
         images = pixels if motion else pixels.float().div(255)  # [b, 3, H, W] or [b, F, 3, H, W] in [0, 1], exactly the saved pixels

@@ -282,7 +282,7 @@ def evaluate_one(policy, lora: Path | None, prompt_set, rewards: list, out_dir: 
 
     if lora is not None:
         policy.load_lora(lora)
-    evaluate(policy, prompt_set, rewards, output_dir=out_dir, progress=False,
+    evaluate(policy, prompt_set, rewards, output_dir=out_dir, progress=False, motion_videos=False,
              settings={**settings, "lora": None if lora is None else str(lora)}, **eval_kw)
     rows = [json.loads(line) for line in (out_dir / "scores.jsonl").read_text().splitlines()]
     split_of = [m.get("split", "unseen") for m in prompt_set.metadata]
