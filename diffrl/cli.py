@@ -393,7 +393,8 @@ def _eval(args) -> int:
     settings = {"model": args.model, "lora": args.lora, "resolution": args.resolution, "dtype": args.dtype,
                 "model_seed": args.model_seed, **_rlg_settings(args)}
     common = dict(images_per_prompt=args.images_per_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
-                  seed=args.seed, batch_size=args.batch_size, negative_prompt=args.negative_prompt, fps=_fps(args, kind))
+                  seed=args.seed, batch_size=args.batch_size, negative_prompt=args.negative_prompt, fps=_fps(args, kind),
+                  motion_videos=not args.no_motion_videos)
     try:
         metrics = evaluate(policy, prompt_set, rewards, output_dir=args.output_dir, run_dir=args.run_dir,
                            settings=settings, **common)
@@ -432,8 +433,9 @@ def _eval(args) -> int:
                 value, se = headline(s)
                 print(f"    {split}: {value:+.4f} ± {se:.4f}")
     clips = {"video": "; every clip as images/PPPP_JJ.mp4 (and .mkv, its exact frames), grid.gif",
-             "motion": "; every motion as images/PPPP_JJ.mp4 (stick figure) and .safetensors (features, joints), grid.gif"
-             }.get(kind, "")
+             "motion": "; every motion as images/PPPP_JJ" + (".safetensors (features, joints)" if args.no_motion_videos else
+                                                             ".mp4 (stick figure) and .safetensors (features, joints)")
+                       + ", grid.gif"}.get(kind, "")
     print(f"diffrl: wrote scores.jsonl, metrics.json, report.md and plots to {args.output_dir}{clips}"
           + ("; comparison.md / comparison.json with the baseline in baseline/" if comparison is not None else ""))
     return 0
@@ -504,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=40, help="denoising steps (deterministic ODE / DDIM)")
     ev.add_argument("--guidance-scale", type=float, default=4.5, help="classifier-free guidance scale")
     ev.add_argument("--negative-prompt", default="", help="negative prompt for CFG")
+    ev.add_argument("--no-motion-videos", action="store_true",
+                    help="motion models: skip the stick-figure MP4 of every motion (about 0.5 s each on a CPU); the "
+                         "exact features (.safetensors), the scores and the grid are written as always")
     ev.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
     ev.add_argument("--seed", type=int, default=0, help="first seed; image j of prompt i uses seed + i * images_per_prompt + j")
     ev.add_argument("--batch-size", type=int, default=8, help="images per denoiser batch (across prompts)")
