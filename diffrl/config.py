@@ -247,5 +247,8 @@ def validate(cfg: RunConfig) -> None:
         getattr(cfg, name).check(name)
     algorithm = ALGORITHMS.get(cfg.algorithm)
     ctx = check_run(cfg, algorithm.default_flow_sampler)
+    if not algorithm.samples_in_update and cfg.train.group_size < 2:  # learns from group-relative advantages
+        raise ConfigError(f"'train.group_size' must be >= 2 for {cfg.algorithm}: its advantages are rewards minus their "
+                          "prompt's group mean, all 0 with one sample a prompt (nothing would be learned)")
     algorithm.validate(cfg, ctx)
     cfg.sampling.sampler = ctx.sampler  # config.yaml records the sampler the run uses

@@ -67,7 +67,7 @@ class PolicyConfig:
         from diffrl.pipelines.wan import WAN_EXPERTS
 
         check_fields(self, key, {"dtype": tuple(DTYPES), "attention_backend": ATTENTION_BACKENDS, "resolution": positive,
-                                 "height": positive, "width": positive, "lora_rank": non_negative,
+                                 "height": positive, "width": positive, "lora_rank": non_negative, "lora_alpha": positive,
                                  "wan_experts": WAN_EXPERTS})
         for name in ("resolution", "height", "width"):
             if (getattr(self, name) or 16) % 16:
@@ -230,7 +230,12 @@ class TrainConfig:
     def check(self, key: str = "train", unit: str = "samples") -> None:
         sizes = ("prompts_per_iteration", "group_size", "rollout_batch_size", "train_batch_size", "num_inner_epochs")
         check_fields(self, key, {**{k: positive for k in sizes}, "micro_batch_size": positive,
-                                 "learning_rate": positive, "mixed_precision": MIXED_PRECISION})
+                                 "learning_rate": positive, "mixed_precision": MIXED_PRECISION,
+                                 "adam_epsilon": positive, "adam_weight_decay": non_negative,
+                                 "max_grad_norm": non_negative})  # a negative clip norm flips the gradient's sign
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"'{key}.{name}' must be in [0, 1), got {getattr(self, name)}")
         samples = self.prompts_per_iteration * self.group_size
         if samples % self.train_batch_size:
             raise ConfigError(f"'{key}.train_batch_size' ({self.train_batch_size}) must divide {key}.prompts_per_iteration * "
@@ -343,6 +348,7 @@ def check_run(cfg, default_flow_sampler: str) -> RunContext:
     if s.sde_window_size and not draws_noise:
         raise ConfigError(f"'sampling.sde_window_size' needs a stochastic sampler; 'sampling.sampler' {sampler} draws no noise")
     positive(cfg.max_iterations, "max_iterations")
+    non_negative(cfg.seed, "seed")  # torch generators take no negative seed: it failed after the model loaded
     return RunContext(family, flow, sampler, draws_noise)
 
 
