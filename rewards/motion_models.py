@@ -326,26 +326,33 @@ def convert_tmr(out: str | Path, *, motion_encoder: dict[str, Tensor], text_enco
     return write_tmr_folder(out, encoders, text_model, tokenizer)
 
 
-@register_reward("tmr")
-class TmrReward(ModelReward):
-    """cosine(TMR text embedding, TMR motion embedding) of de-normalised HumanML3D features (module docstring)."""
+class MotionModelReward(ModelReward):
+    """A text-motion model reward: scores de-normalised HumanML3D features, differentiably; `model` is a diffrl
+    weights folder (module docstring), a hub repo id of one in the HF cache, or "tiny"."""
 
     accepts = ("motion",)
     differentiable = True
-    default_model = None  # no published weights in this folder layout: the user converts them
+    default_model = None  # no published weights in these folder layouts: the user converts them
 
-    def __init__(self, model: str | None = None, *, dtype: str = "float32", device: str | None = None):
-        """model: a diffrl TMR folder (module docstring), a hub repo id of one in the HF cache, or "tiny"."""
-        super().__init__(model, dtype=dtype, device=device)
+
+def random_statistics(module: nn.Module) -> None:
+    """Tiny weights' feature statistics, far from (0, 1) so that the normalisation shows: `module.motion_mean` and
+    `module.motion_std` [263] drawn from a fixed generator."""
+    generator = torch.Generator().manual_seed(1)
+    module.motion_mean.copy_(torch.randn(FEATURES, generator=generator))
+    module.motion_std.copy_(0.5 + torch.rand(FEATURES, generator=generator))
+
+
+@register_reward("tmr")
+class TmrReward(MotionModelReward):
+    """cosine(TMR text embedding, TMR motion embedding) of de-normalised HumanML3D features (module docstring)."""
 
     def _load(self) -> None:
         from transformers import AutoTokenizer, DistilBertModel
 
         if self.model == TINY:
             self.encoders = seeded(0, lambda: TmrEncoders(TINY_TMR))
-            generator = torch.Generator().manual_seed(1)  # statistics far from (0, 1), so normalisation shows
-            self.encoders.motion_mean.copy_(torch.randn(FEATURES, generator=generator))
-            self.encoders.motion_std.copy_(0.5 + torch.rand(FEATURES, generator=generator))
+            random_statistics(self.encoders)
             self.text_model, self.tokenizer = tiny_distilbert(TINY_TMR.text_dim)
         else:
             folder = weights_folder(self.model, reward="tmr", needs=(CONFIG, TMR_WEIGHTS))
@@ -547,24 +554,14 @@ def convert_t2m(out: str | Path, *, checkpoint: dict[str, dict[str, Tensor]], me
 
 
 @register_reward("t2m_evaluator")
-class T2mEvaluatorReward(ModelReward):
+class T2mEvaluatorReward(MotionModelReward):
     """Minus the Euclidean distance between the T2M evaluator's text and motion embeddings (the negative of one
     pair's MM-Dist; module docstring)."""
-
-    accepts = ("motion",)
-    differentiable = True
-    default_model = None  # no published weights in this folder layout: the user converts them
-
-    def __init__(self, model: str | None = None, *, dtype: str = "float32", device: str | None = None):
-        """model: a diffrl T2M evaluator folder (module docstring), a hub repo id of one in the HF cache, or "tiny"."""
-        super().__init__(model, dtype=dtype, device=device)
 
     def _load(self) -> None:
         if self.model == TINY:
             self.evaluator = seeded(0, lambda: T2mEvaluator(TINY_T2M))
-            generator = torch.Generator().manual_seed(1)  # statistics far from (0, 1), so normalisation shows
-            self.evaluator.motion_mean.copy_(torch.randn(FEATURES, generator=generator))
-            self.evaluator.motion_std.copy_(0.5 + torch.rand(FEATURES, generator=generator))
+            random_statistics(self.evaluator)
             self.table = tiny_word_table(TINY_T2M.word_dim)
         else:
             from safetensors.torch import load_file
