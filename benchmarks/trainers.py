@@ -463,9 +463,8 @@ def run_benchmark(args) -> dict:
                           world)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # loaded before training so that a missing model fails at once; the trainers load their own copy
-    size = {} if world.name == "motion" else {"resolution": base_cfg.policy.resolution}
     policy = load_policy(base_cfg.model, family=base_cfg.policy.family, torch_dtype=DTYPES[base_cfg.policy.dtype],
-                         device=device, num_frames=base_cfg.policy.num_frames, **size)
+                         device=device, num_frames=base_cfg.policy.num_frames, **base_cfg.policy.size_kwargs(base_cfg.model))
 
     proxy_note = ""
     rewards = [build_reward(world.exact), build_reward(world.partial)]

@@ -81,6 +81,14 @@ class PolicyConfig:
         return {"vae_slicing": self.vae_slicing, "vae_tiling": self.vae_tiling, "vae_tile_size": self.vae_tile_size,
                 "vae_tile_stride": self.vae_tile_stride}
 
+    def size_kwargs(self, model: str) -> dict:
+        """The pixel size as load_policy takes it ({} for a motion model: it has none, and refuses one)."""
+        from diffrl.pipelines.registry import policy_class, resolve_family
+
+        if policy_class(resolve_family(model, self.family)).sample_kind == "motion":
+            return {}
+        return {"resolution": self.resolution, "height": self.height, "width": self.width}
+
     def size(self) -> tuple[int, int]:
         """(height, width) in pixels."""
         return self.height or self.resolution, self.width or self.resolution

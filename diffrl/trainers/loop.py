@@ -59,7 +59,7 @@ class Trainer(TrainLoop):
         if cfg.sampling.guidance_scale is None:
             raise ValueError("the config has no sampling.guidance_scale: build it with diffrl.load_config or train "
                              "with diffrl.train, which fill the algorithm's defaults and validate it")
-        from diffrl.pipelines.registry import load_policy, policy_class, resolve_family
+        from diffrl.pipelines.registry import load_policy
         from diffrl.rewards import build_reward
         from diffrl.rewards.mixture import build_training_reward
 
@@ -67,11 +67,9 @@ class Trainer(TrainLoop):
         acc = self.accelerator
 
         p = cfg.policy
-        motion = policy_class(resolve_family(cfg.model, p.family)).sample_kind == "motion"
-        size = {} if motion else {"resolution": p.resolution, "height": p.height, "width": p.width}  # no pixels in motion
         self.policy = load_policy(
             cfg.model, family=p.family, torch_dtype=DTYPES[p.dtype], device=acc.device, num_frames=p.num_frames,
-            **size, **p.vae_chunking()
+            **p.size_kwargs(cfg.model), **p.vae_chunking()
         )  # tiny models are built with a fixed weight seed: the run seed must not change the base model
         if cfg.sampling.guidance_scale_2 is not None:
             self.policy.set_low_noise_guidance(cfg.sampling.guidance_scale_2)
