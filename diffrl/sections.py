@@ -224,6 +224,8 @@ class TrainConfig:
     """AdamW epsilon (Flow-GRPO: 1e-8)."""
     max_grad_norm: float = 1.0
     """Gradient-norm clip (Flow-GRPO: 1.0); 0 disables."""
+    max_nonfinite_steps: int = 3
+    """An optimiser step whose gradient norm is NaN/inf is skipped (weights and optimiser state untouched); this many skipped in a row stop the run with an error naming the last good checkpoint."""
     mixed_precision: str = "no"
     """accelerate mixed precision: "no", "bf16" or "fp16"."""
     lr_schedule: str = "constant"
@@ -240,7 +242,8 @@ class TrainConfig:
         check_fields(self, key, {**{k: positive for k in sizes}, "micro_batch_size": positive,
                                  "learning_rate": positive, "mixed_precision": MIXED_PRECISION,
                                  "adam_epsilon": positive, "adam_weight_decay": non_negative,
-                                 "max_grad_norm": non_negative})  # a negative clip norm flips the gradient's sign
+                                 "max_grad_norm": non_negative,  # a negative clip norm flips the gradient's sign
+                                 "max_nonfinite_steps": positive})
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"'{key}.{name}' must be in [0, 1), got {getattr(self, name)}")
