@@ -3,7 +3,9 @@
 A reward maps decoded samples, their prompts and optional per-sample metadata to one float per
 sample. Subclasses implement `score`; callers use `__call__`, which checks the input at the door
 (shape for the declared kinds, batch sizes) and the output (float32 [B] on the samples' device; float64
-for float64 samples).
+for float64 samples). A sample holding a NaN or inf scores NaN, and `score` never sees it: a model (or
+JPEG's 8-bit quantisation) would turn it into an ordinary-looking score, and the loop masks and counts
+NaN rewards instead of training towards a broken sample.
 
 Sample kinds and their shapes (what `Policy.decode` returns):
     "image"  [B, 3, H, W]     pixel values in [0, 1]
@@ -58,6 +60,23 @@ class Reward(abc.ABC):
         Runs under torch.no_grad() unless the reward is differentiable.
         """
         kind = self._check_inputs(samples, prompts, metadata)
+        batch = samples.shape[0]
+        # float32, or float64 for float64 samples (a float64 run is float64 end to end)
+        dtype = torch.float64 if samples.dtype == torch.float64 else torch.float32
+        finite = torch.isfinite(samples.detach()).flatten(1).all(1)  # [B]
+        if bool(finite.all()):
+            return self._score_checked(samples, prompts, metadata, kind).to(device=samples.device, dtype=dtype)
+        scores = torch.full((batch,), float("nan"), dtype=dtype, device=samples.device)  # [B]
+        if not bool(finite.any()):
+            return scores
+        rows = finite.nonzero().squeeze(1)  # [n]: score the finite samples only
+        keep = rows.tolist()
+        scored = self._score_checked(samples[rows], [prompts[i] for i in keep],
+                                     None if metadata is None else [metadata[i] for i in keep], kind)
+        return scores.index_put((rows,), scored.to(device=samples.device, dtype=dtype))  # out of place: keeps the gradient
+
+    def _score_checked(self, samples: Tensor, prompts: list[str], metadata: list[dict] | None, kind: str) -> Tensor:
+        """`score` under no_grad unless differentiable, its output checked to be [B]."""
         grad_ctx = contextlib.nullcontext() if self.differentiable else torch.no_grad()
         with grad_ctx:
             scores = self.score(samples, prompts, metadata)
@@ -68,8 +87,7 @@ class Reward(abc.ABC):
                 f"reward {self._name()!r} returned shape {tuple(scores.shape)} for {kind} samples "
                 f"of batch size {batch}; expected ({batch},)"
             )
-        # float32, or float64 for float64 samples (a float64 run is float64 end to end)
-        return scores.to(device=samples.device, dtype=torch.float64 if samples.dtype == torch.float64 else torch.float32)
+        return scores
 
     def frames_needed(self, num_frames: int) -> int | None:
         """Of clips of `num_frames` frames, how many leading frames `score` reads (a video policy then decodes only

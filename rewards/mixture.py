@@ -159,13 +159,18 @@ class RewardMixture(Reward):
                                    dtype=torch.float64) for name in self.components}
 
     def total(self, components: Mapping[str, Tensor], metadata: list[dict] | None) -> Tensor:
-        """sum_k w_k r_k per sample [B] (float32); terms whose weight is 0 are left out, NaN or not."""
+        """sum_k w_k r_k per sample [B] (float32); terms whose weight is 0 are left out, NaN or not, but a sample
+        no component could score (a NaN/inf sample: every component NaN) totals NaN."""
         batch = next(iter(components.values())).shape[0]
         weights = self.sample_weights(metadata, batch)
         out = torch.zeros(batch, dtype=torch.float64)
+        unscored = torch.ones(batch, dtype=torch.bool)  # [B]
         for name, value in components.items():
             w = weights[name]
-            out += torch.where(w != 0, w * value.detach().cpu().double(), torch.zeros_like(w))
+            value = value.detach().cpu().double()
+            out += torch.where(w != 0, w * value, torch.zeros_like(w))
+            unscored &= ~torch.isfinite(value)
+        out[unscored] = math.nan
         return out.float().to(next(iter(components.values())).device)  # [B]
 
     def score(self, samples: Tensor, prompts: list[str], metadata: list[dict] | None) -> Tensor:
