@@ -91,8 +91,12 @@ class TrainLoop(abc.ABC):
 
         from diffrl.sections import check_output_dir
 
+        from diffrl.checkpoint import clear_stale_writes
+
+        plan, notes = None, []
         if os.environ.get("RANK", "0") == "0":  # before any model loads; once (other ranks may start after rank 0 logs)
-            check_output_dir(cfg)
+            notes = clear_stale_writes(Path(cfg.output_dir) / "checkpoints")  # before a resume picks a checkpoint
+            plan = check_output_dir(cfg)  # a resume: its checkpoint verified and fitting this config, or ConfigError
         self.cfg, self.out = cfg, Path(cfg.output_dir)
         log_with = None if cfg.logging.log_with == "none" else cfg.logging.log_with
         self.accelerator = accelerator or Accelerator(
@@ -107,13 +111,24 @@ class TrainLoop(abc.ABC):
         acc = self.accelerator
         set_seed(cfg.seed)  # LoRA initialisation; every later draw is seeded explicitly (derive_generator)
         self.rank, self.world = acc.process_index, acc.num_processes
+        self.resume_from: Path | None = plan.checkpoint if plan else None
+        """The checkpoint to load (resolve_resume verified it), None to start at iteration 0."""
+        if cfg.resume and self.world > 1:  # every process loads the checkpoint rank 0 verified
+            from accelerate.utils import broadcast_object_list
+
+            self.resume_from = broadcast_object_list([self.resume_from])[0]
         if acc.is_main_process:
+            if notes:
+                tqdm.write(f"[diffrl] {'; '.join(notes)}")
+            for line in plan.notes if plan else []:
+                tqdm.write(f"[diffrl] {line}")
             if cfg.overwrite:  # a run already here is replaced (config validation refused it otherwise)
                 for name in RUN_OUTPUTS:
                     target = self.out / name
                     shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
             self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
+            if self.resume_from is None:  # a resume writes it once its checkpoint loaded (finish_resume)
+                save_config(cfg, self.out / "config.yaml")
             if log_with:
                 acc.init_trackers("diffrl", config=flat_config(cfg))
 
@@ -147,12 +162,34 @@ class TrainLoop(abc.ABC):
         if limit and self.accelerator.is_main_process:
             prune_checkpoints(self.out / "checkpoints", limit)
 
+    def finish_resume(self) -> None:
+        """After a trainer loaded `resume_from`: the optimizer takes this config's hyper-parameters (a checkpoint's
+        param_groups hold the old ones; resolve_resume listed the changes), and config.yaml is written (never before
+        the resume succeeded)."""
+        t = self.cfg.train
+        for group in self.optimizer.param_groups:
+            group.update(lr=t.learning_rate_at(self.iteration, self.cfg.max_iterations), betas=(t.adam_beta1, t.adam_beta2),
+                         eps=t.adam_epsilon, weight_decay=t.adam_weight_decay)
+        if self.accelerator.is_main_process:
+            save_config(self.cfg, self.out / "config.yaml")
+
     def _truncate_metrics(self, iteration: int) -> None:
-        """Keep the rows of metrics.jsonl up to `iteration` (a resumed run logs the later ones again)."""
+        """Keep the rows of metrics.jsonl up to `iteration` (a resumed run logs the later ones again; -1 keeps none,
+        for a run started over); a row cut short by a kill is dropped. Replaced atomically: a kill here loses nothing."""
         path = self.out / "metrics.jsonl"
-        if path.is_file():
-            rows = [line for line in path.read_text().splitlines() if line.strip()]
-            path.write_text("".join(line + "\n" for line in rows if json.loads(line)["iteration"] <= iteration))
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the last row of a killed run, half written
+                continue
+            if isinstance(row, dict) and isinstance(row.get("iteration"), int) and row["iteration"] <= iteration:
+                kept.append(line + "\n")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
 
     def log(self, row: dict) -> None:
         if not self.accelerator.is_main_process:
@@ -181,8 +218,8 @@ class TrainLoop(abc.ABC):
     def train(self) -> list[dict]:
         cfg, acc, lg = self.cfg, self.accelerator, self.cfg.logging
         rows = []
-        if self.iteration > 0 and acc.is_main_process:  # resumed: rows after the checkpoint are replayed, not repeated
-            self._truncate_metrics(self.iteration)
+        if cfg.resume and acc.is_main_process:  # resumed: rows after the checkpoint are replayed, not repeated
+            self._truncate_metrics(self.iteration if self.iteration > 0 else -1)  # started over: row 0 too
         if self.iteration == 0:  # the base model: row 0 of metrics.jsonl
             row = {"iteration": 0, "samples_seen": 0, **self.evaluate(f"iter_{0:06d}")}
             self.log(row)

@@ -363,9 +363,10 @@ def check_run(cfg, default_flow_sampler: str) -> RunContext:
     return RunContext(family, flow, sampler, draws_noise)
 
 
-def check_output_dir(cfg) -> None:
+def check_output_dir(cfg):
     """An output_dir that already holds a run is continued (resume=) or replaced (overwrite=true), never mixed
-    into: appending would repeat iterations in metrics.jsonl and leave newer checkpoints that a resume would pick."""
+    into: appending would repeat iterations in metrics.jsonl and leave newer checkpoints that a resume would pick.
+    A resume returns its diffrl.checkpoint.ResumePlan (the verified checkpoint, or None to start over), else None."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"'output_dir' {out} is a file, not a folder")
@@ -375,6 +376,11 @@ def check_output_dir(cfg) -> None:
                           "start over with overwrite=true, or choose another output_dir")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("'overwrite' and 'resume' contradict each other: resume continues a run, overwrite deletes it")
+    if cfg.resume:  # the newest intact checkpoint, fitting this config (diffrl.checkpoint.resolve_resume)
+        from diffrl.checkpoint import resolve_resume
+
+        return resolve_resume(cfg)
+    return None
 
 
 def check_vae_chunking(cfg, family: str) -> None:

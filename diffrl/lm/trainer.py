@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from diffrl.runloop import TrainLoop
-from diffrl.checkpoint import load_checkpoint, save_checkpoint
+from diffrl.checkpoint import load_checkpoint, save_policy_checkpoint
 from diffrl.core import nonconstant_groups, zero_std_fraction
 from diffrl.data import draw_prompt_indices
 from diffrl.lm.losses import lm_loss, make_objective, micro_batch_share
@@ -88,8 +88,8 @@ class LMTrainer(TrainLoop):
         self.iteration = 0
         self.samples_seen = 0
         self.prompt_draws = 0  # prompt batches drawn so far (dynamic sampling draws several per iteration)
-        if cfg.resume:
-            self._resume(cfg.resume)
+        if self.resume_from is not None:  # verified before the model loaded (TrainLoop.setup_run)
+            self._resume(self.resume_from)
 
     # ---- rollout --------------------------------------------------------------------------------
     def sample_groups(self, iteration: int, round_: int) -> LMBatch:
@@ -257,8 +257,9 @@ class LMTrainer(TrainLoop):
         if not self.accelerator.is_main_process:
             return None
         state = {"iteration": self.iteration, "samples_seen": self.samples_seen, "prompt_draws": self.prompt_draws,
-                 "seed": self.cfg.seed, "world_size": self.world, "algorithm": self.cfg.algorithm}
-        return save_checkpoint(self.out / "checkpoints" / f"iter_{self.iteration:06d}", self.policy, self.optimizer, state,
+                 "seed": self.cfg.seed, "world_size": self.world, "algorithm": self.cfg.algorithm,
+                 "config": self.cfg.in_use()}
+        return save_policy_checkpoint(self.out / "checkpoints" / f"iter_{self.iteration:06d}", self.policy, self.optimizer, state,
                                card=self.model_card(", ".join(f"{k} ({w})" for k, w in self.cfg.lm.rewards.items()), "peft",
                                                     'PeftModel.from_pretrained(base_model, "path/to/this/folder")'))
 
@@ -266,6 +267,7 @@ class LMTrainer(TrainLoop):
         state, _ = load_checkpoint(path, self.policy, self.optimizer)
         self.iteration, self.samples_seen = state["iteration"], state["samples_seen"]
         self.prompt_draws = state["prompt_draws"]
+        self.finish_resume()
 
     # ---- the loop -------------------------------------------------------------------------------
     def train_iteration(self) -> dict:

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from diffrl.runloop import TrainLoop
-from diffrl.checkpoint import load_checkpoint, save_checkpoint
+from diffrl.checkpoint import load_checkpoint, save_policy_checkpoint
 from diffrl.core import PerPromptStatTracker, combine_rewards, zero_std_fraction
 from diffrl.data import PromptSet, draw_prompt_indices, load_prompts
 from diffrl.rewards.mixture import RolloutScorer, prompt_group_ids
@@ -118,8 +118,8 @@ class Trainer(TrainLoop):
         self.algorithm.reward = self.reward
         self.iteration = 0
         self.samples_seen = 0
-        if cfg.resume:
-            self._resume(cfg.resume)
+        if self.resume_from is not None:  # verified before the model loaded (TrainLoop.setup_run)
+            self._resume(self.resume_from)
 
     # ---- one iteration ---------------------------------------------------------------------
     def rollout(self, iteration: int) -> RolloutBatch:
@@ -375,8 +375,8 @@ class Trainer(TrainLoop):
         extra.update(self.algorithm.state_tensors())
         state = {"iteration": self.iteration, "samples_seen": self.samples_seen, "seed": self.cfg.seed,
                  "world_size": self.world, "tracker": self.tracker.state_dict(),
-                 "trained_networks": list(self.policy.trained_networks())}
-        return save_checkpoint(self.out / "checkpoints" / f"iter_{self.iteration:06d}", self.policy,
+                 "trained_networks": list(self.policy.trained_networks()), "config": self.cfg.in_use()}
+        return save_policy_checkpoint(self.out / "checkpoints" / f"iter_{self.iteration:06d}", self.policy,
                                self.optimizer, state, extra, card=self.model_card(
                                    self.reward.describe(), "diffusers", self.policy.lora_usage(),
                                    family=self.policy.family))
@@ -392,6 +392,7 @@ class Trainer(TrainLoop):
         if self.ema is not None:
             self.ema = [extra[f"ema.{i}"].to(e) for i, e in enumerate(self.ema)]
         self.algorithm.load_state_tensors({k: v for k, v in extra.items() if not k.startswith("ema.")})
+        self.finish_resume()
 
     # ---- the loop ----------------------------------------------------------------------------
     def train_iteration(self) -> dict:
