@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from diffrl.optim import NonFiniteTrainingError, nonfinite_tensors, optimizer_tensors
 
 TIME_KEYS = ("seconds", "time_rollout", "time_update", "peak_memory_mb")
 RUN_OUTPUTS = ("metrics.jsonl", "config.yaml", "curves.png", "eval", "images", "checkpoints", "diffrl")
@@ -173,6 +174,41 @@ class TrainLoop(abc.ABC):
         if self.accelerator.is_main_process:
             save_config(self.cfg, self.out / "config.yaml")
 
+    def last_good_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint of this run (<output_dir>/checkpoints/iter_*), else the one it resumed
+        from, else None. Every checkpoint is finite: save() refuses non-finite tensors."""
+        from diffrl.checkpoint import latest_checkpoint
+
+        for place in (self.out, self.resume_from):
+            if place:
+                try:
+                    return latest_checkpoint(place)
+                except FileNotFoundError:
+                    pass
+        return None
+
+    def nonfinite_error(self, message: str) -> NonFiniteTrainingError:
+        """NonFiniteTrainingError(message) followed by where to resume from (marked so train() adds it once)."""
+        good = self.last_good_checkpoint()
+        advice = (f"The last good checkpoint is {good}: resume from it with a lower learning rate "
+                  f"(resume={good} train.learning_rate=<lower>)." if good is not None else
+                  "No checkpoint was written yet: start again with a lower train.learning_rate.")
+        err = NonFiniteTrainingError(f"{message}\n{advice}")
+        err.names_checkpoint = True
+        return err
+
+    def check_finite_before_save(self, module, optimizer, extra: dict | None = None) -> None:
+        """A checkpoint must never hold NaN/inf (a resume would train on them): raise NonFiniteTrainingError naming
+        the last good checkpoint if a trainable tensor of `module`, the optimiser's state or an `extra` tensor does.
+        Call it on every process (their weights are the same) before any file is written."""
+        tensors = {**{f"trainable.{n}": p for n, p in module.named_parameters() if p.requires_grad},
+                   **{f"optimizer.{n}": t for n, t in optimizer_tensors(optimizer).items()},
+                   **{f"extra.{n}": t for n, t in (extra or {}).items()}}
+        bad = nonfinite_tensors(tensors)
+        if bad:
+            raise self.nonfinite_error(f"refusing to write the checkpoint of iteration {self.iteration}: {len(bad)} of its "
+                                       f"{len(tensors)} tensors hold NaN/inf (e.g. {', '.join(bad[:3])})")
+
     def _truncate_metrics(self, iteration: int) -> None:
         """Keep the rows of metrics.jsonl up to `iteration` (a resumed run logs the later ones again; -1 keeps none,
         for a run started over); a row cut short by a kill is dropped. Replaced atomically: a kill here loses nothing."""
@@ -227,6 +263,22 @@ class TrainLoop(abc.ABC):
                 tqdm.write(f"[diffrl] {self.eval_label()} before training: {self.eval_line(row)}")
         bar = tqdm(total=cfg.max_iterations, initial=self.iteration, desc=f"{cfg.algorithm} {cfg.model}",
                    disable=not (lg.progress and acc.is_main_process), dynamic_ncols=True)
+        try:
+            self._iterate(rows, bar)
+        except NonFiniteTrainingError as err:
+            if err.names_checkpoint:
+                raise
+            raise self.nonfinite_error(str(err)) from err
+        finally:
+            bar.close()
+        if acc.is_main_process and rows and "eval_reward_mean" in rows[-1]:
+            tqdm.write(f"[diffrl] {self.eval_label()} after {self.iteration} iterations: {self.eval_line(rows[-1])}")
+        acc.end_training()
+        return rows
+
+    def _iterate(self, rows: list[dict], bar) -> None:
+        """The iterations left: train, log, evaluate / plot / checkpoint on schedule; appends each row to `rows`."""
+        cfg, acc, lg = self.cfg, self.accelerator, self.cfg.logging
         while self.iteration < cfg.max_iterations:
             row = self.train_iteration()
             last = self.iteration == cfg.max_iterations
@@ -244,8 +296,3 @@ class TrainLoop(abc.ABC):
             if last or (lg.save_every and self.iteration % lg.save_every == 0):
                 self.save()
                 self.prune()
-        bar.close()
-        if acc.is_main_process and rows and "eval_reward_mean" in rows[-1]:
-            tqdm.write(f"[diffrl] {self.eval_label()} after {self.iteration} iterations: {self.eval_line(rows[-1])}")
-        acc.end_training()
-        return rows

@@ -30,6 +30,7 @@ from diffrl.lm.losses import lm_loss, make_objective, micro_batch_share
 from diffrl.lm.policy import LMPolicy, Rollout, SamplingSettings
 from diffrl.lm.rewards import WeightedRewards, resolve_lm_reward
 from diffrl.lm.tasks import load_lm_dataset
+from diffrl.optim import GuardedStep
 from diffrl.runtime import DTYPES, derive_generator, peak_memory_mb
 
 __all__ = ["LMBatch", "LMTrainer"]
@@ -85,6 +86,7 @@ class LMTrainer(TrainLoop):
             weight_decay=t.adam_weight_decay, eps=t.adam_epsilon,
         )
         self.policy.model, self.optimizer = acc.prepare(self.policy.model, self.optimizer)
+        self.step_guard = GuardedStep.from_config(acc, t)  # clip; skip (and count) a step whose gradient norm is NaN/inf
         self.iteration = 0
         self.samples_seen = 0
         self.prompt_draws = 0  # prompt batches drawn so far (dynamic sampling draws several per iteration)
@@ -219,10 +221,7 @@ class LMTrainer(TrainLoop):
                             add(k, v.item())
                         ratio_max = max(ratio_max, m["ratio_max"].item())
                         ratio_min = min(ratio_min, m["ratio_min"].item())
-                grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
-                add("grad_norm", grad_norm.item())
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                add("grad_norm", self.step_guard(self.optimizer, params))
         metrics = {k: sums[k] / counts[k] for k in sums}
         if "ratio_max" in metrics:  # extremes over the iteration, not means of per-micro-batch extremes
             metrics["ratio_max"], metrics["ratio_min"] = ratio_max, ratio_min
@@ -253,6 +252,7 @@ class LMTrainer(TrainLoop):
 
     # ---- state ----------------------------------------------------------------------------------
     def save(self) -> Path | None:
+        self.check_finite_before_save(self.policy.trainable_module(), self.optimizer)
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
@@ -278,7 +278,9 @@ class LMTrainer(TrainLoop):
         self.policy.model.train()
         for group in self.optimizer.param_groups:  # train.lr_schedule: a function of the iteration (exact resume)
             group["lr"] = cfg.train.learning_rate_at(self.iteration, cfg.max_iterations)
+        self.step_guard.start_iteration(self.iteration + 1)
         metrics = self.update(batch, derive_generator(cfg.seed, self.iteration, self.rank, 2))
+        metrics["skipped_steps"] = self.step_guard.skipped  # optimiser steps skipped on a NaN/inf gradient
         self.policy.model.eval()
         t2 = time.perf_counter()
         self.iteration += 1

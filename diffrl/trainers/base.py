@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import torch
 
+from diffrl.optim import GuardedStep
 from diffrl.rollout import Trajectory
 
 
@@ -62,6 +63,8 @@ class Algorithm(abc.ABC):
 
     def __init__(self, cfg, policy, sampler, accelerator):
         self.cfg, self.policy, self.sampler, self.accelerator = cfg, policy, sampler, accelerator
+        self.step_guard = GuardedStep.from_config(accelerator, cfg.train)
+        """Every optimiser step of update(): clip, and skip (count) a step whose gradient norm is NaN/inf."""
 
     @abc.abstractmethod
     def update(self, batch: RolloutBatch, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict[str, float]:

@@ -81,7 +81,7 @@ class CRD(Algorithm):
         super().__init__(cfg, policy, sampler, accelerator)
         c = cfg.crd
         self.snapshots = LoraSnapshots(policy, {"old": c.old_decay, "sampling": c.sampling_decay})
-        self.updates = FinalSampleUpdates(cfg, c, policy, accelerator)
+        self.updates = FinalSampleUpdates(cfg, c, policy, accelerator, self.step_guard)
 
     def rollout_context(self):
         return self.policy.use_adapter("sampling")  # the sampler is decoupled from the moving old snapshot

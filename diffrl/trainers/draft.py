@@ -88,7 +88,7 @@ class Draft(RewardBackprop):
         else:
             r, x, samples, extra = self.backprop_chain(chain, noise, prompts, metadata)
         loss = reward_loss(r, d.reward_scale)
-        grad_norm = optimizer_step(loss, optimizer, self.policy, self.accelerator, self.cfg.train.max_grad_norm)
+        grad_norm = optimizer_step(loss, optimizer, self.policy, self.accelerator, self.step_guard)
         return x, samples, {"loss": loss.item(), "reward_grad_mean": r.detach().nanmean().item(),
                             "grad_norm": grad_norm, **extra}
 

@@ -84,7 +84,7 @@ class EasyTune(RewardBackprop):
                 target = chain.x0(i, x, out) if e.score_on == "x0" else step.prev_sample  # [b, *S]
                 r, _ = reward_of(self.policy, self.reward, target, prompts, metadata)  # [b]
                 loss = reward_loss(r, e.reward_scale)
-                norms.append(optimizer_step(loss, optimizer, self.policy, self.accelerator, self.cfg.train.max_grad_norm))
+                norms.append(optimizer_step(loss, optimizer, self.policy, self.accelerator, self.step_guard))
                 losses.append(loss.item())
                 rewards.append(r.detach().nanmean().item())
                 out, x_next = out.detach(), step.prev_sample.detach()

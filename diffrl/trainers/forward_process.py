@@ -190,10 +190,11 @@ def sample_order(group_ids: torch.Tensor, whole_groups: bool, generator: torch.G
 class FinalSampleUpdates:
     """Gradient steps on noised final samples: one optimiser step per train batch, accumulated over its
     micro-batches and `n` training slots (each with its own noise level and fresh noise), DiffusionNFT-style.
-    Counts optimiser steps (`steps`, checkpointed) for the snapshot decay schedules."""
+    Each step is taken by `step_guard` (diffrl.optim.GuardedStep: skipped on a NaN/inf gradient norm); the steps
+    taken (`steps`, checkpointed) are the snapshot decay schedules' clock."""
 
-    def __init__(self, cfg, section, policy, accelerator):
-        self.cfg, self.policy, self.accelerator = cfg, policy, accelerator
+    def __init__(self, cfg, section, policy, accelerator, step_guard):
+        self.cfg, self.policy, self.accelerator, self.step_guard = cfg, policy, accelerator, step_guard
         self.levels = NoiseLevelSampler(policy, section.timestep_source, section.timestep_fraction,
                                         section.logit_normal_mean, section.logit_normal_std)
         self.steps = 0
@@ -260,11 +261,8 @@ class FinalSampleUpdates:
                         for key, value in metrics.items():
                             sums[key] = sums.get(key, 0.0) + value
                         calls += 1
-                grad_norm = self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.item()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                self.steps += 1
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + self.step_guard(optimizer, params)
+                self.steps += self.step_guard.stepped  # the snapshots' clock counts the steps taken
                 steps += 1
         out = {k: v / (steps if k == "grad_norm" else calls) for k, v in sums.items()}
         out["optimizer_steps"] = self.steps

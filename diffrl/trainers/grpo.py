@@ -132,9 +132,7 @@ class GRPO(Algorithm):
                         sums[key] = sums.get(key, 0.0) + value
                     ratio_max = max(ratio_max, ratio.max().item())
                     count += 1
-                grad_norms.append(self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf")).item())
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norms.append(self.step_guard(optimizer, params))
         metrics = {k: v / count for k, v in sums.items()}
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["ratio_max"] = ratio_max

@@ -25,6 +25,7 @@ from diffrl.runloop import TrainLoop
 from diffrl.checkpoint import load_checkpoint, save_policy_checkpoint
 from diffrl.core import PerPromptStatTracker, combine_rewards, zero_std_fraction
 from diffrl.data import PromptSet, draw_prompt_indices, load_prompts
+from diffrl.optim import NonFiniteTrainingError
 from diffrl.rewards.mixture import RolloutScorer, prompt_group_ids
 from diffrl.rollout import Trajectory, sample
 from diffrl.runtime import DTYPES, derive_generator, peak_memory_mb
@@ -198,7 +199,8 @@ class Trainer(TrainLoop):
         group_ids = acc.gather(batch.group_ids)  # [world * B]
         bad = int((~valid).sum())
         if bad == len(valid):
-            raise FloatingPointError(f"every reward of iteration {self.iteration} is NaN/inf: check the reward '{self.reward._name()}'")
+            raise NonFiniteTrainingError(f"every reward of iteration {self.iteration + 1} is NaN/inf: check the reward "
+                                         f"'{self.reward._name()}' (and the samples: a NaN/inf sample scores NaN)")
         adv = torch.zeros_like(rewards)
         keep = valid.nonzero().squeeze(1)
         kept_prompts = [prompts[i] for i in keep.tolist()]
@@ -368,11 +370,12 @@ class Trainer(TrainLoop):
                 e.mul_(d).add_(q.detach(), alpha=1 - d)
 
     def save(self) -> Path | None:
+        extra = {f"ema.{i}": e for i, e in enumerate(self.ema or [])}
+        extra.update(self.algorithm.state_tensors())
+        self.check_finite_before_save(self.policy.trainable_module(), self.optimizer, extra)
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
-        extra = {f"ema.{i}": e for i, e in enumerate(self.ema or [])}
-        extra.update(self.algorithm.state_tensors())
         state = {"iteration": self.iteration, "samples_seen": self.samples_seen, "seed": self.cfg.seed,
                  "world_size": self.world, "tracker": self.tracker.state_dict(),
                  "trained_networks": list(self.policy.trained_networks()), "config": self.cfg.in_use()}
@@ -408,7 +411,9 @@ class Trainer(TrainLoop):
         # function in the update than in the rollout (on-policy ratios != 1, noisy reward gradients)
         for group in self.optimizer.param_groups:  # train.lr_schedule: a function of the iteration (exact resume)
             group["lr"] = cfg.train.learning_rate_at(self.iteration, cfg.max_iterations)
+        self.algorithm.step_guard.start_iteration(self.iteration + 1)
         metrics = self.algorithm.update(batch, self.optimizer, gen)
+        metrics["skipped_steps"] = self.algorithm.step_guard.skipped  # optimiser steps skipped on a NaN/inf gradient
         if in_update:
             self.score(batch)
             row = self.advantages(batch)  # the reward statistics of the log

@@ -54,7 +54,7 @@ class DiffusionNFT(Algorithm):
     def __init__(self, cfg, policy, sampler, accelerator):
         super().__init__(cfg, policy, sampler, accelerator)
         self.snapshots = LoraSnapshots(policy, {"old": cfg.nft.old_decay})
-        self.updates = FinalSampleUpdates(cfg, cfg.nft, policy, accelerator)
+        self.updates = FinalSampleUpdates(cfg, cfg.nft, policy, accelerator, self.step_guard)
 
     def rollout_context(self):
         return self.policy.use_adapter("old")  # rollouts come from the sampling policy v_old

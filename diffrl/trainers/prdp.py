@@ -145,12 +145,11 @@ class PRDP(Algorithm):
         for _ in range(cfg.train.num_inner_epochs):
             for rows in self.train_batches(batch, generator):
                 metrics = self.accumulate_gradients(batch, rows, delta_old, ref, generator)
-                grad_norm = self.accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm or float("inf"))
-                metrics["grad_norm"] = grad_norm.item()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                metrics["grad_norm"] = self.step_guard(optimizer, params)
                 for key, value in metrics.items():
-                    if math.isfinite(value):  # pair_accuracy is NaN when no pair's rewards differ
+                    # pair_accuracy is NaN when no pair's rewards differ: its mean is over the steps with such pairs;
+                    # every other metric shows a NaN/inf as it is (a non-finite loss must not vanish from the log)
+                    if key != "pair_accuracy" or math.isfinite(value):
                         sums[key] = sums.get(key, 0.0) + value
                         counts[key] = counts.get(key, 0) + 1
         return {k: sums[k] / counts[k] for k in sums}

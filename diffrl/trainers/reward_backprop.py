@@ -11,13 +11,13 @@ the rollout's initial noise, the final samples handed back to the loop, metrics 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from diffrl.checks import ConfigError
+from diffrl.optim import NonFiniteTrainingError
 from diffrl.rollout import Trajectory
 from diffrl.sampling import Sampler, Schedule, StepOutput, predict_x0
 from diffrl.trainers.base import Algorithm, RolloutBatch
@@ -83,12 +83,13 @@ def reward_loss(rewards: torch.Tensor, scale: float) -> torch.Tensor:
     """-scale mean(R) over the finite rewards. rewards: [b] -> []"""
     finite = torch.isfinite(rewards)  # [b]
     if not finite.any():
-        raise FloatingPointError("every differentiable reward of this train batch is NaN/inf")
+        raise NonFiniteTrainingError("every differentiable reward of this train batch is NaN/inf: nothing to train on")
     return -scale * rewards[finite].mean()
 
 
-def optimizer_step(loss: torch.Tensor, optimizer, policy, accelerator, max_grad_norm: float) -> float:
-    """Backward, gradients averaged over processes, clip, step; returns the gradient norm before clipping.
+def optimizer_step(loss: torch.Tensor, optimizer, policy, accelerator, step_guard) -> float:
+    """Backward, gradients averaged over processes, then `step_guard` (diffrl.optim.GuardedStep: clip, step unless
+    the gradient norm is NaN/inf); returns the gradient norm before clipping.
 
     Call it inside `accelerator.no_sync(policy.denoiser)` around the chain's forwards too: a chain may call
     the denoiser many times before one backward, which DDP's per-forward gradient hooks do not allow, so
@@ -99,10 +100,7 @@ def optimizer_step(loss: torch.Tensor, optimizer, policy, accelerator, max_grad_
         for p in params:
             if p.grad is not None:
                 p.grad = accelerator.reduce(p.grad, reduction="mean")
-    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm or math.inf)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm)
+    return step_guard(optimizer, params)
 
 
 class RewardBackprop(Algorithm):
