@@ -67,7 +67,23 @@ def _train(args) -> int:
     except ConfigError as exc:
         print(f"diffrl: invalid config: {exc}", file=sys.stderr)
         return 2
-    trainer.train()
+    import errno
+
+    from diffrl.checkpoint import CheckpointWriteError
+    from diffrl.runloop import quiet_thread_oserrors
+
+    try:
+        with quiet_thread_oserrors():  # TensorBoard's writer thread on a full disk: the main thread reports it
+            trainer.train()
+    except CheckpointWriteError as exc:  # a full disk while checkpointing: one line; the earlier checkpoints are intact
+        print(f"diffrl: {exc.strerror}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"diffrl: training stopped: {exc.strerror} ({exc.filename or 'a log or tracker file'}); resume from the "
+              f"run's newest checkpoint with resume={trainer.out}", file=sys.stderr)
+        return 1
     return 0
 
 

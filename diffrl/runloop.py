@@ -14,8 +14,10 @@ panels as images.
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import shutil
+import threading
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -50,6 +52,23 @@ def flat_config(cfg) -> dict:
 
     walk(OmegaConf.to_container(OmegaConf.structured(cfg)))
     return out
+
+
+@contextlib.contextmanager
+def quiet_thread_oserrors():
+    """No traceback from another thread's OSError (TensorBoard's event writer on a full disk): the main thread
+    raises the same error at its next write, so a full disk reads as one error, not two interleaved tracebacks."""
+    previous = threading.excepthook
+
+    def hook(args):
+        if not issubclass(args.exc_type, OSError):
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 def tracker_name(key: str) -> str:
