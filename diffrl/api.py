@@ -47,6 +47,10 @@ def build_trainer(config=None, *overrides: str, reward=None, prompts=None, eval_
     """The trainer of the run (diffrl.trainers.loop.Trainer, or diffrl.lm.trainer.LMTrainer for lm_* algorithms),
     models loaded, ready to `.train()`."""
     cfg = resolve_config(config, *overrides, reward=reward)
+    if cfg.algorithm not in LM_ALGORITHMS:
+        from diffrl.sections import check_reward_arguments
+
+        check_reward_arguments(cfg, service=True)  # e.g. a remote reward's server, before any model loads
     if cfg.algorithm in LM_ALGORITHMS:  # language-model RL on the shared core (diffrl.lm)
         if prompts is not None or eval_prompts is not None:
             raise ValueError(f"{cfg.algorithm}: give the prompts as lm.train_data / lm.eval_data files")

@@ -25,8 +25,9 @@ def one_of(value: Any, allowed, key: str) -> None:
 
 
 def positive(value, key: str, allow_zero: bool = False) -> None:
-    """`value` > 0 (>= 0 with allow_zero)."""
-    if value < 0 or (value == 0 and not allow_zero):
+    """`value` > 0 (>= 0 with allow_zero); NaN is neither (it passed every comparison-based check and poisoned the
+    run after the model loaded)."""
+    if not value >= 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"'{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -24,7 +25,7 @@ from diffrl.core.registry import suggest
 from diffrl.runloop import save_config
 from diffrl.lm.config import LM_ALGORITHMS, LMConfig, apply_lm_defaults, validate_lm
 from diffrl.sections import (AdvantageConfig, DataConfig, LoggingConfig, PolicyConfig, SamplingConfig, TrainConfig,
-                             check_run)
+                             check_output_path, check_run)
 from diffrl.trainers import ALGORITHMS
 from diffrl.trainers.crd import CRDConfig
 from diffrl.trainers.draft import DraftConfig
@@ -169,9 +170,14 @@ def recipe_layers(path: Path, _seen: tuple[Path, ...] = ()) -> list[dict]:
     if path.resolve() in _seen:
         raise ConfigError(f"recipe {path} is its own base: {' -> '.join(map(str, _seen))} -> {path}")
     try:
-        data = OmegaConf.to_container(OmegaConf.load(path)) or {}
-    except Exception as exc:  # yaml syntax errors
-        raise ConfigError(f"cannot parse {path}: {exc}") from None
+        # the top level's type first: OmegaConf reads a bare word as a mapping {word: None}
+        top = yaml.safe_load(path.read_text())
+        data = OmegaConf.to_container(OmegaConf.load(path)) if isinstance(top, dict) else top
+    except Exception as exc:  # yaml syntax errors: one line, as every config error
+        raise ConfigError(f"cannot parse {path}: {' '.join(str(exc).split())}") from None
+    if data is None:
+        raise ConfigError(f"recipe {path} is empty: write the options to change (e.g. model: tiny-sd3), or leave "
+                          "the recipe out to train with every default")
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping of options, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -238,6 +244,7 @@ def validate(cfg: RunConfig) -> None:
     """Every section's own checks, the run-wide ones, then the algorithm's; ConfigError naming the field."""
     from diffrl.rewards.mixture import check_mixture
 
+    check_output_path(cfg)
     if cfg.algorithm in LM_ALGORITHMS:
         validate_lm(cfg)
         return

@@ -50,8 +50,10 @@ def _parse(text: str, ext: str, source: str) -> PromptSet:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{source}:{n}: not valid JSON ({exc})") from None
-            if "prompt" not in record:
-                raise ValueError(f"{source}:{n}: a jsonl prompt record needs a 'prompt' field")
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                got = f"its 'prompt' is {record['prompt']!r}" if isinstance(record, dict) and "prompt" in record else \
+                    f"got {line.strip()[:60]!r}"
+                raise ValueError(f"{source}:{n}: a jsonl prompt record needs a 'prompt' field holding a string; {got}")
             prompts.append(record["prompt"])
             metadata.append(record)
         else:

@@ -27,12 +27,16 @@ TRACKERS = ("tensorboard", "wandb", "none")
 """Experiment trackers through accelerate."""
 
 
+DEFAULT_RESOLUTION = 512
+"""Image size of a diffusers folder or hub model when the config sets none (Flow-GRPO's)."""
+
+
 @dataclass
 class PolicyConfig:
     family: Optional[str] = None
     """Model family ("sd", "sd3", "flux", "wan", "motion"); None detects it from the model folder's model_index.json."""
-    resolution: int = 512
-    """Image height and width in pixels (Flow-GRPO: 512)."""
+    resolution: Optional[int] = None
+    """Image height and width in pixels; None: the model's own, 32 for the tiny models and the trained size of the shipped toy models, 512 for a diffusers folder or hub model (Flow-GRPO: 512)."""
     height: Optional[int] = None
     """Height in pixels when it differs from the width (e.g. Flow-GRPO's Wan2.1 clips: 240 x 416); None: resolution."""
     width: Optional[int] = None
@@ -82,16 +86,16 @@ class PolicyConfig:
                 "vae_tile_stride": self.vae_tile_stride}
 
     def size_kwargs(self, model: str) -> dict:
-        """The pixel size as load_policy takes it ({} for a motion model: it has none, and refuses one)."""
-        from diffrl.pipelines.registry import policy_class, resolve_family
+        """The pixel size as load_policy takes it ({} for a motion model: it has none, and refuses one); no size
+        set leaves a tiny or shipped model at its own and gives any other model DEFAULT_RESOLUTION."""
+        from diffrl.pipelines.registry import SHIPPED_MODELS, TINY_MODELS, policy_class, resolve_family
 
         if policy_class(resolve_family(model, self.family)).sample_kind == "motion":
             return {}
-        return {"resolution": self.resolution, "height": self.height, "width": self.width}
-
-    def size(self) -> tuple[int, int]:
-        """(height, width) in pixels."""
-        return self.height or self.resolution, self.width or self.resolution
+        resolution = self.resolution
+        if resolution is None and self.height is None and self.width is None and model not in TINY_MODELS | set(SHIPPED_MODELS):
+            resolution = DEFAULT_RESOLUTION
+        return {"resolution": resolution, "height": self.height, "width": self.width}
 
 
 @dataclass
@@ -159,7 +163,8 @@ class DataConfig:
     """Reward reported at evaluation (e.g. toyworld_accuracy while training on toyworld); None: the training reward."""
 
     def check(self, key: str = "data") -> None:
-        eval_set_specs(self, key)
+        specs = eval_set_specs(self, key)
+        check_prompt_sources(self, specs, key)
         if self.eval_reward is not None:
             from diffrl.rewards.registry import resolve_reward
 
@@ -196,6 +201,22 @@ def eval_set_specs(data: DataConfig, key: str = "data") -> dict[str, tuple[Optio
             raise ConfigError(f"'{item}.num_prompts' must be an integer >= 1, got {n!r}")
         specs[name] = (entry["prompts"], n)
     return specs
+
+
+def check_prompt_sources(data: DataConfig, specs: dict[str, tuple[Optional[str], int]], key: str = "data") -> None:
+    """Every prompt file read and parsed now (a missing or empty file, a jsonl record without a string "prompt"),
+    so that it fails naming its field before any model loads; the files are small next to any model."""
+    from diffrl.data import load_prompts
+
+    fields = {key + ".prompts": data.prompts}
+    for index, (name, (spec, _)) in enumerate(specs.items()):
+        if spec is not None:
+            fields[f"{key}.eval_prompts" if index == 0 else f"{key}.eval_sets.{name}"] = spec
+    for field_key, spec in fields.items():
+        try:
+            load_prompts(spec)
+        except (ValueError, OSError) as exc:  # FileNotFoundError, unreadable, empty, malformed records
+            raise ConfigError(f"'{field_key}': {exc}") from None
 
 
 @dataclass
@@ -327,10 +348,12 @@ def check_run(cfg, default_flow_sampler: str) -> RunContext:
         one_of(stated, tuple(POLICY_FAMILIES), "policy.family")
     try:
         detected = resolve_family(cfg.model)  # reads model_index.json at most
-    except (ValueError, FileNotFoundError) as exc:
+    except FileNotFoundError as exc:
         if stated is None:
             raise ConfigError(f"'model': {exc}") from None
         detected = None  # e.g. a hub id not cached yet: the family is the recipe's, loading will say what is missing
+    except ValueError as exc:  # an unknown name, or a folder of an unsupported pipeline: no family makes it load
+        raise ConfigError(f"'model': {exc}") from None
     if stated is not None and detected is not None and stated != detected:
         raise ConfigError(
             f"'model' {cfg.model} is a {detected} model but 'policy.family' is {stated} (the recipe's family): its "
@@ -353,6 +376,8 @@ def check_run(cfg, default_flow_sampler: str) -> RunContext:
         raise ConfigError(f"'sampling.sampler' {sampler} needs a flow model; '{cfg.model}' is a DDPM / DDIM ({family}) "
                           "model: use ddim")
     check_samples(cfg, family)
+    check_tiny_size(cfg)
+    check_lora_targets(cfg, family)
     check_vae_chunking(cfg, family)
     check_wan_experts(cfg, family)
     draws_noise = (sampler == "flow_sde" and s.noise_level > 0) or (sampler == "ddim" and s.eta > 0)
@@ -381,6 +406,73 @@ def check_output_dir(cfg):
 
         return resolve_resume(cfg)
     return None
+
+
+def check_output_path(cfg) -> None:
+    """output_dir can be made and written: not a file, not under a file, not in a read-only folder. Nothing is
+    created here (a run that fails validation leaves no folder behind)."""
+    import os
+
+    out = Path(cfg.output_dir)
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == out else f"is under {existing}, which is a file"
+        raise ConfigError(f"'output_dir' {out} {where}, not a folder: choose another output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"'output_dir' {out} cannot be written: {existing} is read-only for this user; choose "
+                          "another output_dir")
+
+
+def check_tiny_size(cfg) -> None:
+    """The tiny models are square (their builders take one resolution)."""
+    from diffrl.pipelines.registry import TINY_MODELS
+
+    p = cfg.policy
+    if cfg.model in TINY_MODELS and p.height is not None and p.width is not None and p.height != p.width:
+        raise ConfigError(f"'policy.height' {p.height} and 'policy.width' {p.width} differ; '{cfg.model}' is square: "
+                          "set policy.resolution instead")
+
+
+LORA_LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "Embedding")
+"""torch.nn layer classes peft's LoRA attaches to."""
+
+
+def check_lora_targets(cfg, family: str) -> None:
+    """policy.lora_targets name modules of the trained network: peft matches each as a module's full dotted name or
+    its suffix (after a dot). Read from a build of the network on the meta device (its config, no weights); a hub
+    model not in the cache is checked for syntax only (loading it says what is missing)."""
+    from diffrl.core.registry import suggest
+    from diffrl.pipelines.registry import denoiser_modules
+
+    p = cfg.policy
+    if p.lora_targets is None:
+        return
+    if p.lora_rank == 0:
+        raise ConfigError("'policy.lora_targets' is set but 'policy.lora_rank' is 0 (a full fine-tune, no LoRA): "
+                          "remove it or set a rank")
+    malformed = [t for t in p.lora_targets if not isinstance(t, str) or not t.strip() or t != t.strip()]
+    if malformed or not p.lora_targets:
+        raise ConfigError(f"'policy.lora_targets' must list module names such as to_q or attn.to_out.0 (null: the "
+                          f"family's attention projections), got {list(p.lora_targets)!r}")
+    modules = denoiser_modules(cfg.model, family)
+    if modules is None:
+        return
+    layers = {name: kind for name, kind in modules.items() if kind in LORA_LAYER_TYPES}
+    leaves = sorted({name.rsplit(".", 1)[-1] if not name.split(".")[-1].isdigit() else ".".join(name.split(".")[-2:])
+                     for name in layers})
+    for target in p.lora_targets:
+        matched = [name for name in modules if name == target or name.endswith("." + target)]
+        if not matched:
+            hint = suggest(target, leaves).replace(" Did you mean", "; did you mean")
+            raise ConfigError(f"'policy.lora_targets' {target!r} names no module of '{cfg.model}''s denoiser{hint}; its "
+                              f"layers LoRA can wrap end in: {', '.join(leaves[:12])}{', ...' if len(leaves) > 12 else ''}")
+        kinds = sorted({modules[name] for name in matched} - set(LORA_LAYER_TYPES))
+        if kinds:
+            raise ConfigError(f"'policy.lora_targets' {target!r} matches {', '.join(kinds)} modules of '{cfg.model}''s "
+                              f"denoiser; LoRA wraps layers ({', '.join(LORA_LAYER_TYPES)}): name those, e.g. "
+                              f"{', '.join(leaves[:4])}")
 
 
 def check_vae_chunking(cfg, family: str) -> None:
@@ -442,6 +534,34 @@ def check_motion(cfg) -> None:
                           f"rewards read HumanML3D's {HUMANML3D_FEATURES}-d features: use a {HUMANML3D_FEATURES}-feature model")
 
 
+def reward_parts(cfg) -> dict[str, tuple[dict, str]]:
+    """Every reward the run builds: name -> (constructor arguments, the field that holds them); reward_kwargs, or
+    each mixture part's kwargs, and the evaluation reward (built without arguments)."""
+    from diffrl.rewards.mixture import parse_mixture
+
+    parts = ({name: (dict(kwargs), f"rewards.{name}.kwargs") for name, (_, kwargs) in parse_mixture(cfg.rewards).items()}
+             if cfg.rewards else {cfg.reward: (dict(cfg.reward_kwargs), "reward_kwargs")})
+    if cfg.data.eval_reward is not None and cfg.data.eval_reward not in parts:
+        parts[cfg.data.eval_reward] = ({}, "data.eval_reward")
+    return parts
+
+
+def check_reward_arguments(cfg, service: bool = False) -> None:
+    """The constructor arguments of every reward the run builds fit its signature, read without building it; with
+    `service`, a reward served by another process (remote) also answers (diffrl.api runs that before the model
+    loads; a recipe validates offline without it)."""
+    from diffrl.rewards.registry import RewardArgumentError, check_reward_kwargs, check_reward_service
+
+    for name, (kwargs, key) in reward_parts(cfg).items():
+        try:
+            (check_reward_service if service else check_reward_kwargs)(name, kwargs)
+        except RewardArgumentError as exc:
+            at = f"{key}.{exc.argument}" if exc.argument and key != "data.eval_reward" else key
+            raise ConfigError(f"'{at}': {exc}") from None
+        except ValueError as exc:
+            raise ConfigError(f"'{key}': {exc}") from None
+
+
 def check_samples(cfg, family: str) -> None:
     """The policy's samples (images or videos), their size, and the rewards that score them agree."""
     from diffrl.pipelines.registry import policy_class
@@ -464,6 +584,7 @@ def check_samples(cfg, family: str) -> None:
     names = {name: f"rewards.{name}" for name in parse_mixture(cfg.rewards)} if cfg.rewards else {cfg.reward: "reward"}
     if cfg.data.eval_reward is not None:
         names.setdefault(cfg.data.eval_reward, "data.eval_reward")
+    check_reward_arguments(cfg)
     for name, key in names.items():
         accepts = reward_accepts(name)
         if kind not in accepts:

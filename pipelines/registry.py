@@ -192,6 +192,26 @@ def load_policy(
     return policy
 
 
+def denoiser_modules(model: str, family: str | None = None) -> dict[str, str] | None:
+    """The trained network's submodules of `model` (dotted name -> class name), built on the meta device from its
+    config: no weights are read and no memory is taken. None for a hub id not in the cache."""
+    cls = policy_class(resolve_family(model, family))
+    if model in TINY_MODELS:
+        options = dict(TINY_VARIANTS.get(model, ("", {}))[1])
+        with torch.device("meta"):
+            net = cls.tiny(**options).trainable_module()
+    else:
+        try:
+            folder = shipped_model_dir(model) if model in SHIPPED_MODELS else resolve_model_dir(model)
+        except FileNotFoundError:
+            return None
+        library, class_name = json.loads((folder / "model_index.json").read_text())[cls.lora_component]
+        net_class = getattr(importlib.import_module(library), class_name)
+        with torch.device("meta"):
+            net = net_class.from_config(net_class.load_config(folder / cls.lora_component))
+    return {name: type(module).__name__ for name, module in net.named_modules() if name}
+
+
 def pipeline_index(model: str) -> dict | None:
     """model_index.json of a diffusers folder, shipped toy model or cached hub id, without loading weights; None for
     the tiny builders and for a model not found (loading it says what is missing)."""

@@ -123,6 +123,52 @@ def build_reward(name: str, **kwargs: Any) -> Reward:
     return obj if isinstance(obj, Reward) else FunctionReward(obj, name)
 
 
+class RewardArgumentError(ValueError):
+    """Constructor arguments a reward would refuse; `argument` names the one at fault (None: the whole set)."""
+
+    def __init__(self, message: str, argument: str | None = None):
+        super().__init__(message)
+        self.argument = argument
+
+
+def check_reward_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """Whether `build_reward(name, **kwargs)` would take `kwargs`, read from the constructor's signature without
+    building it (no weights load); a Reward subclass may add checks that need no weights as a classmethod
+    `check_kwargs(kwargs)` (the remote reward asks its server whether it answers). Raises RewardArgumentError."""
+    import inspect
+
+    obj = resolve_reward(name)
+    if not (isinstance(obj, type) and issubclass(obj, Reward)):
+        if kwargs:
+            raise RewardArgumentError(f"reward {name!r} is a {'Reward instance' if isinstance(obj, Reward) else 'function'}: "
+                                      f"it takes no constructor arguments, got {sorted(kwargs)}", sorted(kwargs)[0])
+        return
+    params = list(inspect.signature(obj.__init__).parameters.values())[1:]  # after self
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        for key in kwargs:
+            if key not in named:
+                hint = suggest(key, named).replace(" Did you mean", "; did you mean")
+                raise RewardArgumentError(f"reward {name!r} takes no argument {key!r}{hint}; it takes "
+                                          f"{', '.join(named) or 'none'}", key)
+    missing = [p.name for p in params if p.default is p.empty and p.name in named and p.name not in kwargs]
+    if missing:
+        raise RewardArgumentError(f"reward {name!r} needs the argument(s) {', '.join(missing)}", missing[0])
+    check = getattr(obj, "check_kwargs", None)
+    if check is not None:
+        check(kwargs)
+
+
+def check_reward_service(name: str, kwargs: dict[str, Any]) -> None:
+    """For a reward that reaches another process (a Reward subclass with a classmethod `check_service(kwargs)`,
+    e.g. the remote reward's server), whether it answers; run before a run loads its model (diffrl.api), apart from
+    check_reward_kwargs so that a recipe validates offline. Raises RewardArgumentError."""
+    obj = resolve_reward(name)
+    check = getattr(obj, "check_service", None) if isinstance(obj, type) and issubclass(obj, Reward) else None
+    if check is not None:
+        check(kwargs)
+
+
 def list_rewards() -> list[str]:
     """Registered reward names and installed plugins' (entry-point group "diffrl.rewards"), sorted."""
     return sorted({*_REGISTRY, *_OBJECTS, *entry_point_objects(ENTRY_POINT_GROUP)})

@@ -20,6 +20,7 @@ import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import torch
@@ -46,12 +47,35 @@ class RemoteReward(Reward):
         environment variable, if set); timeout: seconds per connection / read; retries: extra
         attempts after a connection failure, timeout or 503; backoff: first wait in seconds, doubled
         after each retry; batch_size: most samples per request."""
-        if timeout <= 0 or retries < 0 or backoff < 0 or batch_size < 1:
-            raise ValueError(f"reward 'remote': need timeout > 0, retries >= 0, backoff >= 0, batch_size >= 1; got "
-                             f"timeout={timeout}, retries={retries}, backoff={backoff}, batch_size={batch_size}")
+        _check_settings(timeout, retries, backoff, batch_size)
         self.url = url.rstrip("/")
         self.token = token if token is not None else os.environ.get(TOKEN_ENV)
         self.timeout, self.retries, self.backoff, self.batch_size = float(timeout), int(retries), float(backoff), int(batch_size)
+
+    @classmethod
+    def check_kwargs(cls, kwargs: dict) -> None:
+        """Config validation (diffrl.rewards.registry.check_reward_kwargs): the settings, without a connection."""
+        from .registry import RewardArgumentError
+
+        try:
+            cls(**kwargs)
+        except (ValueError, TypeError) as exc:
+            raise RewardArgumentError(str(exc)) from None
+
+    @classmethod
+    def check_service(cls, kwargs: dict) -> None:
+        """Before a run loads its model (diffrl.rewards.registry.check_reward_service): one short request to the
+        server's /info (HEALTH_TIMEOUT at most, no retries), so that a server that is not running fails now rather
+        than after the model loaded."""
+        from .registry import RewardArgumentError
+
+        probe = cls(**{**kwargs, "timeout": min(float(kwargs.get("timeout", 60.0)), HEALTH_TIMEOUT), "retries": 0})
+        try:
+            probe.info()
+        except RewardServerError as exc:
+            port = urllib.parse.urlsplit(probe.url).port or 8000
+            raise RewardArgumentError(f"{exc} Start it with `diffrl serve-reward NAME --port {port}` (NAME: the reward "
+                                      "to serve), or point reward_kwargs.url at a running one", "url") from None
 
     def _request(self, path: str, data: bytes | None = None) -> bytes:
         headers = {"Content-Type": "application/octet-stream"}
@@ -107,6 +131,16 @@ class RemoteReward(Reward):
                                         f"for {len(prompts[sl])} samples")
             out.append(scores)
         return torch.cat(out)  # [B] float32 on the CPU (the caller moves it to the samples' device)
+
+
+HEALTH_TIMEOUT = 2.0
+"""Seconds config validation waits for the server's /info."""
+
+
+def _check_settings(timeout: float, retries: int, backoff: float, batch_size: int) -> None:
+    if not (timeout > 0 and retries >= 0 and backoff >= 0 and batch_size >= 1):
+        raise ValueError(f"reward 'remote': need timeout > 0, retries >= 0, backoff >= 0, batch_size >= 1; got "
+                         f"timeout={timeout}, retries={retries}, backoff={backoff}, batch_size={batch_size}")
 
 
 def _detail(err: urllib.error.HTTPError) -> str:
