@@ -552,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--token", default=None, help="bearer token clients must send (default: $DIFFRL_REWARD_TOKEN)")
     srv.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where the reward model runs")
+    srv.add_argument("--max-body-mib", type=float, default=None, metavar="MIB",
+                     help="largest /score request body in MiB (default 64); a larger one is answered HTTP 413 unread, "
+                          "and the remote reward splits its batches to fit")
     srv.set_defaults(func=_serve_reward)
 
     from diffrl.toyworld.pretrain import build_parser as pretrain_parser
@@ -574,7 +577,7 @@ def _serve_reward(args) -> int:
     from omegaconf import OmegaConf
 
     from diffrl.rewards import list_rewards
-    from diffrl.rewards.server import TOKEN_ENV, serve_reward
+    from diffrl.rewards.server import MAX_BODY_MIB, TOKEN_ENV, serve_reward
 
     if args.name not in list_rewards():
         print(f"diffrl serve-reward: unknown reward {args.name!r}; valid: {', '.join(list_rewards())}", file=sys.stderr)
@@ -583,10 +586,14 @@ def _serve_reward(args) -> int:
     if bad:
         print(f"diffrl serve-reward: arguments must be KEY=VALUE, got {bad}", file=sys.stderr)
         return 2
+    max_body_mib = MAX_BODY_MIB if args.max_body_mib is None else args.max_body_mib
+    if not max_body_mib > 0:
+        print(f"diffrl serve-reward: --max-body-mib must be > 0, got {args.max_body_mib}", file=sys.stderr)
+        return 2
     kwargs = OmegaConf.to_container(OmegaConf.from_dotlist(args.kwargs)) if args.kwargs else {}
     try:
         serve_reward(args.name, kwargs, host=args.host, port=args.port, device=args.device,
-                     token=args.token or os.environ.get(TOKEN_ENV))
+                     token=args.token or os.environ.get(TOKEN_ENV), max_body_mib=max_body_mib)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"diffrl serve-reward: {exc}", file=sys.stderr)
         return 2

@@ -51,6 +51,7 @@ class RemoteReward(Reward):
         self.url = url.rstrip("/")
         self.token = token if token is not None else os.environ.get(TOKEN_ENV)
         self.timeout, self.retries, self.backoff, self.batch_size = float(timeout), int(retries), float(backoff), int(batch_size)
+        self.max_body_bytes: int | None = None  # the server's request limit, read by info()
 
     @classmethod
     def check_kwargs(cls, kwargs: dict) -> None:
@@ -116,12 +117,22 @@ class RemoteReward(Reward):
         info = json.loads(self._request("/info"))
         if info.get("protocol") != PROTOCOL:
             raise RewardServerError(f"reward server {self.url} speaks protocol {info.get('protocol')}, this client {PROTOCOL}")
+        self.max_body_bytes = info.get("max_body_bytes")
         return info
+
+    def request_size(self, samples: Tensor) -> int:
+        """Samples a /score request carries: batch_size, fewer when the server's body limit (known once info() or
+        load() ran) holds fewer (each sample's bytes plus an allowance for its prompt and metadata)."""
+        if not self.max_body_bytes or samples.shape[0] == 0:
+            return self.batch_size
+        per_sample = samples[0].numel() * samples.element_size() + REQUEST_ALLOWANCE
+        return max(1, min(self.batch_size, (self.max_body_bytes - REQUEST_ALLOWANCE) // per_sample))
 
     def score(self, samples: Tensor, prompts: list[str], metadata: list[dict] | None) -> Tensor:
         out = []
-        for start in range(0, samples.shape[0], self.batch_size):
-            sl = slice(start, start + self.batch_size)
+        size = self.request_size(samples)
+        for start in range(0, samples.shape[0], size):
+            sl = slice(start, start + size)
             body = encode({"samples": samples[sl]}, {"prompts": prompts[sl],
                                                       "metadata": metadata[sl] if metadata is not None else None})
             tensors, _ = decode(self._request("/score", body))
@@ -133,6 +144,8 @@ class RemoteReward(Reward):
         return torch.cat(out)  # [B] float32 on the CPU (the caller moves it to the samples' device)
 
 
+REQUEST_ALLOWANCE = 4096
+"""Bytes allowed per sample (and once per request) for the safetensors header: prompts, metadata, offsets."""
 HEALTH_TIMEOUT = 2.0
 """Seconds config validation waits for the server's /info."""
 

@@ -9,16 +9,17 @@ It binds to loopback (127.0.0.1) by default; bound anywhere else it refuses to s
 and every request must then carry "Authorization: Bearer <token>" (401 otherwise).
 
 Protocol (version 1):
-    GET  /info   -> JSON {"protocol", "reward", "differentiable", "accepts"}
+    GET  /info   -> JSON {"protocol", "reward", "differentiable", "accepts", "max_body_bytes"}
     POST /score  body: safetensors bytes, tensor "samples" ([B, 3, H, W] images in [0, 1], or videos /
                  motions) and header metadata {"prompts": JSON list, "metadata": JSON list or null}
                  -> safetensors bytes, tensor "scores" (float32 [B]; NaN = missing)
                  400: the reward rejected the input (message in "detail"), 401: token missing or wrong,
-                 500: the reward failed
+                 413: the body is over max_body_bytes (--max-body-mib), 500: the reward failed
 Samples travel in their own dtype, bit for bit, so remote scores equal in-process ones.
 (No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at runtime.)
 """
 
+import errno
 import hmac
 import ipaddress
 import json
@@ -32,6 +33,9 @@ from torch import Tensor
 
 PROTOCOL = 1
 TOKEN_ENV = "DIFFRL_REWARD_TOKEN"
+MAX_BODY_MIB = 64
+"""Default cap on a /score request body, in MiB: a larger one is answered 413 unread (a client's bytes cannot fill
+the server's memory); the remote client reads the cap from /info and splits its batches to fit."""
 LOOPBACK_NAMES = {"localhost"}
 
 
@@ -85,8 +89,9 @@ def _fastapi():
 
 
 def create_app(reward, *, token: str | None = None, name: str | None = None,
-               device: torch.device | str | None = None):
-    """A FastAPI app serving `reward` (a Reward instance). Requests are scored one at a time."""
+               device: torch.device | str | None = None, max_body_bytes: int = MAX_BODY_MIB << 20):
+    """A FastAPI app serving `reward` (a Reward instance). Requests are scored one at a time; a body over
+    `max_body_bytes` is answered 413 without being read (by its Content-Length, or as it streams in)."""
     fastapi, _ = _fastapi()
     from fastapi import Request, Response
     from fastapi.responses import JSONResponse
@@ -105,14 +110,28 @@ def create_app(reward, *, token: str | None = None, name: str | None = None,
                                     status_code=401)
         return await call_next(request)
 
+    def too_large(size: str) -> JSONResponse:
+        return JSONResponse({"detail": f"request body of {size} is over this server's limit of {max_body_bytes} "
+                                       "bytes: send fewer samples a request (reward_kwargs.batch_size) or restart "
+                                       "the server with a larger --max-body-mib"}, status_code=413)
+
     @app.get("/info")
     def info() -> dict:
         return {"protocol": PROTOCOL, "reward": label, "differentiable": bool(reward.differentiable),
-                "accepts": list(reward.accepts)}
+                "accepts": list(reward.accepts), "max_body_bytes": max_body_bytes}
 
     @app.post("/score")
     async def score(request: Request) -> Response:
-        body = await request.body()
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            return too_large(f"{int(declared)} bytes")  # refused before a byte of it is read
+        chunks, size = [], 0
+        async for chunk in request.stream():  # no (or a false) Content-Length: count as it arrives
+            size += len(chunk)
+            if size > max_body_bytes:
+                return too_large(f"more than {max_body_bytes} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
         try:
             tensors, meta = decode(body)
             samples = tensors["samples"]
@@ -139,13 +158,25 @@ def create_app(reward, *, token: str | None = None, name: str | None = None,
     return app
 
 
+class PortInUseError(ValueError):
+    """The port is taken by another process."""
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on (host, port); port 0 picks a free one (read it from getsockname())."""
+    """A listening TCP socket on (host, port); port 0 picks a free one (read it from getsockname()). PortInUseError
+    when another process holds the port."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise PortInUseError(f"port {port} on {host} is already in use (another server?): choose another with "
+                                 "--port (0 picks a free one)") from None
+        raise
     return sock
 
 
@@ -154,15 +185,22 @@ class RewardServer:
     thread and returns self (tests, notebooks), `stop()` ends it. `url` is where clients connect."""
 
     def __init__(self, reward, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-                 name: str | None = None, device: str | None = None, log_level: str = "warning"):
+                 name: str | None = None, device: str | None = None, log_level: str = "warning",
+                 max_body_bytes: int = MAX_BODY_MIB << 20):
         check_bind(host, token)
+        if max_body_bytes < 1:
+            raise ValueError(f"the request body limit must be > 0 bytes, got {max_body_bytes}")
         _, uvicorn = _fastapi()
-        if device is not None:
-            reward.to(device)
-        reward.load()  # missing weights fail now, not at the first request
-        self.app = create_app(reward, token=token, name=name, device=device)
+        self.sock = bind_socket(host, port)  # a busy port fails before the reward's weights load
+        try:
+            if device is not None:
+                reward.to(device)
+            reward.load()  # missing weights fail now, not at the first request
+        except BaseException:
+            self.sock.close()
+            raise
+        self.app = create_app(reward, token=token, name=name, device=device, max_body_bytes=max_body_bytes)
         self.host = host
-        self.sock = bind_socket(host, port)
         self.port = self.sock.getsockname()[1]
         self.server = uvicorn.Server(uvicorn.Config(self.app, log_level=log_level, timeout_keep_alive=30))
         self.thread: threading.Thread | None = None
@@ -199,13 +237,13 @@ class RewardServer:
 
 
 def serve_reward(name: str, kwargs: dict | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-                 token: str | None = None, device: str | None = None) -> None:
+                 token: str | None = None, device: str | None = None, max_body_mib: float = MAX_BODY_MIB) -> None:
     """Build the reward `name` with `kwargs` and serve it until interrupted (`diffrl serve-reward`)."""
     from .registry import build_reward
 
     kwargs = dict(kwargs or {})
     server = RewardServer(build_reward(name, **kwargs), host=host, port=port, token=token, name=name,
-                          device=device, log_level="info")
+                          device=device, log_level="info", max_body_bytes=int(max_body_mib * (1 << 20)))
     print(f"diffrl: serving reward {name!r} at {server.url} (bound to {host}:{server.port}"
           f"{', token required' if token else ''}); Ctrl-C stops", flush=True)
     server.run()

@@ -45,7 +45,8 @@ def test_served_scores_equal_in_process_scores(images):
     local = build_reward("pickscore", model="tiny")
     with RewardServer(build_reward("pickscore", model="tiny"), port=0) as server:
         remote = build_reward("remote", url=server.url)
-        assert remote.info() == {"protocol": 1, "reward": "pickscore", "differentiable": False, "accepts": ["image"]}
+        assert remote.info() == {"protocol": 1, "reward": "pickscore", "differentiable": False, "accepts": ["image"],
+                                 "max_body_bytes": 64 << 20}
         assert torch.equal(remote(images, PROMPTS), local(images, PROMPTS))
         chunked = build_reward("remote", url=server.url, batch_size=2)  # three requests of 2, 2, 1
         expected = torch.cat([local(images[i:i + 2], PROMPTS[i:i + 2]) for i in range(0, 5, 2)])
@@ -338,3 +339,58 @@ def test_token_and_input_errors_are_not_retried(images, client_log):
         with pytest.raises(RewardServerError, match="HTTP 400.*metadata"):  # toyworld needs GenEval metadata
             build_reward("remote", url=server.url, retries=3)(images, PROMPTS)
     assert len(client_log.attempts) == 1 and client_log.sleeps == []
+
+
+# ---- request size cap and a busy port ------------------------------------------------------------------
+def post_headers(url: str, headers: dict, body: bytes = b"") -> tuple[int, str]:
+    """POST /score with `headers` and `body` as given (a Content-Length may promise more than is sent)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.putrequest("POST", "/score")
+        for key, value in headers.items():
+            conn.putheader(key, value)
+        conn.endheaders(body)
+        reply = conn.getresponse()
+        return reply.status, json.loads(reply.read())["detail"]
+    finally:
+        conn.close()
+
+
+def test_a_body_over_the_cap_is_answered_413_unread(images):
+    with RewardServer(build_reward("brightness"), port=0, max_body_bytes=32 << 10) as server:  # 2 of these images a request
+        # 1 GiB promised, nothing sent: the answer comes from the header alone
+        status, detail = post_headers(server.url, {"Content-Length": str(1 << 30)})
+        assert status == 413 and "32768 bytes" in detail and "--max-body-mib" in detail
+        # no Content-Length (chunked): refused once the bytes received pass the cap
+        chunk = b"x" * 40000
+        status, detail = post_headers(server.url, {"Transfer-Encoding": "chunked"},
+                                      b"%x\r\n" % len(chunk) + chunk + b"\r\n0\r\n\r\n")
+        assert status == 413 and "32768 bytes" in detail
+        # the server still scores, and a client that read the cap from /info splits its batch to fit under it
+        local = build_reward("brightness")(images, PROMPTS)
+        remote = build_reward("remote", url=server.url).load()
+        assert remote.max_body_bytes == 32 << 10 and remote.request_size(images) == 2
+        assert torch.equal(remote(images, PROMPTS), local)
+        with pytest.raises(RewardServerError, match="HTTP 413"):  # one sample alone over the cap
+            remote(torch.rand(1, 3, 64, 64), PROMPTS[:1])
+
+
+def test_serve_reward_on_a_busy_port_says_so_in_one_line(monkeypatch, capsys):
+    from diffrl.rewards.base import Reward
+
+    def boom(self):
+        raise AssertionError("the reward loaded before the port was bound")
+
+    monkeypatch.setattr(Reward, "load", boom)  # the port is taken before any weights would load
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        code = main(["serve-reward", "brightness", "--port", str(port), "--device", "cpu"])
+    captured = capsys.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    assert f"port {port}" in lines[0] and "already in use" in lines[0] and "--port" in lines[0]
+    assert main(["serve-reward", "brightness", "--max-body-mib", "0"]) == 2
+    assert "--max-body-mib must be > 0" in capsys.readouterr().err
