@@ -460,14 +460,14 @@ def check_lora_targets(cfg, family: str) -> None:
     if modules is None:
         return
     layers = {name: kind for name, kind in modules.items() if kind in LORA_LAYER_TYPES}
-    leaves = sorted({name.rsplit(".", 1)[-1] if not name.split(".")[-1].isdigit() else ".".join(name.split(".")[-2:])
-                     for name in layers})
+    # each layer by its last name, with its parent's for a numbered one (to_out.0)
+    leaves = sorted({".".join(name.split(".")[-2 if name.split(".")[-1].isdigit() else -1:]) for name in layers})
     for target in p.lora_targets:
         matched = [name for name in modules if name == target or name.endswith("." + target)]
         if not matched:
-            hint = suggest(target, leaves).replace(" Did you mean", "; did you mean")
-            raise ConfigError(f"'policy.lora_targets' {target!r} names no module of '{cfg.model}''s denoiser{hint}; its "
-                              f"layers LoRA can wrap end in: {', '.join(leaves[:12])}{', ...' if len(leaves) > 12 else ''}")
+            raise ConfigError(f"'policy.lora_targets' {target!r} names no module of '{cfg.model}''s denoiser."
+                              f"{suggest(target, leaves)} Its layers LoRA can wrap end in: {', '.join(leaves[:12])}"
+                              f"{', ...' if len(leaves) > 12 else ''}")
         kinds = sorted({modules[name] for name in matched} - set(LORA_LAYER_TYPES))
         if kinds:
             raise ConfigError(f"'policy.lora_targets' {target!r} matches {', '.join(kinds)} modules of '{cfg.model}''s "

@@ -148,8 +148,7 @@ def check_reward_kwargs(name: str, kwargs: dict[str, Any]) -> None:
     if not any(p.kind is p.VAR_KEYWORD for p in params):
         for key in kwargs:
             if key not in named:
-                hint = suggest(key, named).replace(" Did you mean", "; did you mean")
-                raise RewardArgumentError(f"reward {name!r} takes no argument {key!r}{hint}; it takes "
+                raise RewardArgumentError(f"reward {name!r} takes no argument {key!r}.{suggest(key, named)} It takes: "
                                           f"{', '.join(named) or 'none'}", key)
     missing = [p.name for p in params if p.default is p.empty and p.name in named and p.name not in kwargs]
     if missing:

@@ -214,7 +214,11 @@ def test_grpo_rejects_the_deterministic_samplers():
 
 
 def test_nft_recipes_load():
-    image = load_config(ROOT / "configs" / "image" / "sd3_nft_jpeg.yaml", ["model=tiny-sd3"])  # no weights here
+    # no weights here; the recipe's LoRA targets include SD3.5's attn.to_add_out, which tiny-sd3's only block
+    # (context_pre_only) lacks, and a target that names no module is refused
+    with pytest.raises(ConfigError, match="'policy.lora_targets' 'attn.to_add_out' names no module of 'tiny-sd3'"):
+        load_config(ROOT / "configs" / "image" / "sd3_nft_jpeg.yaml", ["model=tiny-sd3"])
+    image = load_config(ROOT / "configs" / "image" / "sd3_nft_jpeg.yaml", ["model=tiny-sd3", "policy.lora_targets=null"])
     assert image.algorithm == "nft" and image.sampling.sampler == "flow_dpm2" and image.sampling.guidance_scale == 1.0
     assert image.train.group_size == 24 and image.policy.lora_rank == 32
     toy = load_config(ROOT / "configs" / "toy" / "sd3_nft_toyworld.yaml")
