@@ -439,11 +439,21 @@ def _matches(key: str, names: tuple[str, ...]) -> bool:
     return any(key == name or key.startswith(name + ".") for name in names)
 
 
-def compare_settings(saved: dict, new: dict) -> tuple[list[str], list[str]]:
+PER_PROCESS = "train.prompts_per_iteration"
+"""Prompts per iteration on each process: the run is the same when its product with the process count (the global
+batch) is, so a resume may change the process count (whole tensors in checkpoints; every draw keyed globally)."""
+
+
+def compare_settings(saved: dict, new: dict, processes: tuple[int, int] = (1, 1)) -> tuple[list[str], list[str]]:
     """(applied, refused): the settings that differ between a checkpoint's run config and the resuming one (both
-    RunConfig.in_use() mappings), as "key old -> new"; refused ones change what the run is (RUN_IDENTITY)."""
+    RunConfig.in_use() mappings), as "key old -> new"; refused ones change what the run is (RUN_IDENTITY).
+    `processes`: the process counts of the saved and the resuming run (PER_PROCESS compares global batches)."""
     old_flat, new_flat = _flatten(saved), _flatten(new)
     applied, refused = [], []
+    if PER_PROCESS in old_flat and PER_PROCESS in new_flat:
+        (old_world, new_world), old, value = processes, old_flat.pop(PER_PROCESS), new_flat.pop(PER_PROCESS)
+        if old * old_world != value * new_world:
+            refused.append(f"{PER_PROCESS} x processes {old} x {old_world} -> {value} x {new_world}")
     for key in sorted(set(old_flat) | set(new_flat), key=lambda k: (k.count("."), k)):
         old, value = old_flat.get(key, "(unset)"), new_flat.get(key, "(unset)")
         if old == value or _matches(key, NOT_SETTINGS):
@@ -482,13 +492,17 @@ def resolve_resume(cfg) -> ResumePlan:
     if saved is None:
         plan.notes.append(f"resume: {plan.checkpoint} records no config: its settings cannot be compared with this run's")
         return plan
-    applied, refused = compare_settings(saved, cfg.in_use())
+    processes = (int(plan.state.get("world_size", 1)), int(os.environ.get("WORLD_SIZE", "1")))  # torchrun / accelerate
+    applied, refused = compare_settings(saved, cfg.in_use(), processes)
     if refused:
         raise ConfigError(f"'resume': {plan.checkpoint} was made by a run with other settings ({'; '.join(refused)}): "
                           "these change what the run is; resume with the run's settings, or start a new run in another "
                           "output_dir")
     if applied:
         plan.notes.append(f"resume: applying changed settings: {', '.join(applied)}")
+    if processes[0] != processes[1]:
+        plan.notes.append(f"resume: {processes[0]} process(es) wrote {plan.checkpoint}, {processes[1]} continue it "
+                          "(the same global batch)")
     done = plan.state["iteration"]
     if done >= cfg.max_iterations:
         plan.notes.append(f"resume: {plan.checkpoint} is at iteration {done} and max_iterations is {cfg.max_iterations}: "

@@ -242,8 +242,10 @@ def apply_algorithm_defaults(cfg: RunConfig) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Every section's own checks, the run-wide ones, then the algorithm's; ConfigError naming the field."""
+    from diffrl.distributed import check_launch
     from diffrl.rewards.mixture import check_mixture
 
+    check_launch(cfg, lm=cfg.algorithm in LM_ALGORITHMS)
     check_output_path(cfg)
     if cfg.algorithm in LM_ALGORITHMS:
         validate_lm(cfg)

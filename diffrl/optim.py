@@ -56,7 +56,11 @@ class GuardedStep:
         # The decision reads only the norm accelerate returns. Under DDP the gradients are all-reduced before it
         # is computed (a NaN loss on one process makes every process's gradient NaN), so every process computes
         # the same norm and takes the same decision: the weights stay identical across processes.
-        reported = self.accelerator.clip_grad_norm_(list(params), self.max_grad_norm)
+        # the optimizer's own parameters: under FSDP2 a module's parameter attributes are gathered views between a
+        # forward and the next backward, and the gradients live on the sharded parameters the optimizer holds
+        del params
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        reported = self.accelerator.clip_grad_norm_(params, self.max_grad_norm)
         grad_norm = math.nan if reported is None else float(reported)
         # DeepSpeed clips and skips overflowing steps itself and may report no norm: then the step is its business
         self.stepped = reported is None or math.isfinite(grad_norm)

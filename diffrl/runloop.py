@@ -103,9 +103,9 @@ class TrainLoop(abc.ABC):
     def setup_run(self, cfg, accelerator=None) -> None:
         """cfg, out, accelerator (one CPU, one GPU or torchrun's processes), rank / world, the run seed,
         and on the main process the output folder, config.yaml and the trackers."""
-        import torch
-        from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+        from diffrl.distributed import make_accelerator
 
         import os
 
@@ -119,18 +119,21 @@ class TrainLoop(abc.ABC):
             plan = check_output_dir(cfg)  # a resume: its checkpoint verified and fitting this config, or ConfigError
         self.cfg, self.out = cfg, Path(cfg.output_dir)
         log_with = None if cfg.logging.log_with == "none" else cfg.logging.log_with
-        self.accelerator = accelerator or Accelerator(
-            mixed_precision=cfg.train.mixed_precision, log_with=log_with, project_dir=str(self.out),
-            # without cpu=True accelerate ignores torchrun's WORLD_SIZE on a machine with no GPU
-            cpu=not torch.cuda.is_available(),
-            # DDP would re-broadcast module buffers, a collective, in forwards; the networks' buffers are constants
-            # (rotary tables, position ids), and Wan2.2 calls a trained expert only on the steps of its noise levels,
-            # so processes make different numbers of calls and that collective would wait forever
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-        )
+        # without a GPU accelerate needs cpu=True, else it ignores torchrun's WORLD_SIZE; DDP would re-broadcast
+        # module buffers, a collective, in forwards; the networks' buffers are constants (rotary tables, position
+        # ids), and Wan2.2 calls a trained expert only on the steps of its noise levels, so processes make
+        # different numbers of calls and that collective would wait forever
+        self.accelerator = accelerator or make_accelerator(
+            cfg.train.mixed_precision, log_with, str(self.out),
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         acc = self.accelerator
         set_seed(cfg.seed)  # LoRA initialisation; every later draw is seeded explicitly (derive_generator)
         self.rank, self.world = acc.process_index, acc.num_processes
+        if self.world > 1 and acc.is_main_process:
+            sharding = "FSDP2 (sharded weights and optimizer state)" if acc.distributed_type == "FSDP" else str(
+                acc.distributed_type).removeprefix("DistributedType.")
+            tqdm.write(f"[diffrl] {self.world} processes on {acc.device.type} ({acc.state.backend}): {sharding}, "
+                       f"mixed precision {acc.mixed_precision}")
         self.resume_from: Path | None = plan.checkpoint if plan else None
         """The checkpoint to load (resolve_resume verified it), None to start at iteration 0."""
         if cfg.resume and self.world > 1:  # every process loads the checkpoint rank 0 verified
@@ -182,17 +185,6 @@ class TrainLoop(abc.ABC):
         if limit and self.accelerator.is_main_process:
             prune_checkpoints(self.out / "checkpoints", limit)
 
-    def finish_resume(self) -> None:
-        """After a trainer loaded `resume_from`: the optimizer takes this config's hyper-parameters (a checkpoint's
-        param_groups hold the old ones; resolve_resume listed the changes), and config.yaml is written (never before
-        the resume succeeded)."""
-        t = self.cfg.train
-        for group in self.optimizer.param_groups:
-            group.update(lr=t.learning_rate_at(self.iteration, self.cfg.max_iterations), betas=(t.adam_beta1, t.adam_beta2),
-                         eps=t.adam_epsilon, weight_decay=t.adam_weight_decay)
-        if self.accelerator.is_main_process:
-            save_config(self.cfg, self.out / "config.yaml")
-
     def last_good_checkpoint(self) -> Path | None:
         """The newest complete checkpoint of this run (<output_dir>/checkpoints/iter_*), else the one it resumed
         from, else None. Every checkpoint is finite: save() refuses non-finite tensors."""
@@ -227,6 +219,17 @@ class TrainLoop(abc.ABC):
         if bad:
             raise self.nonfinite_error(f"refusing to write the checkpoint of iteration {self.iteration}: {len(bad)} of its "
                                        f"{len(tensors)} tensors hold NaN/inf (e.g. {', '.join(bad[:3])})")
+
+    def finish_resume(self) -> None:
+        """After a trainer loaded `resume_from`: the optimizer takes this config's hyper-parameters (a checkpoint's
+        param_groups hold the old ones; resolve_resume listed the changes), and config.yaml is written (never before
+        the resume succeeded)."""
+        t = self.cfg.train
+        for group in self.optimizer.param_groups:
+            group.update(lr=t.learning_rate_at(self.iteration, self.cfg.max_iterations), betas=(t.adam_beta1, t.adam_beta2),
+                         eps=t.adam_epsilon, weight_decay=t.adam_weight_decay)
+        if self.accelerator.is_main_process:
+            save_config(self.cfg, self.out / "config.yaml")
 
     def _truncate_metrics(self, iteration: int) -> None:
         """Keep the rows of metrics.jsonl up to `iteration` (a resumed run logs the later ones again; -1 keeps none,

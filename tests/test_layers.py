@@ -13,7 +13,7 @@ PACKAGES = {"diffrl": "diffrl", "pipelines": "diffrl.pipelines", "rewards": "dif
             "benchmarks": "diffrl.benchmarks", "assets": "diffrl.assets"}
 
 LAYERS: list[tuple[str, list[str]]] = [  # bottom to top; the most specific pattern of a module decides
-    ("foundation", ["diffrl", "diffrl.runtime", "diffrl.optim", "diffrl.checks", "diffrl.stats", "diffrl.hub", "diffrl.core*",
+    ("foundation", ["diffrl", "diffrl.runtime", "diffrl.optim", "diffrl.distributed", "diffrl.checks", "diffrl.stats", "diffrl.hub", "diffrl.core*",
                     "diffrl.data", "diffrl.visual", "diffrl.assets*", "diffrl.toyworld", "diffrl.toyworld.world",
                     "diffrl.toyworld.prompts", "diffrl.toyworld.scorer", "diffrl.toyworld.clips", "diffrl.motion*"]),
     ("sampling", ["diffrl.sampling*", "diffrl.rollout"]),

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 
 from diffrl.runloop import TrainLoop
 from diffrl.checkpoint import load_checkpoint, save_policy_checkpoint
 from diffrl.core import PerPromptStatTracker, combine_rewards, zero_std_fraction
+from diffrl.distributed import shard_like_params, whole_tensors
 from diffrl.data import PromptSet, draw_prompt_indices, load_prompts
 from diffrl.optim import NonFiniteTrainingError
 from diffrl.rewards.mixture import RolloutScorer, prompt_group_ids
@@ -111,6 +112,8 @@ class Trainer(TrainLoop):
             params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
             weight_decay=t.adam_weight_decay, eps=t.adam_epsilon,
         )
+        if acc.distributed_type == DistributedType.DEEPSPEED:  # no dataloader is prepared to size its micro-batch from
+            acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.train_batch_size
         self.policy.denoiser, self.optimizer = acc.prepare(self.policy.denoiser, self.optimizer)
         self.ema = [q.detach().clone() for q in params] if t.ema else None
         a = cfg.advantages
@@ -373,19 +376,26 @@ class Trainer(TrainLoop):
         extra = {f"ema.{i}": e for i, e in enumerate(self.ema or [])}
         extra.update(self.algorithm.state_tensors())
         self.check_finite_before_save(self.policy.trainable_module(), self.optimizer, extra)
-        self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return None
-        state = {"iteration": self.iteration, "samples_seen": self.samples_seen, "seed": self.cfg.seed,
-                 "world_size": self.world, "tracker": self.tracker.state_dict(),
-                 "trained_networks": list(self.policy.trained_networks()), "config": self.cfg.in_use()}
-        return save_policy_checkpoint(self.out / "checkpoints" / f"iter_{self.iteration:06d}", self.policy,
-                               self.optimizer, state, extra, card=self.model_card(
-                                   self.reward.describe(), "diffusers", self.policy.lora_usage(),
-                                   family=self.policy.family))
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        # FSDP2: every process joins the gathers; the main process writes whole tensors (any process count resumes)
+        with whole_tensors(self.policy.trainable_module(), self.optimizer, keep=acc.is_main_process,
+                           lora_only=self.policy.has_lora):
+            if not acc.is_main_process:
+                return None
+            state = {"iteration": self.iteration, "samples_seen": self.samples_seen, "seed": self.cfg.seed,
+                     "world_size": self.world, "tracker": self.tracker.state_dict(),
+                     "trained_networks": list(self.policy.trained_networks()), "config": self.cfg.in_use()}
+            return save_policy_checkpoint(self.out / "checkpoints" / f"iter_{self.iteration:06d}", self.policy,
+                                          self.optimizer, state, extra, card=self.model_card(
+                                              self.reward.describe(), "diffusers", self.policy.lora_usage(),
+                                              family=self.policy.family))
 
     def _resume(self, path: str) -> None:
-        state, extra = load_checkpoint(path, self.policy, self.optimizer)
+        # FSDP2: the checkpoint's whole tensors are loaded into whole copies, then each process keeps its shards
+        with whole_tensors(self.policy.trainable_module(), lora_only=self.policy.has_lora, write_back=True):
+            state, extra = load_checkpoint(path, self.policy, self.optimizer)
+        shard_like_params(self.optimizer)
         trained, here = state.get("trained_networks"), list(self.policy.trained_networks())
         if trained is not None and trained != here:  # Wan2.2's experts hold tensors of the same names
             raise ValueError(f"the checkpoint in {path} trained {' and '.join(trained)}; this run trains {' and '.join(here)}: "
