@@ -45,7 +45,8 @@ and 4 (the last one plotted to curves.png)."""
 ITERATIONS = 4
 TIMING_KEYS = ("seconds", "peak_memory_mb")
 """Metrics keys that measure the machine, not the run (and time_*)."""
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+       "PYTHONUNBUFFERED": "1"}  # a killed run's log holds every line it printed
 POLL_S = 0.002
 RUN_TIMEOUT_S = 300
 
@@ -304,6 +305,7 @@ def resume_to_end(zygote: Zygote, out: Path, logs: Path, kills: list[Point | flo
         started = (out / "config.yaml").exists()
         argv = train_argv(out, f"resume={out}") if number and started else train_argv(out)
         had_checkpoint = any((out / "checkpoints").glob("iter_*"))
+        dead_writers = list((out / "checkpoints").glob(".iter_*"))
         if isinstance(kill, Point):
             outcome = zygote.run(argv, logs.with_name(f"{logs.name}-{number}"), pause=kill.pause and kill.pause(out),
                                  kill_when=kill.when and kill.when(out))
@@ -312,6 +314,8 @@ def resume_to_end(zygote: Zygote, out: Path, logs: Path, kills: list[Point | flo
                                  kill_when=None if kill is None else (lambda elapsed, at=kill: elapsed >= at))
         if number and started and not had_checkpoint:  # killed before its first checkpoint: starts over
             assert "holds no checkpoint yet" in outcome.stdout, outcome.stdout
+        for folder in dead_writers:  # cleared, and said so
+            assert folder.exists() or f"removed {folder} (left by a checkpoint write that was killed)" in outcome.stdout
         if kill is None:
             assert outcome.code == 0, outcome.stderr
             return landed
@@ -362,7 +366,7 @@ def test_a_run_killed_twice_ends_as_the_reference(zygote, reference, tmp_path, f
     check_kills(zygote, reference, tmp_path, [POINTS[first], POINTS[second]])
 
 
-RANDOM_KILLS = 6
+RANDOM_KILLS = 10
 
 
 @pytest.fixture(scope="module")
@@ -388,3 +392,60 @@ def test_a_forked_run_ends_as_the_reference_of_a_fresh_interpreter(reference, fo
     """The kill tests' runs are forked from the zygote: uninterrupted, one equals `python -m diffrl.cli train`'s."""
     assert_same_run(forked_run[0], reference)
     print(f"\n[kill-resume] an uninterrupted forked run took {forked_run[1]:.1f} s")
+
+
+# ---- a real full disk --------------------------------------------------------------------------------------------
+PAGE = 4096
+
+
+def pages(files) -> int:
+    """Bytes a tmpfs charges for `files`: whole pages."""
+    return sum(-(-f.stat().st_size // PAGE) * PAGE for f in files)
+
+
+@pytest.fixture
+def small_disk(reference, tmp_path):
+    """A tmpfs that holds the run up to its second checkpoint, half of the third one and nothing more (sizes taken
+    from the reference run's files); unmounted afterwards. Needs root and a kernel that lets this process mount."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    written = [f for f in reference.rglob("*") if f.is_file()
+               and not any(part in f.name or part in f.parent.name for part in ("000003", "000004"))]
+    checkpoint = [f for f in (reference / "checkpoints" / "iter_000003").rglob("*") if f.is_file()]
+    size_kib = (pages(written) + pages(checkpoint) // 2) // 1024
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(disk)],
+                           capture_output=True, text=True)
+    if mount.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {(mount.stderr or mount.stdout).strip()}")
+    try:
+        yield disk
+    finally:
+        if subprocess.run(["umount", str(disk)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_its_checkpoints_resume_elsewhere(zygote, reference, small_disk,
+                                                                                 tmp_path):
+    """The tmpfs fills while checkpoint 3 is written: `diffrl train` exits 1 with one line naming it and the intact
+    checkpoint 2, leaves checkpoints 1 and 2 verified and no half-written folder; the run copied to a disk with room
+    resumes to the reference's end."""
+    from diffrl.checkpoint import verify_checkpoint
+
+    out = small_disk / "run"
+    failed = zygote.run(train_argv(out), tmp_path / "full")
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("diffrl:") or "Traceback" in line]
+    checkpoints = out / "checkpoints"
+    assert failed.code == 1 and len(errors) == 1, failed.stderr
+    assert errors[0].startswith(f"diffrl: cannot write checkpoint {checkpoints / 'iter_000003'}: No space left on "
+                                "device (") and errors[0].endswith(
+        f"); the newest checkpoint before it, {checkpoints / 'iter_000002'}, is intact"), errors[0]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_000001", "iter_000002"]
+    for name in ("iter_000001", "iter_000002"):
+        verify_checkpoint(checkpoints / name)
+    copy = Path(shutil.copytree(out, tmp_path / "run"))
+    resumed = zygote.run(train_argv(copy, f"resume={copy}"), tmp_path / "resume")
+    assert resumed.code == 0, resumed.stderr
+    assert_same_run(copy, reference)
+    print(f"\n[kill-resume] full tmpfs: {errors[0]}")
