@@ -455,12 +455,15 @@ def run_benchmark(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()] if args.algorithms else ALGORITHMS.names()
     eval_path = out / "prompts" / "heldout.jsonl"
-    common = [f"data.eval_prompts={eval_path}", *([f"model={args.model}"] if args.model else []), *args.set]
-    plans = plan_runs(config, algorithms, args.sample_budget, common, out / "runs", args.curve_points, world.overrides)
-    base_cfg = load_config(config, common)  # evaluation settings shared by every method
-    train_prompts = load_prompts(base_cfg.data.prompts)
+    shared = [*([f"model={args.model}"] if args.model else []), *args.set]
+    # the held-out file is built from the training prompts, and validation reads it: written before any config
+    # names it
+    train_prompts = load_prompts(load_config(config, shared).data.prompts)
     write_heldout_prompts(eval_path, args.eval_prompts, args.pair_prompts, train_prompts.metadata, args.train_prompts,
                           world)
+    common = [f"data.eval_prompts={eval_path}", *shared]
+    plans = plan_runs(config, algorithms, args.sample_budget, common, out / "runs", args.curve_points, world.overrides)
+    base_cfg = load_config(config, common)  # evaluation settings shared by every method
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # loaded before training so that a missing model fails at once; the trainers load their own copy
     policy = load_policy(base_cfg.model, family=base_cfg.policy.family, torch_dtype=DTYPES[base_cfg.policy.dtype],

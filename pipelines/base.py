@@ -203,13 +203,11 @@ class Policy(abc.ABC):
         from peft.utils import get_peft_model_state_dict
 
         c = self.lora_component  # "unet" | "transformer"
+        metadata = net.peft_config["default"].to_dict()
+        if isinstance(metadata.get("target_modules"), (set, list)):  # a set: its order follows Python's string hashing
+            metadata["target_modules"] = sorted(metadata["target_modules"])
         type(self.pipe).save_lora_weights(
-            str(folder),
-            **{
-                f"{c}_lora_layers": get_peft_model_state_dict(net),
-                f"{c}_lora_adapter_metadata": net.peft_config["default"].to_dict(),
-            },
-        )
+            str(folder), **{f"{c}_lora_layers": get_peft_model_state_dict(net), f"{c}_lora_adapter_metadata": metadata})
 
     def lora_usage(self, folder: str = "path/to/this/folder") -> str:
         """The diffusers code that loads what `save_lora` wrote into `folder` (a model card's usage line)."""
