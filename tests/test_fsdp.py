@@ -173,3 +173,34 @@ def test_launcher_settings_that_agree_are_honoured(monkeypatch):
     for key, value in {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}.items():
         monkeypatch.setenv(key, value)
     assert load_config(None, ["model=tiny-sd3"]).train.mixed_precision == "no"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_the_shipped_fsdp2_accelerate_config_runs_sharded_on_a_cpu(tmp_path):
+    """The user's command: accelerate launch with configs/accelerate/fsdp2.yaml. Its bf16 is refused against the
+    recipe's float32 before any model loads; with --mixed_precision no the run shards over gloo and resumes."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(root / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2"]
+    train = ["-m", "diffrl.cli", "train", str(root / "configs" / "image" / "tiny_sd3_jpeg.yaml"),
+             f"output_dir={tmp_path / 'run'}", "max_iterations=2", "logging.progress=false", "logging.save_every=1",
+             "train.prompts_per_iteration=1", "train.rollout_batch_size=8", "train.train_batch_size=8",
+             "data.num_eval_prompts=2"]
+    refused = subprocess.run([*launch, *train], env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "'train.mixed_precision' is no but the accelerate launcher asks for bf16" in refused.stderr
+    assert not (tmp_path / "run").exists()
+    done = subprocess.run([*launch, "--mixed_precision", "no", *train], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[diffrl] 2 processes on cpu (gloo): FSDP2" in done.stdout + done.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    # continued on one process from the sharded run's first checkpoint: it resumes and ends at iteration 3
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "iter_000002")
+    more = subprocess.run([sys.executable, *train[0:], "max_iterations=3", "train.prompts_per_iteration=2",
+                           f"resume={tmp_path / 'run'}"], env=env, capture_output=True, text=True, timeout=600)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "2 process(es) wrote" in more.stdout + more.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]

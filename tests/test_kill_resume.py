@@ -312,8 +312,8 @@ def resume_to_end(zygote: Zygote, out: Path, logs: Path, kills: list[Point | flo
         else:
             outcome = zygote.run(argv, logs.with_name(f"{logs.name}-{number}"),
                                  kill_when=None if kill is None else (lambda elapsed, at=kill: elapsed >= at))
-        if number and started and not had_checkpoint:  # killed before its first checkpoint: starts over
-            assert "holds no checkpoint yet" in outcome.stdout, outcome.stdout
+        if number and started and not had_checkpoint and outcome.code == 0:  # killed before its first checkpoint:
+            assert "holds no checkpoint yet" in outcome.stdout, outcome.stdout  # starts over (if not killed first)
         for folder in dead_writers:  # cleared, and said so
             assert folder.exists() or f"removed {folder} (left by a checkpoint write that was killed)" in outcome.stdout
         if kill is None:
