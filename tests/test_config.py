@@ -152,3 +152,20 @@ def test_every_shipped_recipe_validates_without_weights(recipe):
     """Recipes that name a hub model state their family, so they validate before the weights are downloaded."""
     cfg = load_config(ROOT / recipe)
     assert cfg.algorithm and cfg.sampling.guidance_scale is not None or cfg.algorithm.startswith("lm_")
+
+
+def test_the_all_defaults_config_builds_a_policy_that_runs():
+    """`diffrl train max_iterations=1` with no recipe: the default model at the default size must sample (it was
+    tiny-sd3 at 512 px, which its position embedding cannot hold: a crash after the model had loaded)."""
+    import torch
+
+    from diffrl.config import load_config
+    from diffrl.pipelines.registry import load_policy
+
+    cfg = load_config(None, ["max_iterations=1"])
+    policy = load_policy(cfg.model, family=cfg.policy.family, **cfg.policy.size_kwargs(cfg.model))
+    noise = policy.initial_noise(1, generator=torch.Generator().manual_seed(0))
+    cond = policy.encode_prompt(["a red circle"], cfg.sampling.negative_prompt)
+    with torch.no_grad():
+        out = policy.predict(noise, policy.schedule(2).timesteps[:1], cond, cfg.sampling.guidance_scale)
+    assert out.shape == noise.shape and torch.isfinite(out).all()
