@@ -18,7 +18,7 @@ Folders of writers that died (`.iter_N.tmp-PID`, `.iter_N.old-PID`) are removed 
 
 Resuming: `resolve_resume` runs during config validation, before any model loads: it picks the newest intact
 checkpoint of a run (`verify_checkpoint`: state.json parses, every file has its recorded size and checksum, the
-safetensors headers parse, every tensor is finite), says which newer ones it skipped and why, checks that the
+safetensors headers parse, every tensor of a file without a checksum is finite), says which newer ones it skipped and why, checks that the
 checkpoint was made by the same kind of run (model, LoRA, algorithm, seed, ...) and lists the settings that change
 only the future (learning rate, max_iterations, logging, ...), which the resumed run applies.
 """
@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffrl.checks import ConfigError
+from diffrl.optim import nonfinite_tensors, optimizer_tensors
 
 STATE_FILE = "state.json"
 REQUIRED_FILES = ("trainable.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors")
@@ -64,22 +65,17 @@ def _named_trainable(policy) -> dict[str, torch.nn.Parameter]:
 
 
 def trainable_tensors(policy) -> dict[str, torch.Tensor]:
-    """Parameter name -> a CPU copy of every trainable tensor of a single-process policy."""
-    return {n: p.detach().contiguous().cpu() for n, p in _named_trainable(policy).items()}
+    """Parameter name -> every trainable tensor of a single-process policy (save_checkpoint copies them to the CPU)."""
+    return {n: p.detach() for n, p in _named_trainable(policy).items()}
 
 
 def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimizer's state as ({"<param index>.<key>": tensor}, {"param_groups": ..., "scalars": ...}): what
     save_checkpoint writes to optimizer.safetensors and optimizer.json."""
     sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value.detach().contiguous().cpu()
-            else:
-                scalars[f"{idx}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    scalars = {f"{idx}.{key}": value for idx, state in sd["state"].items() for key, value in state.items()
+               if not torch.is_tensor(value)}
+    return optimizer_tensors(optimizer), {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
@@ -286,9 +282,9 @@ def _load_finite(file: Path) -> dict[str, torch.Tensor]:
         tensors = load_file(file)
     except Exception as exc:  # safetensors raises its own error types for a damaged file
         raise CheckpointError(f"{file}: cannot be read ({exc})") from None
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise CheckpointError(f"{file}: tensor '{name}' holds NaN or inf")
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise CheckpointError(f"{file}: tensor '{bad[0]}' holds NaN or inf")
     return tensors
 
 
@@ -296,7 +292,8 @@ def verify_checkpoint(path: str | Path, check_finite: bool = True) -> dict:
     """Check one checkpoint folder without loading a model; returns its state.json. Raises CheckpointError naming
     the file: state.json missing or not a JSON object with an iteration, a file missing or of another size or
     sha256 than state.json records, a safetensors header that does not parse or a truncated file, optimizer.json
-    not JSON, and (check_finite) a NaN / inf tensor."""
+    not JSON, and (check_finite) a NaN / inf tensor in a file state.json holds no checksum of (an older
+    checkpoint, or one whose "files" were removed): a checksummed file is the finite one save() wrote."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint folder")
@@ -328,9 +325,9 @@ def verify_checkpoint(path: str | Path, check_finite: bool = True) -> dict:
         assert isinstance(meta, dict) and "param_groups" in meta and "scalars" in meta
     except (UnicodeDecodeError, json.JSONDecodeError, AssertionError):
         raise CheckpointError(f"{path / 'optimizer.json'} does not parse as the optimizer's settings") from None
-    if check_finite:
+    if check_finite:  # a file with a checksum was finite when written (save() refuses NaN / inf) and is unchanged
         for name in FINITE_FILES:
-            if (path / name).is_file():
+            if (path / name).is_file() and name not in files:
                 _load_finite(path / name)
     return state
 

@@ -122,11 +122,6 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor().clone()
 
 
-def gathered(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{name: full tensor on the CPU}, in the dict's order on every process (the gathers are collectives)."""
-    return {name: full_tensor(t.detach()).contiguous().cpu() for name, t in named.items()}
-
-
 def like(full: torch.Tensor, target: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`full` (a whole tensor from a checkpoint) shaped as `target`: its shard on this process when `target` is an
     FSDP2 shard (every process holds the file's whole tensor, so no communication), else `full` itself; on target's

@@ -10,7 +10,6 @@ Imports only torch: diffrl.trainers and diffrl.lm use it; diffrl.core and diffrl
 from __future__ import annotations
 
 import math
-from typing import Iterable
 
 import torch
 
@@ -26,7 +25,7 @@ class NonFiniteTrainingError(RuntimeError):
 class GuardedStep:
     """Clip (accelerator.clip_grad_norm_; max_grad_norm None or 0: no clipping), then optimizer.step() if the
     gradient norm is finite, else skip the step; zero the gradients either way. Call it after the backward(s)
-    of one step: `grad_norm = guard(optimizer, params)`.
+    of one step: `grad_norm = guard(optimizer)`.
 
     Counts `skipped` (steps skipped since start_iteration) and `consecutive` (skipped in a row, across
     iterations); the `max_nonfinite_steps`-th skip in a row raises NonFiniteTrainingError."""
@@ -51,14 +50,14 @@ class GuardedStep:
         """A new iteration (numbered as metrics.jsonl does): resets `skipped`, keeps the run of skips in a row."""
         self.iteration, self.skipped = iteration, 0
 
-    def __call__(self, optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter]) -> float:
-        """One optimiser step on the accumulated gradients of `params`; returns the gradient norm before clipping."""
+    def __call__(self, optimizer: torch.optim.Optimizer) -> float:
+        """One optimiser step on the accumulated gradients of the optimizer's parameters; returns the gradient norm
+        before clipping."""
         # The decision reads only the norm accelerate returns. Under DDP the gradients are all-reduced before it
         # is computed (a NaN loss on one process makes every process's gradient NaN), so every process computes
         # the same norm and takes the same decision: the weights stay identical across processes.
         # the optimizer's own parameters: under FSDP2 a module's parameter attributes are gathered views between a
         # forward and the next backward, and the gradients live on the sharded parameters the optimizer holds
-        del params
         params = [p for group in optimizer.param_groups for p in group["params"]]
         reported = self.accelerator.clip_grad_norm_(params, self.max_grad_norm)
         grad_norm = math.nan if reported is None else float(reported)
@@ -97,6 +96,7 @@ def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """The optimiser's state tensors (AdamW's moments), named "<param index>.<key>"."""
-    return {f"{i}.{key}": value for i, state in enumerate(optimizer.state_dict()["state"].values())
+    """The optimiser's state tensors (AdamW's moments and steps), named "<param index>.<key>" as its state_dict
+    numbers the parameters (diffrl.checkpoint writes them under these names)."""
+    return {f"{idx}.{key}": value for idx, state in optimizer.state_dict()["state"].items()
             for key, value in state.items() if torch.is_tensor(value)}

@@ -239,7 +239,7 @@ def test_finite_steps_are_bit_identical_to_clip_and_step(max_grad_norm):
     x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
     for _ in range(3):
         a(x).square().sum().backward()
-        norm_a = guard(opt_a, list(a.parameters()))
+        norm_a = guard(opt_a)
         b(x).square().sum().backward()
         norm_b = acc.clip_grad_norm_(list(b.parameters()), max_grad_norm or float("inf"))  # the code before the guard
         opt_b.step()
@@ -256,7 +256,8 @@ def test_finite_grpo_update_is_unchanged(tmp_path):
     trainers = [make_trainer(tmp_path / name, "grpo") for name in ("guarded", "plain")]
     acc = trainers[1].accelerator
 
-    def plain(optimizer, params):
+    def plain(optimizer):  # the code before the guard: clip the policy's trainable parameters, then step
+        params = trainers[1].policy.trainable_parameters()
         norm = acc.clip_grad_norm_(params, trainers[1].cfg.train.max_grad_norm or float("inf")).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -276,12 +277,12 @@ def test_a_finite_step_ends_a_run_of_skips():
     for poisoned in (True, True, False, True, True):
         loss = net(x).square().sum() * (NAN if poisoned else 1.0)
         loss.backward()
-        guard(opt, list(net.parameters()))
+        guard(opt)
     assert guard.skipped == 4 and guard.consecutive == 2
     net(x).square().sum().mul(float("inf")).backward()
     guard.start_iteration(7)
     with pytest.raises(NonFiniteTrainingError, match=r"3 optimiser steps in a row .* iteration 7"):
-        guard(opt, list(net.parameters()))
+        guard(opt)
 
 
 def test_fp16_loss_scale_overflows_back_off_before_they_count():
@@ -305,7 +306,7 @@ def test_fp16_loss_scale_overflows_back_off_before_they_count():
         for _ in range(10):
             acc.scaler.scale(net(torch.ones(1, 5)).sum() * float("inf")).backward()
             scales.append(acc.scaler.get_scale())
-            guard(opt, list(net.parameters()))
+            guard(opt)
     assert scales == [4.0, 2.0, 1.0, 0.5]  # two skips at scales 4 and 2 back off; those at 1 and 0.5 count
     assert guard.skipped == 4 and all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
 

@@ -182,7 +182,6 @@ class LMTrainer(TrainLoop):
         need_old = t.num_inner_epochs > 1 or n_mini > 1
         logp_old = self._score(batch.rollout, reference=False) if need_old and B else None  # [B, T]
         logp_ref = self._score(batch.rollout, reference=True) if lm.kl_beta > 0 and B else None  # [B, T]
-        params = self.policy.trainable_parameters()
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         ratio_max, ratio_min = 0.0, float("inf")
@@ -221,7 +220,7 @@ class LMTrainer(TrainLoop):
                             add(k, v.item())
                         ratio_max = max(ratio_max, m["ratio_max"].item())
                         ratio_min = min(ratio_min, m["ratio_min"].item())
-                add("grad_norm", self.step_guard(self.optimizer, params))
+                add("grad_norm", self.step_guard(self.optimizer))
         metrics = {k: sums[k] / counts[k] for k in sums}
         if "ratio_max" in metrics:  # extremes over the iteration, not means of per-micro-batch extremes
             metrics["ratio_max"], metrics["ratio_min"] = ratio_max, ratio_min

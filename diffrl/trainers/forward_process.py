@@ -225,7 +225,6 @@ class FinalSampleUpdates:
         B = len(batch)
         mb = cfg.train.train_batch_size
         micro = cfg.train.micro_batch_size or mb
-        params = self.policy.trainable_parameters()
         schedule = batch.trajectory.schedule
         sums: dict[str, float] = {}
         calls = steps = 0
@@ -261,7 +260,7 @@ class FinalSampleUpdates:
                         for key, value in metrics.items():
                             sums[key] = sums.get(key, 0.0) + value
                         calls += 1
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + self.step_guard(optimizer, params)
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + self.step_guard(optimizer)
                 self.steps += self.step_guard.stepped  # the snapshots' clock counts the steps taken
                 steps += 1
         out = {k: v / (steps if k == "grad_norm" else calls) for k, v in sums.items()}

@@ -83,7 +83,6 @@ class GRPO(Algorithm):
         adv = batch.advantages.clamp(-g.adv_clip_max, g.adv_clip_max)  # [B]
         weight = batch.valid.to(adv.dtype)  # [B]: non-finite rewards contribute nothing
         mb = cfg.train.train_batch_size
-        params = self.policy.trainable_parameters()
         sums: dict[str, float] = {}
         count, trained = 0, 0
         ratio_max = 0.0
@@ -132,7 +131,7 @@ class GRPO(Algorithm):
                         sums[key] = sums.get(key, 0.0) + value
                     ratio_max = max(ratio_max, ratio.max().item())
                     count += 1
-                grad_norms.append(self.step_guard(optimizer, params))
+                grad_norms.append(self.step_guard(optimizer))
         metrics = {k: v / count for k, v in sums.items()}
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["ratio_max"] = ratio_max

@@ -139,13 +139,12 @@ class PRDP(Algorithm):
         all_rows = torch.arange(B, device=batch.group_ids.device)  # [B]
         ref = self.log_probs(batch, all_rows, reference=True)  # [B, T], once: the reference never moves
         delta_old = batch.trajectory.log_probs - ref  # [B, T] the sampling snapshot's log-ratios
-        params = self.policy.trainable_parameters()
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         for _ in range(cfg.train.num_inner_epochs):
             for rows in self.train_batches(batch, generator):
                 metrics = self.accumulate_gradients(batch, rows, delta_old, ref, generator)
-                metrics["grad_norm"] = self.step_guard(optimizer, params)
+                metrics["grad_norm"] = self.step_guard(optimizer)
                 for key, value in metrics.items():
                     # pair_accuracy is NaN when no pair's rewards differ: its mean is over the steps with such pairs;
                     # every other metric shows a NaN/inf as it is (a non-finite loss must not vanish from the log)

@@ -100,7 +100,7 @@ def optimizer_step(loss: torch.Tensor, optimizer, policy, accelerator, step_guar
         for p in params:
             if p.grad is not None:
                 p.grad = accelerator.reduce(p.grad, reduction="mean")
-    return step_guard(optimizer, params)
+    return step_guard(optimizer)
 
 
 class RewardBackprop(Algorithm):
