@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -27,6 +27,8 @@ class RolloutBatch:
     valid: torch.Tensor | None  # [B] bool: reward was finite
     advantages: torch.Tensor | None = None  # [B]
     reward_components: dict[str, torch.Tensor] | None = None  # a reward mixture's parts, name -> [B]
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Seconds spent in parts of the rollout: "decode" (Policy.decode) and "reward" (scoring, or waiting for it)."""
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -42,6 +42,14 @@ PANEL_IMAGES = 4
 """... from the first prompts, up to 4 images of each."""
 
 
+def phase_clock(device: torch.device) -> float:
+    """time.perf_counter() for the phase timings of a metrics row; on CUDA after the queued kernels finish, so that a
+    phase's seconds are its own (called between phases only, never inside the training maths)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def decode_kwargs(policy, reward) -> dict:
     """{"num_frames": k} when a video reward reads only the first k frames of a clip, else {}: a causal video VAE
     decodes that prefix exactly and in a fraction of the time and memory (evaluation still decodes whole clips)."""
@@ -55,9 +63,11 @@ class Trainer(TrainLoop):
     """Builds everything from a validated diffrl.config.RunConfig and runs the shared loop."""
 
     def __init__(self, cfg, accelerator: Accelerator | None = None, prompts: PromptSet | None = None,
-                 eval_prompts: PromptSet | None = None):
+                 eval_prompts: PromptSet | None = None, policy=None):
         """cfg: a validated RunConfig (diffrl.load_config, or diffrl.train which also takes prompts and rewards as
-        Python objects); `prompts` / `eval_prompts` replace data.prompts / data.eval_prompts."""
+        Python objects); `prompts` / `eval_prompts` replace data.prompts / data.eval_prompts; `policy`, a Policy
+        built by the caller (without LoRA), replaces cfg.model (benchmarks: full-size architectures with random
+        weights); cfg.policy's LoRA, checkpointing and attention settings still apply to it."""
         if cfg.sampling.guidance_scale is None:
             raise ValueError("the config has no sampling.guidance_scale: build it with diffrl.load_config or train "
                              "with diffrl.train, which fill the algorithm's defaults and validate it")
@@ -69,7 +79,7 @@ class Trainer(TrainLoop):
         acc = self.accelerator
 
         p = cfg.policy
-        self.policy = load_policy(
+        self.policy = policy if policy is not None else load_policy(
             cfg.model, family=p.family, torch_dtype=DTYPES[p.dtype], device=acc.device, num_frames=p.num_frames,
             **p.size_kwargs(cfg.model), **p.vae_chunking()
         )  # tiny models are built with a fixed weight seed: the run seed must not change the base model
@@ -149,6 +159,10 @@ class Trainer(TrainLoop):
             )
         chunks, images = [], []
         scorer = RolloutScorer(self.reward, self.reward_pool)  # scores each chunk (in the background if reward_async)
+        # seconds of the rollout spent decoding and scoring (or waiting for the background scorer); no CUDA sync
+        # around a background scorer's submit, which would wait for its kernels and undo the overlap
+        seconds = {"decode": 0.0, "reward": 0.0}
+        reward_clock = time.perf_counter if self.reward_pool is not None else lambda: phase_clock(acc.device)
         for start in range(0, P * K, cfg.train.rollout_batch_size):
             sl = slice(start, start + cfg.train.rollout_batch_size)
             with acc.autocast(), self.algorithm.rollout_context():
@@ -156,8 +170,12 @@ class Trainer(TrainLoop):
                     self.policy, cond.index(sl), sampler, schedule, cfg.sampling.guidance_scale,
                     latents=noise[sl], generator=gen, record=self.algorithm.record_trajectory,
                 )
+                started = phase_clock(acc.device)
                 images.append(self.policy.decode(traj.final, **self.decode_kwargs).float())
+                seconds["decode"] += phase_clock(acc.device) - started
+            started = reward_clock()
             scorer.submit(images[-1], prompts[sl], metadata[sl])
+            seconds["reward"] += reward_clock() - started
             chunks.append(traj)
         trajectory = type(chunks[0])(
             latents=torch.cat([c.latents for c in chunks]),
@@ -165,11 +183,13 @@ class Trainer(TrainLoop):
             schedule=schedule, log_prob_steps=chunks[0].log_prob_steps,
         )
         images = torch.cat(images)  # [B, 3, H, W]
+        started = reward_clock()
         rewards, components = scorer.collect()  # [B]; a mixture's parts, name -> [B]
+        seconds["reward"] += reward_clock() - started
         return RolloutBatch(
             prompts=prompts, metadata=metadata, group_ids=group_ids.to(acc.device), cond=cond,
             trajectory=trajectory, images=images, rewards=rewards, valid=torch.isfinite(rewards),
-            reward_components=components,
+            reward_components=components, seconds=seconds,
         )
 
     @torch.no_grad()
@@ -411,9 +431,9 @@ class Trainer(TrainLoop):
     def train_iteration(self) -> dict:
         """One iteration; returns its metrics row."""
         cfg, acc = self.cfg, self.accelerator
-        t0 = time.perf_counter()
+        t0 = phase_clock(acc.device)
         batch = self.rollout(self.iteration)
-        t1 = time.perf_counter()
+        t1 = phase_clock(acc.device)
         in_update = self.algorithm.samples_in_update  # then update() samples and the scores come after it
         row = {} if in_update else self.advantages(batch)
         gen = derive_generator(cfg.seed, self.iteration, self.rank, 2)
@@ -425,14 +445,18 @@ class Trainer(TrainLoop):
         metrics = self.algorithm.update(batch, self.optimizer, gen)
         metrics["skipped_steps"] = self.algorithm.step_guard.skipped  # optimiser steps skipped on a NaN/inf gradient
         if in_update:
+            started = phase_clock(acc.device)
             self.score(batch)
+            batch.seconds["reward"] = phase_clock(acc.device) - started  # part of time_update here
             row = self.advantages(batch)  # the reward statistics of the log
         self._update_ema()
-        t2 = time.perf_counter()
+        t2 = phase_clock(acc.device)
         self.iteration += 1
         self.samples_seen += len(batch) * self.world
         row = {"iteration": self.iteration, "samples_seen": self.samples_seen, **row, **metrics,
                "seconds": t2 - t0, "time_rollout": t1 - t0, "time_update": t2 - t1,
+               # parts of time_rollout (of time_update where update() samples: reward-backprop methods)
+               "time_decode": batch.seconds.get("decode", 0.0), "time_reward": batch.seconds.get("reward", 0.0),
                "peak_memory_mb": peak_memory_mb(acc.device)}
         return row
 
