@@ -125,6 +125,17 @@ ALGORITHM_OVERRIDES: dict[str, tuple[str, ...]] = {
 }
 """Per-algorithm settings of the benchmark (sampler, method hyper-parameters, batch shape)."""
 
+ADAPTER_OVERRIDES: dict[str, tuple[str, ...]] = {
+    # what is trained (--adapters), applied after the algorithm's row: the recipe's LoRA (r16 / alpha 32) as it is;
+    # SaRA at the authors' defaults (threshold 2e-3, lambda_rank 5e-4) and their learning rate 1e-3 exp(-350 x 2e-3);
+    # every weight of the denoiser at 1e-4: Adam moves each weight by about the learning rate per step, so 30-50
+    # steps change a weight by the order of the recipe's LoRA product (alpha / r) B A (not tuned further)
+    "lora": (),
+    "sara": ("policy.adapter=sara", "train.learning_rate=4.97e-4"),
+    "full": ("policy.adapter=full", "train.learning_rate=1.0e-4"),
+}
+"""Per-mode settings of the benchmark's --adapters runs."""
+
 _OWNED_KEYS = ("algorithm", "output_dir", "max_iterations", "logging.save_every", "resume")
 
 
@@ -136,6 +147,10 @@ class RunPlan:
     samples_per_iteration: int
     max_iterations: int
     run_dir: Path
+    name: str = ""  # the run's label: the algorithm, or "<algorithm>-<adapter>" with --adapters
+
+    def __post_init__(self):
+        self.name = self.name or self.algorithm
 
 
 def samples_per_iteration(cfg) -> int:
@@ -144,8 +159,11 @@ def samples_per_iteration(cfg) -> int:
 
 
 def plan_runs(config: str | Path, algorithms: list[str], sample_budget: int, common: list[str],
-              runs_dir: Path, curve_points: int, overrides: dict[str, tuple[str, ...]] | None = None) -> list[RunPlan]:
-    """Resolve and validate every method's config (no model loads) and size it to the sample budget."""
+              runs_dir: Path, curve_points: int, overrides: dict[str, tuple[str, ...]] | None = None,
+              adapters: list[str] | None = None) -> list[RunPlan]:
+    """Resolve and validate every method's config (no model loads) and size it to the sample budget; with
+    `adapters`, one run per (algorithm, adapter) named "<algorithm>-<adapter>", each adapter's ADAPTER_OVERRIDES
+    applied after the algorithm's."""
     from diffrl.config import load_config
     from diffrl.trainers import ALGORITHMS
 
@@ -156,16 +174,22 @@ def plan_runs(config: str | Path, algorithms: list[str], sample_budget: int, com
     if sample_budget < 1 or curve_points < 1:
         raise ValueError(f"--sample-budget and --curve-points must be >= 1, got {sample_budget}, {curve_points}")
     plans = []
-    for name in algorithms:
-        ALGORITHMS.get(name)  # unknown names fail with the valid ones
-        own = (ALGORITHM_OVERRIDES if overrides is None else overrides).get(name, ())
-        base = [f"algorithm={name}", *own, *common, f"output_dir={runs_dir / name}"]
-        per_iter = samples_per_iteration(load_config(config, base))
-        plans.append(RunPlan(name, base, per_iter, 0, runs_dir / name))
+    unknown = sorted(set(adapters or ()) - set(ADAPTER_OVERRIDES))
+    if unknown:
+        raise ValueError(f"--adapters: unknown {', '.join(unknown)}; choose from {', '.join(ADAPTER_OVERRIDES)}")
+    for algorithm in algorithms:
+        ALGORITHMS.get(algorithm)  # unknown names fail with the valid ones
+        own = (ALGORITHM_OVERRIDES if overrides is None else overrides).get(algorithm, ())
+        for adapter in adapters or [None]:
+            name = algorithm if adapter is None else f"{algorithm}-{adapter}"
+            mode = () if adapter is None else ADAPTER_OVERRIDES[adapter]
+            base = [f"algorithm={algorithm}", *own, *mode, *common, f"output_dir={runs_dir / name}"]
+            per_iter = samples_per_iteration(load_config(config, base))
+            plans.append(RunPlan(algorithm, base, per_iter, 0, runs_dir / name, name))
     uneven = [p for p in plans if sample_budget % p.samples_per_iteration]
     if uneven:
         lcm = math.lcm(*(p.samples_per_iteration for p in plans))
-        per = ", ".join(f"{p.algorithm} {p.samples_per_iteration}" for p in plans)
+        per = ", ".join(f"{p.name} {p.samples_per_iteration}" for p in plans)
         raise ValueError(f"--sample-budget {sample_budget} is not a whole number of iterations for every method "
                          f"(samples per iteration: {per}); use a multiple of {lcm}")
     for p in plans:
@@ -235,7 +259,7 @@ def run_trainer(config: str | Path, plan: RunPlan, threads: int | None) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-20:])
-        raise RuntimeError(f"training {plan.algorithm} failed (exit {proc.returncode}); {log}:\n{tail}")
+        raise RuntimeError(f"training {plan.name} failed (exit {proc.returncode}); {log}:\n{tail}")
     return {"command": cmd, "wall_seconds": wall, "peak_rss_mb": _maxrss_mb(usage.ru_maxrss)}
 
 
@@ -462,7 +486,9 @@ def run_benchmark(args) -> dict:
     write_heldout_prompts(eval_path, args.eval_prompts, args.pair_prompts, train_prompts.metadata, args.train_prompts,
                           world)
     common = [f"data.eval_prompts={eval_path}", *shared]
-    plans = plan_runs(config, algorithms, args.sample_budget, common, out / "runs", args.curve_points, world.overrides)
+    adapters = [a.strip() for a in args.adapters.split(",") if a.strip()] if args.adapters else None
+    plans = plan_runs(config, algorithms, args.sample_budget, common, out / "runs", args.curve_points, world.overrides,
+                      adapters)
     base_cfg = load_config(config, common)  # evaluation settings shared by every method
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # loaded before training so that a missing model fails at once; the trainers load their own copy
@@ -496,21 +522,21 @@ def run_benchmark(args) -> dict:
         cmd = train_command(config, plan)
         record = json.loads(record_path.read_text()) if record_path.is_file() else None
         if record and record["command"][1:] == cmd[1:] and record["train_prompts_sha256"] == train_sha:
-            print(f"[bench] {plan.algorithm}: reusing the finished run in {plan.run_dir}")
+            print(f"[bench] {plan.name}: reusing the finished run in {plan.run_dir}")
         else:
             if plan.run_dir.exists() and any(plan.run_dir.iterdir()):
                 raise FileExistsError(f"{plan.run_dir} holds a run made with other settings (or unfinished); "
                                       "pass --overwrite or another --output-dir")
-            shutil.rmtree(out / "eval" / plan.algorithm, ignore_errors=True)  # images of an older run
-            print(f"[bench] {plan.algorithm}: {plan.max_iterations} iterations x {plan.samples_per_iteration} samples "
+            shutil.rmtree(out / "eval" / plan.name, ignore_errors=True)  # images of an older run
+            print(f"[bench] {plan.name}: {plan.max_iterations} iterations x {plan.samples_per_iteration} samples "
                   f"-> {plan.run_dir}", flush=True)
             record = {**run_trainer(config, plan, args.threads), "train_prompts_sha256": train_sha}
             record_path.write_text(json.dumps(record, indent=1))
         rows = read_metrics(plan.run_dir)
         samples = rows[-1]["samples_seen"]
         if samples != args.sample_budget:
-            raise RuntimeError(f"{plan.algorithm} saw {samples} samples, not the budget {args.sample_budget}")
-        runs[plan.algorithm] = {
+            raise RuntimeError(f"{plan.name} saw {samples} samples, not the budget {args.sample_budget}")
+        runs[plan.name] = {
             "samples_per_iteration": plan.samples_per_iteration, "max_iterations": plan.max_iterations,
             "samples_seen": samples, "train_seconds": sum(r.get("seconds", 0.0) for r in rows),  # row 0: the base model's evaluation
             "wall_seconds": record["wall_seconds"], "peak_rss_mb": record["peak_rss_mb"],
@@ -571,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "toy_trainers.yaml or toy_video_trainers.yaml)")
     p.add_argument("--model", default=None, help="model for every trainer and the base row (default: the YAML's), e.g. toy-sd3")
     p.add_argument("--algorithms", default=None, help="comma-separated subset of diffrl.trainers.ALGORITHMS (default: all)")
+    p.add_argument("--adapters", default=None,
+                   help=f"comma-separated training modes ({', '.join(ADAPTER_OVERRIDES)}): every algorithm once per mode, "
+                        "runs named <algorithm>-<adapter> (default: the recipe's own mode, runs named by algorithm)")
     p.add_argument("--sample-budget", type=int, default=1024, help="samples each method sees in training")
     p.add_argument("--curve-points", type=int, default=4, help="checkpoints evaluated per method (the final one included)")
     p.add_argument("--eval-prompts", type=int, default=300,
