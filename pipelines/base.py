@@ -2,7 +2,7 @@
 
 Trainers, the evaluator and guidance see only `Policy`. An adapter (one file per family) wraps the
 diffusers components and fills in encoding, the guided prediction, the schedule, noise and decoding.
-The LoRA / reference / memory switches are the same for every family and live here.
+The LoRA / SaRA / full fine-tune, reference and memory switches are the same for every family and live here.
 """
 
 from __future__ import annotations
@@ -281,16 +281,71 @@ class Policy(abc.ABC):
     def has_lora(self) -> bool:
         return all(getattr(net, "_hf_peft_config_loaded", False) for net in self.trained_networks().values())
 
+    # ---- SaRA and the full fine-tune: the other two ways to train ---------------------------------
+    sara = None
+    """The SaRA adapter (diffrl.pipelines.sara.SaraAdapter) once add_sara() ran, else None."""
+
+    @property
+    def adapter(self) -> str:
+        """What trains: "lora", "sara" or "full" (every weight of the trained networks)."""
+        return "sara" if self.sara is not None else "lora" if self.has_lora else "full"
+
+    def add_sara(self, threshold: float = 2e-3, lambda_rank: float = 5e-4, remask_step: int | None = None,
+                 seed: int = 0):
+        """SaRA on the trained networks (diffrl.pipelines.sara): their entries with |P| < threshold train as sparse
+        vectors, everything else is frozen. Returns the SaraAdapter (also `self.sara`)."""
+        from diffrl.pipelines.sara import SaraAdapter
+
+        if self.has_lora or self.sara is not None:
+            raise RuntimeError(f"{type(self).__name__} already trains a {'LoRA' if self.has_lora else 'SaRA'} adapter")
+        self.sara = SaraAdapter(self.trained_networks(), threshold, lambda_rank, remask_step, seed)
+        return self.sara
+
+    def train_full(self, keep_reference: bool = False) -> None:
+        """Every weight of the trained networks trainable. `keep_reference`: keep a copy of them as the frozen
+        reference (one more copy of the denoiser's weights in memory), for algorithms with a KL to the base."""
+        self.trainable_module().requires_grad_(True)
+        if keep_reference:
+            self._weight_copies()["reference"] = [p.detach().clone() for p in self.trainable_parameters()]
+
+    def _weight_copies(self) -> dict[str, list[torch.Tensor]]:
+        """A full fine-tune's whole-weight copies by name (the reference, EMA snapshots), in trainable_parameters order."""
+        return self.__dict__.setdefault("_full_weight_copies", {})
+
+    @contextlib.contextmanager
+    def _swapped(self, tensors: list[torch.Tensor]) -> Iterator[None]:
+        """A full fine-tune run with `tensors` as its weights: each parameter's storage swapped (`.data`, no copy of the
+        same dtype, no version bump), and swapped back on exit, before any backward of a graph made outside."""
+        params = self.trainable_parameters()
+        saved = [p.data for p in params]
+        for p, t in zip(params, tensors, strict=True):
+            p.data = t if t.dtype == p.dtype else t.to(p.dtype)
+        try:
+            yield
+        finally:
+            for p, s in zip(params, saved):
+                p.data = s
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.trainable_module().parameters() if p.requires_grad]
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
-        """The frozen base model: the same network with the LoRA adapter disabled (no second copy)."""
+        """The frozen base model with no second copy: the LoRA adapter disabled, or SaRA's trained entries back at their
+        originals; a full fine-tune swaps in the copy train_full(keep_reference=True) kept."""
+        if self.sara is not None:
+            with self.sara.reference():
+                yield
+            return
+        if not self.has_lora and "reference" in self._weight_copies():
+            with self._swapped(self._weight_copies()["reference"]):
+                yield
+            return
         if not self.has_lora:
             raise RuntimeError(
-                f"{type(self).__name__}.reference() needs a LoRA adapter: a full fine-tune has no frozen reference "
-                "in memory. Add LoRA (policy.lora_rank > 0) or set the KL coefficient to 0."
+                f"{type(self).__name__}.reference() needs a LoRA or SaRA adapter: a full fine-tune has no frozen reference "
+                "in memory unless it keeps a copy (train_full(keep_reference=True)). Add LoRA (policy.lora_rank > 0), "
+                "train SaRA (policy.adapter=sara) or set the KL coefficient to 0."
             )
         nets = list(self.trained_networks().values())
         for net in nets:
@@ -305,12 +360,22 @@ class Policy(abc.ABC):
     def add_adapter_copy(self, name: str) -> None:
         """Another peft LoRA adapter `name` on the same network, with the "default" adapter's config and a
         float32 copy of its current weights, frozen; "default" stays the active, trainable adapter. The
-        base weights are shared: a snapshot costs one more set of LoRA tensors, never a model copy."""
+        base weights are shared: a snapshot costs one more set of LoRA tensors, never a model copy.
+        SaRA: a copy of its sparse vectors; a full fine-tune: a float32 copy of every trained weight."""
         import copy
         import warnings
 
+        if self.sara is not None:
+            self.sara.add_snapshot(name)
+            return
         if not self.has_lora:
-            raise RuntimeError(f"{type(self).__name__}.add_adapter_copy() needs the trainable LoRA adapter; call add_lora() first")
+            if not self.trainable_parameters():
+                raise RuntimeError(f"{type(self).__name__}.add_adapter_copy() needs trained weights: call add_lora(), "
+                                   "add_sara() or train_full() first")
+            if name in self._weight_copies():
+                raise ValueError(f"weight copy {name!r} already exists")
+            self._weight_copies()[name] = [at_least_float32(p.detach()).clone() for p in self.trainable_parameters()]
+            return
         for component, net in self.trained_networks().items():
             if name in net.peft_config:
                 raise ValueError(f"adapter {name!r} already exists on the {component}")
@@ -323,7 +388,16 @@ class Policy(abc.ABC):
                 dst.data = src.detach().float().clone()
 
     def adapter_parameters(self, name: str = "default") -> list[nn.Parameter]:
-        """The LoRA tensors of adapter `name`, in the same (module) order for every adapter."""
+        """The LoRA tensors of adapter `name`, in the same (module) order for every adapter. SaRA: the sparse vectors
+        of snapshot `name` ("default": the trained values); a full fine-tune: the weights or the copy `name`."""
+        if self.sara is not None:
+            return self.sara.current() if name == "default" else self.sara.snapshot(name)
+        if not self.has_lora:
+            if name == "default":
+                return self.trainable_parameters()
+            if name not in self._weight_copies():
+                raise KeyError(f"no weight copy named {name!r} (add_adapter_copy first)")
+            return self._weight_copies()[name]
         net = self.trainable_module()
         marks = (f".lora_A.{name}.", f".lora_B.{name}.")
         params = [p for n, p in net.named_parameters() if any(m in n for m in marks)]
@@ -334,7 +408,16 @@ class Policy(abc.ABC):
     @contextlib.contextmanager
     def use_adapter(self, name: str) -> Iterator[None]:
         """Run the network with LoRA adapter `name` instead of "default" (use under torch.no_grad(): peft
-        marks the active adapter trainable until "default" is restored on exit)."""
+        marks the active adapter trainable until "default" is restored on exit). SaRA and a full fine-tune: with
+        snapshot `name` written over the trained values, which are back on exit."""
+        if self.sara is not None:
+            with self.sara.use(name):
+                yield
+            return
+        if not self.has_lora:
+            with self._swapped(self.adapter_parameters(name)):
+                yield
+            return
         nets = list(self.trained_networks().values())
         for net in nets:
             net.set_adapter(name)
@@ -344,12 +427,17 @@ class Policy(abc.ABC):
             for net in nets:
                 net.set_adapter("default")
 
-    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+    def enable_gradient_checkpointing(self, enabled: bool | str = True) -> None:
+        """Recompute activations in backward, block by block: "full" (True: keep each block's inputs only),
+        "selective" (keep its attention and convolution outputs, recompute the rest) or "none" (False)."""
+        from diffrl.pipelines.performance import checkpoint_function, checkpointing_mode
+
+        mode = checkpointing_mode(enabled)
         for net in self.trained_networks().values():  # a frozen network keeps no activations for backward
-            if enabled:
-                net.enable_gradient_checkpointing()
-            else:
+            if mode == "none":
                 net.disable_gradient_checkpointing()
+            else:
+                net.enable_gradient_checkpointing(checkpoint_function(mode))
 
     def set_attention_backend(self, backend: str = "sdpa") -> None:
         """"sdpa" (PyTorch scaled_dot_product_attention, the default), "xformers" (CUDA only), or a
