@@ -49,8 +49,8 @@ class PolicyConfig:
     """LoRA alpha (Flow-GRPO: 64)."""
     lora_targets: Optional[list[str]] = None
     """Module names LoRA attaches to; None uses the family's attention projections."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward: less memory, 10-25 % more time (measured on an 18M-parameter UNet)."""
+    gradient_checkpointing: str = "none"
+    """Recompute activations in backward, block by block: "none", "full" (keep each block's inputs: least memory, 10-25 % more time on an 18M-parameter UNet) or "selective" (keep attention and convolution outputs, recompute the rest); true / false mean full / none."""
     attention_backend: str = "sdpa"
     """"sdpa" (PyTorch scaled_dot_product_attention), "xformers" (CUDA), or a diffusers dispatcher backend."""
     num_frames: Optional[int] = None
@@ -66,13 +66,20 @@ class PolicyConfig:
     wan_experts: str = "high"
     """Wan2.2 A14B (two experts): which train, with the LoRA or fully: "high" (transformer, the high-noise expert), "low" (transformer_2) or "both"; the others stay frozen. Other models: high only."""
 
+    def __post_init__(self):
+        # recipes written when this was a bool: OmegaConf hands a str field the bool as "True" / "False"
+        if str(self.gradient_checkpointing).lower() in ("true", "false"):
+            self.gradient_checkpointing = "full" if str(self.gradient_checkpointing).lower() == "true" else "none"
+
     def check(self, key: str = "policy") -> None:
         from diffrl.pipelines.base import ATTENTION_BACKENDS
+        from diffrl.pipelines.performance import CHECKPOINTING
         from diffrl.pipelines.wan import WAN_EXPERTS
 
         check_fields(self, key, {"dtype": tuple(DTYPES), "attention_backend": ATTENTION_BACKENDS, "resolution": positive,
                                  "height": positive, "width": positive, "lora_rank": non_negative, "lora_alpha": positive,
                                  "wan_experts": WAN_EXPERTS})
+        one_of(self.gradient_checkpointing, CHECKPOINTING, f"{key}.gradient_checkpointing")
         for name in ("resolution", "height", "width"):
             if (getattr(self, name) or 16) % 16:
                 raise ConfigError(f"'{key}.{name}' must be a multiple of 16 (VAE and patch size), got {getattr(self, name)}")

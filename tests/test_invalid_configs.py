@@ -58,6 +58,7 @@ ROWS = [
     (recipe("policy.num_frames=9"), "policy.num_frames"),
     (recipe("policy.vae_tiling=true"), "policy.vae_tiling"),
     (recipe("policy.wan_experts=both"), "policy.wan_experts"),
+    (recipe("policy.gradient_checkpointing=partial"), "policy.gradient_checkpointing"),
     # sampling
     (recipe("sampling.num_steps=0"), "sampling.num_steps"),
     (recipe("sampling.sampler=ddim"), "sampling.sampler"),

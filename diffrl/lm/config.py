@@ -153,6 +153,9 @@ def validate_lm(cfg) -> None:
     positive(lm.nft_negative_clamp, "lm.nft_negative_clamp")
 
     p.check("policy")
+    if p.gradient_checkpointing == "selective":
+        raise ConfigError(f"'policy.gradient_checkpointing' selective is for the diffusion denoisers; {cfg.algorithm} "
+                          "checkpoints the LM with transformers' own (use full)")
     t.check("train", unit="completions")
     if t.group_size < 2:
         raise ConfigError(f"'train.group_size' must be >= 2 for {cfg.algorithm}: advantages are relative to the prompt's group")

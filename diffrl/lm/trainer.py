@@ -72,7 +72,7 @@ class LMTrainer(TrainLoop):
             if lm.kl_beta > 0:
                 self.policy.keep_reference_copy()  # before training touches the weights
             self.policy.train_full()
-        if p.gradient_checkpointing:
+        if p.gradient_checkpointing == "full":
             self.policy.unwrapped.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.rewards = WeightedRewards(lm.rewards)
         self.eval_reward = resolve_lm_reward(lm.eval_reward)

@@ -91,8 +91,8 @@ class Trainer(TrainLoop):
             self.policy.add_lora(p.lora_rank, p.lora_alpha, p.lora_targets)
         else:
             self.policy.trainable_module().requires_grad_(True)
-        if p.gradient_checkpointing:
-            self.policy.enable_gradient_checkpointing()
+        if p.gradient_checkpointing != "none":
+            self.policy.enable_gradient_checkpointing(p.gradient_checkpointing)
         self.policy.set_attention_backend(p.attention_backend)
 
         s = cfg.sampling
