@@ -52,7 +52,7 @@ class PolicyConfig:
     gradient_checkpointing: str = "none"
     """Recompute activations in backward, block by block: "none", "full" (keep each block's inputs: least memory, 10-25 % more time on an 18M-parameter UNet) or "selective" (keep attention and convolution outputs, recompute the rest); true / false mean full / none."""
     attention_backend: str = "sdpa"
-    """"sdpa" (PyTorch scaled_dot_product_attention), "xformers" (CUDA), or a diffusers dispatcher backend."""
+    """"sdpa" (PyTorch scaled_dot_product_attention, its own kernel choice), "auto" (its kernels ordered for the GPU and dtype: cuDNN first on Hopper in bf16 / fp16, flash on other sm80+, memory-efficient otherwise; plain sdpa on the CPU), "xformers" (CUDA), or a diffusers dispatcher backend."""
     num_frames: Optional[int] = None
     """Video models: frames per clip, 4k + 1 for Wan (Flow-GRPO Wan2.1: 33); motion models: frames at 20 fps, at most the model's max_frames; None: the model's default (Wan 33, tiny-wan 9, toy-motion and tiny-motion 60)."""
     vae_slicing: bool = False

@@ -18,7 +18,7 @@ from torch import nn
 
 from diffrl.sampling import Schedule
 
-ATTENTION_BACKENDS = ("sdpa", "xformers", "native", "flash", "_native_flash", "_native_math", "_native_efficient")
+ATTENTION_BACKENDS = ("sdpa", "auto", "xformers", "native", "flash", "_native_flash", "_native_math", "_native_efficient")
 
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -437,30 +437,47 @@ class Policy(abc.ABC):
             if mode == "none":
                 net.disable_gradient_checkpointing()
             else:
-                net.enable_gradient_checkpointing(checkpoint_function(mode))
+                net.enable_gradient_checkpointing(checkpoint_function(mode, self.attention_context))
 
-    def set_attention_backend(self, backend: str = "sdpa") -> None:
-        """"sdpa" (PyTorch scaled_dot_product_attention, the default), "xformers" (CUDA only), or a
-        diffusers attention-dispatcher backend name ("flash", "_native_flash", ...)."""
+    def set_attention_backend(self, backend: str = "sdpa", compute_dtype: torch.dtype | None = None) -> None:
+        """"sdpa" (PyTorch scaled_dot_product_attention, the default), "auto" (PyTorch's kernels ordered for this GPU
+        and dtype: diffrl.pipelines.performance.attention_plan), "xformers" (CUDA only), or a diffusers
+        attention-dispatcher backend name ("flash", "_native_flash", ...). `compute_dtype`: the dtype attention runs
+        in (autocast's under mixed precision); None: the weights'."""
+        import importlib.util
+
+        from diffrl.pipelines.performance import attention_plan
+
+        device = self.device
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        xformers = importlib.util.find_spec("xformers") is not None
+        self.apply_attention_plan(attention_plan(backend, capability, compute_dtype or self.dtype, xformers))
+
+    def apply_attention_plan(self, plan) -> None:
+        """Run every network's attention as `plan` (a diffrl.pipelines.performance.AttentionPlan) says: its SDPA
+        kernels are entered around each forward of each network, and around each recomputation of a checkpointed
+        block (the attention processors call torch's scaled_dot_product_attention: the UNet's and SD3's directly,
+        FLUX's and Wan's through diffusers' dispatcher)."""
+        from diffrl.pipelines.performance import run_forward_in
+
+        for handle in getattr(self, "_attention_hooks", []):
+            handle.remove()
+        self.attention, self._attention_hooks = plan, []
         for net in self.networks():
-            self._set_attention_backend(net, backend)
-
-    @staticmethod
-    def _set_attention_backend(net: nn.Module, backend: str) -> None:
-        if backend == "sdpa":
-            if hasattr(net, "reset_attention_backend"):
+            if plan.kind == "xformers":
+                net.enable_xformers_memory_efficient_attention()
+            elif plan.kind == "dispatcher":
+                if not hasattr(net, "set_attention_backend"):
+                    raise RuntimeError(f"this diffusers version has no attention-backend API; cannot use {plan.name!r}")
+                net.set_attention_backend(plan.name)
+            elif hasattr(net, "reset_attention_backend"):
                 net.reset_attention_backend()
-            return
-        if backend == "xformers":
-            import importlib.util
+            if plan.kernels:
+                self._attention_hooks += run_forward_in(net, self.attention_context)
 
-            if importlib.util.find_spec("xformers") is None or not torch.cuda.is_available():
-                raise RuntimeError(
-                    "attention_backend 'xformers' needs CUDA and the xformers package "
-                    "(pip install 'diffrl[xformers]'); use 'sdpa' on this machine."
-                )
-            net.enable_xformers_memory_efficient_attention()
-            return
-        if not hasattr(net, "set_attention_backend"):
-            raise RuntimeError(f"this diffusers version has no attention-backend API; cannot use {backend!r}")
-        net.set_attention_backend(backend)
+    def attention_context(self):
+        """The SDPA kernel restriction of the attention plan (a no-op context without one)."""
+        from diffrl.pipelines.performance import sdpa_context
+
+        plan = getattr(self, "attention", None)
+        return sdpa_context(plan.kernels if plan is not None else ())

@@ -174,11 +174,13 @@ class MotionPolicy(Policy):
         x = at_least_float32(latents)  # [B, T, D]
         return x * net.feature_std.to(x.dtype) + net.feature_mean.to(x.dtype)  # [B, T, D]
 
-    def set_attention_backend(self, backend: str = "sdpa") -> None:
-        """The motion transformer calls torch's scaled_dot_product_attention itself (no diffusers dispatcher)."""
-        if backend != "sdpa":
+    def set_attention_backend(self, backend: str = "sdpa", compute_dtype: torch.dtype | None = None) -> None:
+        """The motion transformer calls torch's scaled_dot_product_attention itself (no diffusers dispatcher): "sdpa"
+        or "auto" (its kernels ordered for the GPU) only."""
+        if backend not in ("sdpa", "auto"):
             raise ValueError(f"attention_backend {backend!r} is not available for the motion transformer, which calls "
-                             "torch's scaled_dot_product_attention directly: use 'sdpa'")
+                             "torch's scaled_dot_product_attention directly: use 'sdpa' or 'auto'")
+        super().set_attention_backend(backend, compute_dtype)
 
     # ---- LoRA through the model-level peft API (the pipeline has no LoRA loader mixin) ----------
     def _write_lora(self, net: nn.Module, folder: Path) -> None:

@@ -77,3 +77,75 @@ def checkpoint_function(mode: str, context: Callable[[], ContextManager] = conte
 
     run.mode = mode
     return run
+
+
+# ---- attention kernels -----------------------------------------------------------------------------------------
+SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+"""PyTorch's scaled_dot_product_attention kernels by short name."""
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How a policy's attention runs: kind "sdpa" (torch's scaled_dot_product_attention; `kernels` the kernels it
+    may use in priority order, () for PyTorch's own choice), "xformers", or "dispatcher" (diffusers' attention
+    dispatcher backend `name`)."""
+
+    kind: str
+    kernels: tuple[SDPBackend, ...] = ()
+    name: str = ""
+
+
+def attention_plan(backend: str, capability: tuple[int, int] | None, dtype: torch.dtype,
+                   xformers_installed: bool) -> AttentionPlan:
+    """The attention of policy.attention_backend `backend` on a device of CUDA compute capability `capability`
+    (None: no CUDA device) computing in `dtype`. "auto" keeps PyTorch's choice on the CPU and in float64, and on
+    CUDA puts first cuDNN attention on Hopper (sm90) in bf16 / fp16, flash attention on other sm80+ GPUs in bf16 /
+    fp16, memory-efficient attention otherwise; every kernel stays allowed after it (PyTorch's order), so an input
+    the first cannot take (a mask, a head size) falls back instead of failing. A pure function: unit-tested."""
+    if backend == "sdpa":
+        return AttentionPlan("sdpa")
+    if backend == "xformers":
+        if capability is None or not xformers_installed:
+            raise RuntimeError("attention_backend 'xformers' needs CUDA and the xformers package "
+                               "(pip install 'diffrl[xformers]'); use 'sdpa' or 'auto' on this machine.")
+        return AttentionPlan("xformers")
+    if backend != "auto":
+        return AttentionPlan("dispatcher", name=backend)
+    if capability is None or dtype == torch.float64:
+        return AttentionPlan("sdpa")
+    half = dtype in (torch.bfloat16, torch.float16)
+    if half and capability[0] == 9:
+        first = SDPBackend.CUDNN_ATTENTION
+    elif half and capability[0] >= 8:
+        first = SDPBackend.FLASH_ATTENTION
+    else:
+        first = SDPBackend.EFFICIENT_ATTENTION
+    default_order = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH,
+                     SDPBackend.CUDNN_ATTENTION)  # torch._C._get_sdp_priority_order() of torch 2.5+
+    return AttentionPlan("sdpa", (first, *(k for k in default_order if k != first)))
+
+
+def sdpa_context(kernels: tuple[SDPBackend, ...]) -> ContextManager:
+    """torch.nn.attention.sdpa_kernel restricted to `kernels`, tried in their order; () changes nothing."""
+    if not kernels:
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel(list(kernels), set_priority=True)
+
+
+def run_forward_in(net: nn.Module, context: Callable[[], ContextManager]) -> list:
+    """Enter `context()` around every forward of `net` (hooks: the state dict and the forward's signature stay
+    as they are); returns the hook handles (`handle.remove()` undoes it)."""
+    entered: list[ContextManager] = []
+
+    def enter(module, args):
+        ctx = context()
+        ctx.__enter__()
+        entered.append(ctx)
+
+    def leave(module, args, output):
+        entered.pop().__exit__(None, None, None)
+
+    return [net.register_forward_pre_hook(enter), net.register_forward_hook(leave, always_call=True)]

@@ -81,3 +81,91 @@ def test_checkpointing_config_accepts_the_old_booleans(tmp_path):
     for value, mode in (("true", "full"), ("false", "none"), ("selective", "selective"), ("none", "none")):
         cfg = load_config(recipe, [f"policy.gradient_checkpointing={value}", f"output_dir={tmp_path / value}"])
         assert cfg.policy.gradient_checkpointing == mode
+
+
+# ---- attention kernels ----------------------------------------------------------------------------------------
+from torch.nn.attention import SDPBackend  # noqa: E402
+
+from diffrl.pipelines.performance import AttentionPlan, attention_plan, sdpa_context  # noqa: E402
+
+CUDNN, FLASH, EFFICIENT, MATH = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                 SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+BF16, FP16, FP32, FP64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+
+AUTO_TABLE = [  # (capability, dtype) -> the kernel tried first; None: PyTorch's own choice
+    (None, BF16, None), (None, FP32, None),  # no CUDA: plain sdpa
+    ((9, 0), BF16, CUDNN), ((9, 0), FP16, CUDNN),  # Hopper (H100 / H200)
+    ((8, 0), BF16, FLASH), ((8, 6), FP16, FLASH), ((8, 9), BF16, FLASH), ((10, 0), BF16, FLASH), ((12, 0), FP16, FLASH),
+    ((7, 5), FP16, EFFICIENT), ((7, 0), BF16, EFFICIENT),  # Turing, Volta: no flash kernel
+    ((9, 0), FP32, EFFICIENT), ((8, 0), FP32, EFFICIENT),  # flash and cuDNN take half precision only
+    ((9, 0), FP64, None),  # only the math kernel takes float64
+]
+
+
+@pytest.mark.parametrize("capability, dtype, first", AUTO_TABLE)
+def test_auto_attention_table(capability, dtype, first):
+    plan = attention_plan("auto", capability, dtype, xformers_installed=True)  # auto never picks xformers
+    assert plan.kind == "sdpa"
+    if first is None:
+        assert plan.kernels == ()
+    else:  # the preferred kernel first, every other one still allowed behind it (a fallback, never an error)
+        assert plan.kernels[0] == first and sorted(plan.kernels, key=int) == sorted((CUDNN, FLASH, EFFICIENT, MATH), key=int)
+
+
+def test_attention_plan_for_named_backends():
+    assert attention_plan("sdpa", (9, 0), BF16, True) == AttentionPlan("sdpa")
+    assert attention_plan("xformers", (8, 0), FP16, True) == AttentionPlan("xformers")
+    assert attention_plan("_native_flash", (9, 0), BF16, False) == AttentionPlan("dispatcher", name="_native_flash")
+    for capability, installed in ((None, True), ((8, 0), False)):
+        with pytest.raises(RuntimeError, match="xformers"):
+            attention_plan("xformers", capability, FP16, installed)
+
+
+def math_attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v in float64, written out."""
+    weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)  # [B, H, Nq, Nk]
+    return weights @ v  # [B, H, Nq, D]
+
+
+@pytest.mark.parametrize("kernel", [FLASH, MATH])  # the kernels a CPU has
+def test_each_cpu_attention_kernel_is_the_formula(kernel):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=gen, dtype=FP64) for n in (5, 7, 7))  # [B, H, N, D]
+    with sdpa_context((kernel,)):
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, math_attention(q, k, v), rtol=0, atol=1e-12)
+
+
+class AttentionOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records which SDPA kernels (aten ops) run."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "scaled_dot_product" in func.__name__ or func.__name__.startswith("_safe_softmax"):
+            self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "full"])
+def test_policy_runs_the_planned_kernel_in_forward_and_recomputation(checkpointing):
+    policy = lora_policy("sd3")
+    policy.enable_gradient_checkpointing(checkpointing)
+    loss = loss_fn(policy)
+    with AttentionOps() as default:
+        reference = lora_grads(policy, loss)
+    assert default.ops and all(op.startswith("_scaled_dot_product_flash_attention_for_cpu") for op in default.ops)
+    policy.apply_attention_plan(AttentionPlan("sdpa", (MATH,)))  # the math kernel: softmax written out in aten ops
+    with AttentionOps() as planned:
+        grads = lora_grads(policy, loss)
+    assert planned.ops and not any("flash" in op for op in planned.ops), planned.ops
+    # as many attention forwards as before (with checkpointing: the recomputation too), none of them flash
+    assert planned.ops.count("_safe_softmax.default") == default.ops.count(default.ops[0]) == (2 if checkpointing == "full" else 1)
+    for a, b in zip(reference, grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+    policy.set_attention_backend("sdpa")  # the hooks go
+    with AttentionOps() as again:
+        lora_grads(policy, loss)
+    assert again.ops == default.ops

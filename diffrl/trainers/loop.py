@@ -93,7 +93,8 @@ class Trainer(TrainLoop):
             self.policy.trainable_module().requires_grad_(True)
         if p.gradient_checkpointing != "none":
             self.policy.enable_gradient_checkpointing(p.gradient_checkpointing)
-        self.policy.set_attention_backend(p.attention_backend)
+        autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
+        self.policy.set_attention_backend(p.attention_backend, compute_dtype=autocast_dtype)
 
         s = cfg.sampling
         flow = self.policy.prediction_type == "flow"
