@@ -269,12 +269,34 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, int, Path]]:
-    """(iteration, samples_seen, lora folder) of every checkpoint, in order."""
+    """(iteration, samples_seen, checkpoint folder) of every checkpoint, in order."""
     out = []
     for folder in sorted((Path(run_dir) / "checkpoints").glob("iter_*")):
         state = json.loads((folder / "state.json").read_text())
-        out.append((state["iteration"], state["samples_seen"], folder / "lora"))
+        out.append((state["iteration"], state["samples_seen"], folder))
     return out
+
+
+def load_trained(policy, checkpoint: Path) -> str:
+    """The trained weights of a checkpoint folder into `policy`: its LoRA (replacing any), or, for SaRA and full
+    fine-tunes, its values / whole denoiser written over the weights (so `policy` must hold the base weights).
+    Returns the mode ("lora", "sara" or "full")."""
+    from safetensors.torch import load_file
+
+    from diffrl.pipelines.sara import SARA_FILE, apply_sara, read_sara
+
+    if (checkpoint / "lora").is_dir():
+        policy.load_lora(checkpoint / "lora")
+        return "lora"
+    if (checkpoint / "sara" / SARA_FILE).is_file():
+        apply_sara(policy.trained_networks(), read_sara(checkpoint)[0])
+        return "sara"
+    files = sorted((checkpoint / policy.full_model_folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{checkpoint} holds no LoRA, SaRA weights or {policy.full_model_folder}/ model folder")
+    weights = {k: v for f in files for k, v in load_file(f).items()}
+    policy.trainable_module().load_state_dict(weights, strict=True)
+    return "full"
 
 
 # ---- evaluation ----------------------------------------------------------------------------------
@@ -296,18 +318,19 @@ def _split_accuracy(rows: list[dict], split_of: list[str], split: str, exact: st
             "per_image": s["mean"], "by_tag": {tag: _stat(t) for tag, t in s.get("tags", {}).items()}}
 
 
-def evaluate_one(policy, lora: Path | None, prompt_set, rewards: list, out_dir: Path, eval_kw: dict,
+def evaluate_one(policy, checkpoint: Path | None, prompt_set, rewards: list, out_dir: Path, eval_kw: dict,
                  settings: dict, world: World = WORLDS["shapes"]) -> dict:
-    """Scores of the base (lora None) or of one LoRA: exact accuracy of each split (unseen prompts, unseen
+    """Scores of the base (checkpoint None) or of one checkpoint (`load_trained`; a SaRA or full checkpoint needs a
+    policy holding the base weights): exact accuracy of each split (unseen prompts, unseen
     colour-shape pairs, training prompts), per tag on the unseen split, and on the unseen split the exact
     partial credit, the proxy's mean and the proxy - exact gap; for clips, the share of still clips among the
     unseen motion captions (`dynamics` below STILL_THRESHOLD)."""
     from diffrl.benchmarks.evaluate import evaluate
 
-    if lora is not None:
-        policy.load_lora(lora)
+    trained = None if checkpoint is None else load_trained(policy, checkpoint)
+    weights = None if checkpoint is None else str(checkpoint / "lora" if trained == "lora" else checkpoint)
     evaluate(policy, prompt_set, rewards, output_dir=out_dir, progress=False, motion_videos=False,
-             settings={**settings, "lora": None if lora is None else str(lora)}, **eval_kw)
+             settings={**settings, "lora": weights}, **eval_kw)
     rows = [json.loads(line) for line in (out_dir / "scores.jsonl").read_text().splitlines()]
     split_of = [m.get("split", "unseen") for m in prompt_set.metadata]
     unseen = [r for r in rows if split_of[r["prompt_index"]] == "unseen"]
@@ -492,8 +515,12 @@ def run_benchmark(args) -> dict:
     base_cfg = load_config(config, common)  # evaluation settings shared by every method
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # loaded before training so that a missing model fails at once; the trainers load their own copy
-    policy = load_policy(base_cfg.model, family=base_cfg.policy.family, torch_dtype=DTYPES[base_cfg.policy.dtype],
-                         device=device, num_frames=base_cfg.policy.num_frames, **base_cfg.policy.size_kwargs(base_cfg.model))
+    def base_policy():
+        return load_policy(base_cfg.model, family=base_cfg.policy.family, torch_dtype=DTYPES[base_cfg.policy.dtype],
+                           device=device, num_frames=base_cfg.policy.num_frames,
+                           **base_cfg.policy.size_kwargs(base_cfg.model))
+
+    policy = base_policy()
 
     proxy_note = ""
     rewards = [build_reward(world.exact), build_reward(world.partial)]
@@ -554,9 +581,12 @@ def run_benchmark(args) -> dict:
     base = evaluate_one(policy, None, prompt_set, rewards, out / "eval" / "base", eval_kw, settings, world)
     for name, run in runs.items():
         curve = []
-        for iteration, samples, lora in checkpoints(Path(run["run_dir"])):
+        for iteration, samples, folder in checkpoints(Path(run["run_dir"])):
             print(f"[bench] evaluating {name} at {samples} samples", flush=True)
-            ev = evaluate_one(policy, lora, prompt_set, rewards, out / "eval" / name / f"iter_{iteration:06d}",
+            # a LoRA replaces the previous one on the shared policy; SaRA values and full weights overwrite the
+            # base weights, so those get a fresh base model
+            on = policy if (folder / "lora").is_dir() else base_policy()
+            ev = evaluate_one(on, folder, prompt_set, rewards, out / "eval" / name / f"iter_{iteration:06d}",
                               eval_kw, settings, world)
             curve.append({"iteration": iteration, "samples_seen": samples, **ev})
         if not curve or curve[-1]["samples_seen"] != run["samples_seen"]:
