@@ -411,8 +411,9 @@ RUN_IDENTITY = ("model", "algorithm", "seed", "reward", "reward_kwargs", "reward
                 "reward_source_weights", "policy", "sampling", "data.prompts", "train.group_size",
                 "train.prompts_per_iteration", "train.ema", "lm.train_data", "lm.rewards", "lm.reward_combine")
 """Settings (or sections) that say what a run is: a resume that changes one is refused (start a new output_dir)."""
-FUTURE_ONLY = ("policy.gradient_checkpointing", "policy.attention_backend", "policy.vae_slicing", "policy.vae_tiling",
-               "policy.vae_tile_size", "policy.vae_tile_stride", "sampling.eval_num_steps")
+FUTURE_ONLY = ("policy.gradient_checkpointing", "policy.attention_backend", "policy.compile", "policy.compile_mode",
+               "policy.vae_slicing", "policy.vae_tiling", "policy.vae_tile_size", "policy.vae_tile_stride",
+               "sampling.eval_num_steps")
 """Exceptions inside RUN_IDENTITY's sections: memory / speed switches and evaluation settings."""
 NOT_SETTINGS = ("output_dir", "resume", "overwrite")
 """Where the run goes and how it starts: expected to differ, never listed."""

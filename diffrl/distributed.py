@@ -71,6 +71,9 @@ def check_launch(cfg, lm: bool = False) -> None:
             + ("its reward backpropagation averages gradients itself, outside the sharded backward"
                if cfg.algorithm != "crd" else "its snapshot adapters are added after the denoiser is sharded")
             + "; use data parallelism (configs/accelerate/ddp.yaml), or grpo / nft / prdp with FSDP2")
+    if req.fsdp_version is not None and cfg.policy.compile:
+        raise ConfigError("'policy.compile' is not supported under FSDP yet (compiled blocks inside fully_shard are untested "
+                          "here): set policy.compile=false or use data parallelism (configs/accelerate/ddp.yaml)")
     if req.fsdp_version is not None and cfg.train.ema:
         raise ConfigError("'train.ema' is not supported under FSDP yet (the EMA copy is not sharded): set train.ema=false "
                           "or use data parallelism")

@@ -475,6 +475,14 @@ class Policy(abc.ABC):
             if plan.kernels:
                 self._attention_hooks += run_forward_in(net, self.attention_context)
 
+    def compile_networks(self, mode: str = "default", backend: str = "inductor") -> None:
+        """torch.compile every network's repeated blocks in place (diffrl.pipelines.performance.compile_blocks), for
+        rollouts and training alike; LoRA, checkpointing and the attention plan stay as they are."""
+        from diffrl.pipelines.performance import compile_blocks
+
+        for net in self.networks():
+            compile_blocks(net, mode, backend)
+
     def attention_context(self):
         """The SDPA kernel restriction of the attention plan (a no-op context without one)."""
         from diffrl.pipelines.performance import sdpa_context

@@ -149,3 +149,40 @@ def run_forward_in(net: nn.Module, context: Callable[[], ContextManager]) -> lis
         entered.pop().__exit__(None, None, None)
 
     return [net.register_forward_pre_hook(enter), net.register_forward_hook(leave, always_call=True)]
+
+
+# ---- torch.compile ---------------------------------------------------------------------------------------------
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+"""torch.compile modes: inductor's defaults, CUDA graphs on top (fixed shapes, CUDA only), or autotuned kernels."""
+
+
+def repeated_blocks(net: nn.Module) -> list[nn.Module]:
+    """The blocks compiled one by one (regional compilation): modules of the classes the network lists in
+    `_repeated_blocks` (diffusers' own list: UNet, FLUX, Wan), else in `_no_split_modules` (SD3, the motion
+    transformer); outermost ones only."""
+    names = set(getattr(net, "_repeated_blocks", None) or getattr(net, "_no_split_modules", None) or ())
+    blocks: list[nn.Module] = []
+    for module in net.modules():
+        if type(module).__name__ in names and not any(module in set(b.modules()) for b in blocks):
+            blocks.append(module)
+    return blocks
+
+
+def compile_blocks(net: nn.Module, mode: str = "default", backend: str = "inductor") -> int:
+    """torch.compile each of `net`'s repeated blocks in place (nn.Module.compile: parameter names and the state dict
+    keep no "_orig_mod." prefix); returns how many. Blocks rather than the whole network: one block's graph is
+    compiled once and serves every block of its class, and what varies between calls (the LoRA switched off for
+    the reference, another adapter for EMA snapshots, gradients on or off) re-traces a small graph."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    device = next(net.parameters()).device
+    if mode == "reduce-overhead" and device.type != "cuda":
+        raise ValueError(f"compile mode 'reduce-overhead' records CUDA graphs; this network is on {device.type}: use "
+                         "'default' or 'max-autotune'")
+    blocks = repeated_blocks(net)
+    if not blocks:
+        raise ValueError(f"{type(net).__name__} names no repeated blocks (_repeated_blocks / _no_split_modules) to compile")
+    options = {"mode": mode} if backend == "inductor" else {}  # modes are inductor's
+    for block in blocks:
+        block.compile(backend=backend, **options)
+    return len(blocks)

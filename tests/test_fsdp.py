@@ -154,6 +154,7 @@ def launch_error(monkeypatch, env: dict, *overrides: str) -> str:
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ("algorithm=draft", "reward=colorfulness"), "'algorithm' draft"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ("algorithm=crd",), "'algorithm' crd"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ("train.ema=true",), "'train.ema'"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, ("policy.compile=true",), "'policy.compile'"),
     ({"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"}, (), "dynamo_backend"),
 ])
 def test_launcher_settings_are_refused_when_they_conflict(monkeypatch, env, overrides, expected):

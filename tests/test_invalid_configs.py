@@ -59,6 +59,8 @@ ROWS = [
     (recipe("policy.vae_tiling=true"), "policy.vae_tiling"),
     (recipe("policy.wan_experts=both"), "policy.wan_experts"),
     (recipe("policy.gradient_checkpointing=partial"), "policy.gradient_checkpointing"),
+    (recipe("policy.compile=true", "policy.compile_mode=max_autotune"), "policy.compile_mode"),
+    (recipe("policy.compile_mode=max-autotune"), "policy.compile_mode"),  # without policy.compile
     # sampling
     (recipe("sampling.num_steps=0"), "sampling.num_steps"),
     (recipe("sampling.sampler=ddim"), "sampling.sampler"),

@@ -156,6 +156,8 @@ def validate_lm(cfg) -> None:
     if p.gradient_checkpointing == "selective":
         raise ConfigError(f"'policy.gradient_checkpointing' selective is for the diffusion denoisers; {cfg.algorithm} "
                           "checkpoints the LM with transformers' own (use full)")
+    if p.compile:
+        raise ConfigError(f"'policy.compile' compiles a diffusion denoiser's blocks; {cfg.algorithm} does not compile the LM")
     t.check("train", unit="completions")
     if t.group_size < 2:
         raise ConfigError(f"'train.group_size' must be >= 2 for {cfg.algorithm}: advantages are relative to the prompt's group")

@@ -95,6 +95,8 @@ class Trainer(TrainLoop):
             self.policy.enable_gradient_checkpointing(p.gradient_checkpointing)
         autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
         self.policy.set_attention_backend(p.attention_backend, compute_dtype=autocast_dtype)
+        if p.compile:  # after the LoRA, checkpointing and attention hooks: the compiled blocks trace them
+            self.policy.compile_networks(p.compile_mode)
 
         s = cfg.sampling
         flow = self.policy.prediction_type == "flow"
