@@ -832,9 +832,26 @@ def floor_policy(args, cfg, device):
     for param in net.parameters():
         if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.float()
-    if p.gradient_checkpointing:
-        net.enable_gradient_checkpointing()
+    enable_checkpointing(policy, net, p.gradient_checkpointing)
     return policy
+
+
+def enable_checkpointing(policy, net, setting) -> None:
+    """The run's policy.gradient_checkpointing on a bare network: diffusers' own switch for true; a named policy
+    (a string other than "none") through the adapter, which is where such policies live."""
+    if setting in (False, None, "none"):
+        return
+    if setting is True:
+        net.enable_gradient_checkpointing()
+    else:
+        policy.enable_gradient_checkpointing(setting)
+
+
+def trains_lora(cfg) -> bool:
+    """Whether the run trains a LoRA (policy.adapter where the config has it, else lora_rank > 0)."""
+    p = cfg.policy
+    adapter = p.resolved_adapter() if hasattr(p, "resolved_adapter") else "lora" if p.lora_rank > 0 else "full"
+    return adapter == "lora" and p.lora_rank > 0
 
 
 def floor_worker(args) -> Measurement:
@@ -847,8 +864,9 @@ def floor_worker(args) -> Measurement:
     device = run_device()
     with tempfile.TemporaryDirectory() as out:
         cfg = run_config(args, [], out)
-    if cfg.policy.lora_rank == 0:
-        raise SystemExit("perf: the floor trains a LoRA; this recipe trains the full denoiser (policy.lora_rank 0)")
+    if not trains_lora(cfg):
+        raise SystemExit("perf: the floor trains a LoRA; this run trains another adapter or the full denoiser "
+                         "(use --no-floor)")
     torch.manual_seed(cfg.seed)
     policy = floor_policy(args, cfg, device)
     reward = build_training_reward(cfg.reward, cfg.reward_kwargs, cfg.rewards, cfg.reward_combine,
@@ -973,13 +991,15 @@ def flow_grpo_worker(args) -> Measurement:
     device = run_device()
     with tempfile.TemporaryDirectory() as out:
         cfg = run_config(args, [], out)
+    from diffrl.pipelines.registry import resolve_family
+
     s, p = cfg.sampling, cfg.policy
-    problems = [f"the model family is {p.family or 'not sd3'} (their train_sd3.py trains SD3)" if
-                (p.family or "") != "sd3" and not cfg.model.startswith(("tiny-sd3", "toy-sd3")) else "",
+    family = full_size(args.model).family if args.model in FULL_SIZE else resolve_family(cfg.model, p.family)
+    problems = [f"the model family is {family} (their train_sd3.py trains SD3)" if family != "sd3" else "",
                 "sampling.sde_window_size > 0 (their loop has no SDE window)" if s.sde_window_size else "",
                 f"the rollout sampler is {s.sampler} (theirs: flow_sde)" if s.sampler not in (None, "flow_sde") else "",
                 f"algorithm {cfg.algorithm} (theirs: grpo)" if cfg.algorithm != "grpo" else "",
-                "policy.lora_rank 0 (their LoRA run)" if p.lora_rank == 0 else ""]
+                "no LoRA (their run trains one)" if not trains_lora(cfg) else ""]
     problems = [x for x in problems if x]
     if problems:
         raise SystemExit("perf --flow-grpo: the run cannot be replayed by Flow-GRPO's loop: " + "; ".join(problems))
@@ -993,8 +1013,7 @@ def flow_grpo_worker(args) -> Measurement:
     for param in pipe.transformer.parameters():
         if param.requires_grad:
             param.data = param.data.float()
-    if p.gradient_checkpointing:
-        pipe.transformer.base_model.model.enable_gradient_checkpointing()
+    enable_checkpointing(policy, pipe.transformer.base_model.model, p.gradient_checkpointing)
     reward = build_training_reward(cfg.reward, cfg.reward_kwargs, cfg.rewards, cfg.reward_combine,
                                    cfg.reward_source_weights).to(device).load()
     prompts = load_prompts(cfg.data.prompts)
@@ -1204,7 +1223,7 @@ def tflops(m: Measurement, flops: dict[str, float] | None) -> float | None:
 def table(model: str, rows: list[Measurement], floor: Measurement | None) -> list[str]:
     """The results table: one row per variant, then the floor and Flow-GRPO."""
     base = rows[0]
-    work = base.flops or base.counted_flops
+    work = base.flops if floor is not None and floor_has_update(floor) else None  # the floor does GRPO's work
     head = ["model", "variant", *(f"{p} s/img" for p in PHASES), "total s/img", "peak memory MiB", "TFLOP/s",
             "ratio to floor", "vs baseline"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
@@ -1223,10 +1242,15 @@ def ratio_to_floor(m: Measurement, floor: Measurement | None, phase: str | None 
     """Seconds over the floor's, of one phase or of the total (without the update when the floor lacks it)."""
     if floor is None or m.kind == "floor":
         return None
+    phases = PHASES if floor_has_update(floor) else PHASES[:-1]
     if phase is not None:
-        return m.seconds[phase] / floor.seconds[phase] if floor.seconds[phase] > 0 else None
-    phases = PHASES if not any("has no floor" in n for n in floor.notes) else PHASES[:-1]
+        return m.seconds[phase] / floor.seconds[phase] if phase in phases and floor.seconds[phase] > 0 else None
     return sum(m.seconds[p] for p in phases) / sum(floor.seconds[p] for p in phases)
+
+
+def floor_has_update(floor: Measurement) -> bool:
+    """The floor's update is GRPO's: it stands for the run's update only when the run is GRPO."""
+    return not any("has no floor" in note for note in floor.notes)
 
 
 def write_report(args, argv: list[str], rows: list[Measurement], floor: Measurement | None,

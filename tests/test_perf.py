@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -110,7 +111,7 @@ def test_iteration_rows_time_decode_and_reward_inside_the_rollout(tiny_trainer):
     assert row["time_decode"] + row["time_reward"] <= row["time_rollout"]
 
 
-def check_results(folder):
+def check_results(folder, model: str):
     """results.json has the baseline, the floor and their ratio, every value finite and positive; the FLOPs counted
     on a whole iteration equal the accounting's per-phase sums, phase by phase."""
     data = json.loads((folder / "results.json").read_text())
@@ -127,14 +128,15 @@ def check_results(folder):
         assert math.isclose(counted, base["flops"][phase], rel_tol=1e-12, abs_tol=1e-9), phase
     assert math.isclose(sum(base["counted_flops"].values()), sum(base["flops"].values()), rel_tol=1e-12)
     table = (folder / "results.md").read_text()
-    assert "| toy-sd3 | baseline |" in table or "| tiny-sd3 | baseline |" in table
+    assert f"| {model} | baseline |" in table
     assert "ratio to floor" in table and (folder / "perf.png").is_file()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model, extra", [
     ("toy-sd3", []),  # the quickstart: SDE window, no KL (zero-advantage samples skipped)
-    ("tiny-sd3", ["grpo.kl_beta=0.04", "sampling.sde_window_size=0", "grpo.timestep_fraction=0.5"]),
+    ("tiny-sd3", ["grpo.kl_beta=0.04", "sampling.sde_window_size=0", "sampling.sde_window_range=null",
+                  "grpo.timestep_fraction=0.5"]),
 ])
 def test_harness_on_the_cpu(tmp_path, model, extra):
     """The harness on a small model: a table with the baseline, a variant, the floor and ratios; the FLOPs of a whole
@@ -144,6 +146,35 @@ def test_harness_on_the_cpu(tmp_path, model, extra):
                "--output-dir", str(out), "--set", "train.prompts_per_iteration=2", "train.group_size=4",
                "train.rollout_batch_size=8", "train.train_batch_size=8", "sampling.num_steps=4", *extra,
                "--variant", "small_rollouts=train.rollout_batch_size=4"])
-    check_results(out)
+    check_results(out, model)
     data = json.loads((out / "results.json").read_text())
     assert [r["variant"] for r in data["rows"]] == ["baseline", "small_rollouts", "floor"]
+
+
+@pytest.mark.slow
+def test_full_size_path_on_the_cpu(tmp_path):
+    """SD3.5 Medium's architecture (its first block only, 64 px) with random weights and random prompt embeddings
+    through the Trainer and the floor; the counted FLOPs equal the accounting."""
+    out = tmp_path / "perf"
+    perf.main(["--model", "sd3.5-medium", "--layers", "1", "--iterations", "1", "--warmup", "0", "--in-process",
+               "--flops", "counted", "--output-dir", str(out), "--set", "policy.resolution=64", "policy.dtype=float32",
+               "train.mixed_precision=no", "train.prompts_per_iteration=1", "train.group_size=2",
+               "train.rollout_batch_size=2", "train.train_batch_size=2", "sampling.num_steps=2", "train.ema=false"])
+    check_results(out, "sd3.5-medium")
+    assert "random embeddings" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("DIFFRL_FLOW_GRPO"), reason="set DIFFRL_FLOW_GRPO to a Flow-GRPO checkout")
+def test_flow_grpo_side_by_side(tmp_path):
+    """Flow-GRPO's own pipeline_with_logprob / sde_step_with_logprob run the same iteration beside diffrl's."""
+    out = tmp_path / "perf"
+    perf.main(["--model", "tiny-sd3", "--iterations", "1", "--warmup", "0", "--in-process", "--no-floor",
+               "--output-dir", str(out), "--flow-grpo", os.environ["DIFFRL_FLOW_GRPO"], "--set",
+               "train.prompts_per_iteration=2", "train.group_size=4", "train.rollout_batch_size=8",
+               "train.train_batch_size=8", "sampling.num_steps=4", "sampling.sde_window_size=0",
+               "sampling.sde_window_range=null", "grpo.kl_beta=0.04"])
+    rows = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert rows.keys() == {"baseline", "Flow-GRPO"}
+    theirs = rows["Flow-GRPO"]["seconds"]
+    assert all(math.isfinite(v) and v > 0 for k, v in theirs.items() if k != "reward")
