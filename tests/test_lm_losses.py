@@ -236,7 +236,7 @@ def test_micro_batch_shares_reassemble_the_batch_loss(aggregation):
         mask = t["mask"][rows]
         loss, _ = lm_loss(objective, t["logp"][rows], t["logp_old"][rows], mask, {k: v[rows] for k, v in targets.items()},
                           t["logp_ref"][rows])
-        total = total + loss * micro_batch_share(aggregation, mask, B, float(t["mask"].sum()))
+        total = total + loss * micro_batch_share(aggregation, float(mask.sum()), len(rows), B, float(t["mask"].sum()))
     torch.testing.assert_close(total, whole, rtol=1e-12, atol=1e-12)
 
 

@@ -83,11 +83,15 @@ def nft_policy_loss(
     return (adv_clip_max / beta) * (r * positive + (1 - r) * negative)
 
 
-def group_mean(values: Tensor, group_ids: Tensor, weight: Tensor | None = None) -> Tensor:
-    """Each row's (weighted) group mean, broadcast back to the rows. values, group_ids, weight: [B] -> [B]"""
-    _, inverse = torch.unique(group_ids, return_inverse=True)  # [B]
+def group_mean(values: Tensor, group_ids: Tensor, weight: Tensor | None = None, num_groups: int | None = None) -> Tensor:
+    """Each row's (weighted) group mean, broadcast back to the rows. values, group_ids, weight: [B] -> [B].
+    `num_groups`: the group_ids are already indices 0 .. num_groups - 1 (then nothing is read from the device)."""
+    if num_groups is None:
+        _, inverse = torch.unique(group_ids, return_inverse=True)  # [B]
+        n = int(inverse.max()) + 1
+    else:
+        inverse, n = group_ids, num_groups
     w = torch.ones_like(values) if weight is None else weight.to(values.dtype)  # [B]
-    n = int(inverse.max()) + 1
     sums = values.new_zeros(n).index_add(0, inverse, values * w)  # [G]
     counts = values.new_zeros(n).index_add(0, inverse, w)  # [G]
     means = torch.where(counts > 0, sums / counts.clamp_min(torch.finfo(values.dtype).tiny), torch.zeros_like(sums))
@@ -111,6 +115,7 @@ def crd_policy_loss(
     adv_clip_max: float,
     kind: str = "mse",
     weight: Tensor | None = None,
+    num_groups: int | None = None,
 ) -> Tensor:
     """CRD's centred reward-matching loss per sample. -> [B]
 
@@ -120,15 +125,16 @@ def crd_policy_loss(
     "bce": (A_max / beta) BCE(logit beta R_theta_c, target sigmoid(Rc)) (the authors' variant; minimal,
     with zero gradient, exactly where the mse loss is zero, and its gradient is bounded).
     Adding a constant per group to `a` or to `r_theta` changes nothing (the normaliser cancels).
-    r_theta, a: [B]; group_ids: [B] int; weight: [B] (0 drops a sample from its group's means).
+    r_theta, a: [B]; group_ids: [B] int; weight: [B] (0 drops a sample from its group's means); num_groups: the
+    group_ids are already indices 0 .. num_groups - 1 (no host read of them).
     """
     if kind not in CRD_LOSSES:
         raise ValueError(f"kind must be one of {CRD_LOSSES}, got {kind!r}")
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     a = a.to(r_theta.dtype)
-    rc = a - group_mean(a, group_ids, weight)  # [B]
-    r_c = r_theta - group_mean(r_theta.detach(), group_ids, weight)  # [B]
+    rc = a - group_mean(a, group_ids, weight, num_groups)  # [B]
+    r_c = r_theta - group_mean(r_theta.detach(), group_ids, weight, num_groups)  # [B]
     if kind == "mse":
         per_sample = (beta * r_c - rc) ** 2  # [B]
     else:

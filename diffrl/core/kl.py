@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from diffrl.runtime import check_on_device
+
 from .registry import Registry
 
 __all__ = ["KL_ESTIMATORS", "flow_grpo_kl", "gaussian_kl", "kl_estimator"]
@@ -60,8 +62,7 @@ def _per_sample_std(std: float | Tensor, like: Tensor) -> Tensor:
         std = std.reshape(b)
     else:
         raise ValueError(f"std must be a float or have one value per sample ([{b}]), got shape {tuple(std.shape)}")
-    if not bool((std > 0).all()):
-        raise ValueError("std must be > 0")
+    check_on_device(std > 0, "std must be > 0")  # on CUDA without waiting for the device
     return std  # [B]
 
 

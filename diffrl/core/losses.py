@@ -42,14 +42,28 @@ def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def _ratio_metrics(ratio: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
+    """Mean, max and min of the ratio over the `mask`-valid elements (1 when there are none). Masked reductions,
+    not boolean indexing: nothing is read back from the device."""
     r = ratio.detach()
     if mask is None:
         valid = r.reshape(-1)
-    else:
-        valid = r[mask.bool().expand_as(r)]
-    if valid.numel() == 0:
-        valid = r.new_ones(1)
-    return {"ratio_mean": valid.mean(), "ratio_max": valid.max(), "ratio_min": valid.min()}
+        if valid.numel() == 0:
+            valid = r.new_ones(1)
+        return {"ratio_mean": valid.mean(), "ratio_max": valid.max(), "ratio_min": valid.min()}
+    return masked_extremes(r, mask.bool().expand_as(r))
+
+
+def masked_extremes(values: Tensor, valid: Tensor) -> dict[str, Tensor]:
+    """ratio_mean / ratio_max / ratio_min of `values` where `valid` (same shape), each 1 when nothing is valid."""
+    n = valid.sum()
+    one = values.new_ones(())
+    mean = (values * valid).sum() / n.clamp(min=1)
+    big = torch.finfo(values.dtype).max
+    hi = torch.where(valid, values, values.new_full((), -big)).max()
+    lo = torch.where(valid, values, values.new_full((), big)).min()
+    empty = n == 0
+    return {"ratio_mean": torch.where(empty, one, mean), "ratio_max": torch.where(empty, one, hi),
+            "ratio_min": torch.where(empty, one, lo)}
 
 
 @LOSSES.register("clipped_surrogate")

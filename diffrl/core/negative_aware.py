@@ -19,7 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from diffrl.runtime import check_on_device
+
 from .forward_process import group_mean
+from .losses import masked_extremes
 
 __all__ = ["gradient_preserving_clamp", "nft_correct_rate", "nft_token_loss"]
 
@@ -71,8 +74,7 @@ def nft_token_loss(
     B = logp.shape[0]
     if correct.shape != (B,) or rhat.shape != (B,):
         raise ValueError(f"correct {tuple(correct.shape)} and rhat {tuple(rhat.shape)} must be [{B}]")
-    if not bool(((rhat > 0) & (rhat < 1)).all()):
-        raise ValueError("rhat must lie strictly inside (0, 1); clamp it with nft_correct_rate")
+    check_on_device((rhat > 0) & (rhat < 1), "rhat must lie strictly inside (0, 1); clamp it with nft_correct_rate")
     if negative_clamp <= 0:
         raise ValueError(f"negative_clamp must be > 0 (it is the argument of a log), got {negative_clamp}")
     log_ratio = (logp - logp_old).clamp(-log_ratio_clamp, log_ratio_clamp)  # [B, T]
@@ -86,9 +88,7 @@ def nft_token_loss(
 
     with torch.no_grad():
         valid = torch.ones_like(logp, dtype=torch.bool) if mask is None else mask.bool()
-        rv = ratio[valid] if bool(valid.any()) else ratio.new_ones(1)
         wrong = valid & (c < 0.5).expand_as(valid)
         clamped = ((proxy < negative_clamp) & wrong).sum() / wrong.sum().clamp(min=1)
-        metrics = {"ratio_mean": rv.mean(), "ratio_max": rv.max(), "ratio_min": rv.min(),
-                   "negative_clamp_frac": clamped.to(logp.dtype)}
+        metrics = {**masked_extremes(ratio, valid), "negative_clamp_frac": clamped.to(logp.dtype)}
     return loss, metrics

@@ -84,9 +84,10 @@ def lm_loss(objective, logp: Tensor, logp_old: Tensor, mask: Tensor, targets: di
     return aggregate(loss, mask, lm.loss_aggregation, norm_constant=lm.norm_constant), metrics
 
 
-def micro_batch_share(mode: str, mask: Tensor, rows_total: int, tokens_total: float) -> float:
+def micro_batch_share(mode: str, tokens: float, rows: int, rows_total: int, tokens_total: float) -> float:
     """Factor turning a micro-batch's `aggregate` into its share of the whole mini-batch's: tokens / total
-    tokens for token_mean, rows / total rows for the per-sequence modes (whose means are over rows)."""
+    tokens for token_mean, rows / total rows for the per-sequence modes (whose means are over rows). Host
+    numbers (Rollout.host_lengths), so that weighing a micro-batch never waits for the device."""
     if mode == "token_mean":
-        return float(mask.sum()) / max(tokens_total, 1.0)
-    return mask.shape[0] / rows_total
+        return tokens / max(tokens_total, 1.0)
+    return rows / rows_total

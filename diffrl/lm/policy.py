@@ -26,6 +26,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from diffrl.runtime import to_device
+
 __all__ = ["BUILTIN_LMS", "LMPolicy", "Rollout", "SamplingSettings", "builtin_lm_path", "resolve_lm_path"]
 
 BUILTIN_LMS = {"toy-arith": "toy_arith"}
@@ -78,6 +80,8 @@ class Rollout:
     completion_mask: Tensor  # [B, T] 1 up to and including the first eos
     completions: list[str]
     prompts: list[str] = field(default_factory=list)
+    lengths: tuple[list[int], list[int]] | None = field(default=None, repr=False, compare=False)
+    """Per row, the real prompt and completion token counts on the host; read from the masks on first use."""
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -90,16 +94,28 @@ class Rollout:
     def attention_mask(self) -> Tensor:
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)  # [B, P + T]
 
-    def index(self, rows: Tensor) -> "Rollout":
-        """The rows `rows` ([b] long), with the blocks trimmed to their widest real content."""
-        idx = rows.tolist()
+    def host_lengths(self) -> tuple[list[int], list[int]]:
+        """(prompt, completion) real token counts per row, read from the device once per rollout and kept: slicing
+        micro-batches and weighing their losses then never waits for the device."""
+        if self.lengths is None:
+            counts = torch.stack([self.prompt_mask.sum(1), self.completion_mask.sum(1)]).tolist()  # [2, B]: one read
+            self.lengths = (counts[0], counts[1])
+        return self.lengths
+
+    def index(self, rows: Tensor | list[int]) -> "Rollout":
+        """The rows `rows` ([b] long, or a list), with the blocks trimmed to their widest real content."""
+        idx = rows if isinstance(rows, list) else rows.tolist()
+        prompt_len, completion_len = self.host_lengths()
+        sub = ([prompt_len[i] for i in idx], [completion_len[i] for i in idx])
+        p_keep = max(max(sub[0], default=0), 1)  # left padding: keep the last p_keep columns
+        t_keep = max(max(sub[1], default=0), 1)  # right padding: keep the first t_keep columns
+        rows = to_device(torch.tensor(idx, dtype=torch.long), self.completion_ids.device)  # [b]
         pm, cm = self.prompt_mask[rows], self.completion_mask[rows]  # [b, P], [b, T]
-        p_keep = max(int(pm.sum(1).max()), 1)  # left padding: keep the last p_keep columns
-        t_keep = max(int(cm.sum(1).max()), 1)  # right padding: keep the first t_keep columns
         return Rollout(
             prompt_ids=self.prompt_ids[rows][:, -p_keep:], prompt_mask=pm[:, -p_keep:],
             completion_ids=self.completion_ids[rows][:, :t_keep], completion_mask=cm[:, :t_keep],
             completions=[self.completions[i] for i in idx], prompts=[self.prompts[i] for i in idx] if self.prompts else [],
+            lengths=sub,
         )
 
     @staticmethod
@@ -121,6 +137,8 @@ class Rollout:
             completion_mask=torch.cat([right(r.completion_mask, T, 0) for r in parts]),
             completions=[c for r in parts for c in r.completions],
             prompts=[p for r in parts for p in r.prompts],
+            lengths=None if any(r.lengths is None for r in parts) else
+            ([n for r in parts for n in r.lengths[0]], [n for r in parts for n in r.lengths[1]]),
         )
 
 

@@ -31,7 +31,7 @@ from diffrl.lm.policy import LMPolicy, Rollout, SamplingSettings
 from diffrl.lm.rewards import WeightedRewards, resolve_lm_reward
 from diffrl.lm.tasks import load_lm_dataset
 from diffrl.optim import GuardedStep
-from diffrl.runtime import DTYPES, derive_generator, peak_memory_mb
+from diffrl.runtime import DTYPES, DeviceMetrics, derive_generator, peak_memory_mb, to_device, wide
 
 __all__ = ["LMBatch", "LMTrainer"]
 
@@ -168,7 +168,7 @@ class LMTrainer(TrainLoop):
         mb = self.cfg.train.micro_batch_size or self.cfg.train.train_batch_size
         parts = []
         for start in range(0, len(rollout), mb):
-            part = rollout.index(torch.arange(start, min(start + mb, len(rollout))))
+            part = rollout.index(list(range(start, min(start + mb, len(rollout)))))
             parts.append(self.policy.token_log_probs(part, temperature=self.cfg.lm.temperature, reference=reference))
         T = rollout.completion_ids.shape[1]
         return torch.cat([torch.nn.functional.pad(x, (0, T - x.shape[1])) for x in parts])  # [B, T]
@@ -182,51 +182,49 @@ class LMTrainer(TrainLoop):
         need_old = t.num_inner_epochs > 1 or n_mini > 1
         logp_old = self._score(batch.rollout, reference=False) if need_old and B else None  # [B, T]
         logp_ref = self._score(batch.rollout, reference=True) if lm.kl_beta > 0 and B else None  # [B, T]
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        ratio_max, ratio_min = 0.0, float("inf")
-
-        def add(key, value):
-            sums[key] = sums.get(key, 0.0) + float(value)
-            counts[key] = counts.get(key, 0) + 1
+        metrics = DeviceMetrics()  # per-micro-batch values stay on the device until the end of the update
+        completion_len = batch.rollout.host_lengths()[1]  # [B] host token counts: micro-batches weighed without syncs
 
         for _ in range(t.num_inner_epochs):
             order = torch.randperm(B, generator=generator)  # [B]
-            for rows in torch.tensor_split(order, n_mini):  # mini-batches, nearly equal (some empty when few kept)
+            # mini-batches, nearly equal (some empty when few kept); row bookkeeping in host lists
+            for rows in (part.tolist() for part in torch.tensor_split(order, n_mini)):
                 if len(rows) == 0 and self.world == 1:
                     continue
                 dummy = len(rows) == 0  # other processes step: join their gradient all-reduce with a zero loss
-                rows = torch.zeros(1, dtype=torch.long) if dummy else rows
+                rows = [0] if dummy else rows
                 rows_total = len(rows)
-                tokens_total = float(batch.rollout.completion_mask[rows].sum())
-                micro = list(torch.split(rows, mb))
+                tokens_total = float(sum(completion_len[i] for i in rows))
+                micro = [rows[start : start + mb] for start in range(0, len(rows), mb)]
                 for j, mrows in enumerate(micro):
                     part = batch.rollout.index(mrows)
                     T = part.completion_ids.shape[1]
                     mask = part.completion_mask.float()  # [b, T]
                     logp, entropy = self.policy.token_log_probs(part, temperature=lm.temperature, with_entropy=True)  # [b, T]
-                    old = logp.detach() if logp_old is None else logp_old[mrows, :T]
-                    ref = logp.detach() if logp_ref is None else logp_ref[mrows, :T]  # unused unless kl_beta > 0
-                    targets = {k: v[mrows] for k, v in batch.targets.items()}
+                    mrows_d = to_device(torch.tensor(mrows), acc.device)  # [b]
+                    old = logp.detach() if logp_old is None else logp_old[mrows_d, :T]
+                    ref = logp.detach() if logp_ref is None else logp_ref[mrows_d, :T]  # unused unless kl_beta > 0
+                    targets = {k: v[to_device(torch.tensor(mrows), v.device)] for k, v in batch.targets.items()}
                     loss, m = lm_loss(self.objective, logp, old, mask, targets, ref)
-                    share = 0.0 if dummy else micro_batch_share(lm.loss_aggregation, mask, rows_total, tokens_total)
+                    tokens = float(sum(part.host_lengths()[1]))
+                    share = 0.0 if dummy else micro_batch_share(lm.loss_aggregation, tokens, len(mrows), rows_total,
+                                                                tokens_total)
                     sync = acc.no_sync(self.policy.model) if j < len(micro) - 1 else contextlib.nullcontext()
                     with sync:
                         acc.backward(loss * share)
                     if not dummy:
-                        add("loss", loss.item())
-                        add("entropy", (entropy * mask).sum().item() / max(mask.sum().item(), 1))
+                        metrics.add("loss", loss)
+                        metrics.add("entropy", wide((entropy * mask).sum()) / max(tokens, 1.0))
                         for k, v in m.items():
-                            add(k, v.item())
-                        ratio_max = max(ratio_max, m["ratio_max"].item())
-                        ratio_min = min(ratio_min, m["ratio_min"].item())
-                add("grad_norm", self.step_guard(self.optimizer))
-        metrics = {k: sums[k] / counts[k] for k in sums}
-        if "ratio_max" in metrics:  # extremes over the iteration, not means of per-micro-batch extremes
-            metrics["ratio_max"], metrics["ratio_min"] = ratio_max, ratio_min
-        metrics.setdefault("loss", 0.0)
-        metrics["trained_completions"] = B
-        return metrics
+                            metrics.add(k, v)
+                        # extremes over the iteration (they replace the means of per-micro-batch extremes)
+                        metrics.maximum("ratio_max", m["ratio_max"])
+                        metrics.minimum("ratio_min", m["ratio_min"])
+                metrics.add("grad_norm", self.step_guard(self.optimizer))
+        out = metrics.means()  # the update's one read of the device
+        out.setdefault("loss", 0.0)
+        out["trained_completions"] = B
+        return out
 
     # ---- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from diffrl.runtime import check_on_device
 from diffrl.sampling.gaussian import (
     StepOutput,
     batch_vector,
@@ -78,12 +79,18 @@ def ddim_step(
     std = batch_vector(std_t, B)  # [B]
 
     zero = std_t == 0  # [] or [B, 1, ..]: alpha_prev == 1 (DDIMScheduler's set_alpha_to_one) leaves no noise
-    if eta == 0 or bool(zero.all()):  # deterministic: no log-prob, nothing to train on this step
+    # re-scoring stored transitions at per-sample steps (a trainer's inner loop): those are the trajectory's
+    # stochastic steps, so zero variance is an error, checked on the device without waiting for it
+    rescoring = prev_sample is not None and zero.ndim > 0
+    if eta == 0 or (not rescoring and bool(zero.all())):  # deterministic: no log-prob, nothing to train on this step
         prev = mean if prev_sample is None else prev_sample.to(dtype)  # [B, *S]
         return StepOutput(prev_sample=prev, mean=mean, std=std, log_prob=None, sde_std=std)
-    if bool(zero.any()):
-        raise ValueError("some samples' DDIM step has zero variance (alpha_prev == 1: a deterministic step with no "
-                         "log-prob); re-score only the trajectory's stochastic steps (Trajectory.steps)")
+    message = ("some samples' DDIM step has zero variance (alpha_prev == 1: a deterministic step with no "
+               "log-prob); re-score only the trajectory's stochastic steps (Trajectory.steps)")
+    if rescoring:
+        check_on_device(~zero, message)
+    elif bool(zero.any()):
+        raise ValueError(message)
     if prev_sample is None:
         prev = mean + std_t * draw_noise(x.shape, x, dtype, generator)  # [B, *S]
     else:

@@ -86,19 +86,20 @@ class CRD(Algorithm):
     def rollout_context(self):
         return self.policy.use_adapter("sampling")  # the sampler is decoupled from the moving old snapshot
 
-    def loss(self, nb: NoisedBatch, a: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Per-sample CRD loss at one noise level; nb holds whole groups. a, group_ids: [B]. -> [b]"""
+    def loss(self, nb: NoisedBatch, a: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-sample CRD loss at one noise level, and its metrics as 0-d tensors; nb holds whole groups.
+        a, group_ids: [B] (group_ids read only when nb carries no group index). -> [b]"""
         c, g = self.cfg.crd, self.cfg.sampling.guidance_scale
-        groups = group_ids[nb.rows]  # [b]
-        _, counts = torch.unique(groups, return_counts=True)
-        if not bool((counts == self.cfg.train.group_size).all()):
-            raise RuntimeError(f"crd batch splits a prompt group (group sizes {counts.tolist()}); centring needs whole groups")
+        groups, num_groups = nb.groups, nb.num_groups  # [b]: group index 0 .. G - 1, from the update loop
+        if groups is None:  # a NoisedBatch built elsewhere: its grouping read here
+            groups, num_groups = self.updates.group_index(group_ids.cpu()[nb.rows.cpu()], nb.rows.device)
         with torch.no_grad(), self.policy.use_adapter("old"):
             v_old = self.updates.predict(nb, g)  # [b, *S]
         v_theta = self.updates.predict(nb, g)  # [b, *S]
         r_theta = crd_implicit_reward(v_theta, v_old, nb.target)  # [b]
         a_rows = a[nb.rows]  # [b]
-        policy_loss = crd_policy_loss(r_theta, a_rows, groups, c.beta, c.adv_clip_max, c.loss, weight=nb.weight)  # [b]
+        policy_loss = crd_policy_loss(r_theta, a_rows, groups, c.beta, c.adv_clip_max, c.loss, weight=nb.weight,
+                                      num_groups=num_groups)  # [b]
         kl = torch.zeros_like(policy_loss)  # [b]
         kl_weight = crd_kl_weight(a_rows, c.kl_beta, c.kl_floor, c.reward_adaptive_kl).to(policy_loss.dtype)  # [b]
         if c.kl_beta > 0:
@@ -106,11 +107,11 @@ class CRD(Algorithm):
                 v_ref = self.updates.predict(nb, c.ref_guidance_scale)  # [b, *S] the CFG-guided base model
             kl = mean_sq(v_theta, v_ref)  # [b]
         metrics = {
-            "policy_loss": policy_loss.detach().mean().item(),
-            "kl": kl.detach().mean().item(),
-            "kl_weight_mean": kl_weight.mean().item(),
-            "r_theta_mean": r_theta.detach().mean().item(),
-            "old_deviate": mean_sq(v_theta.detach(), v_old).mean().item(),
+            "policy_loss": policy_loss.detach().mean(),
+            "kl": kl.detach().mean(),
+            "kl_weight_mean": kl_weight.mean(),
+            "r_theta_mean": r_theta.detach().mean(),
+            "old_deviate": mean_sq(v_theta.detach(), v_old).mean(),
         }
         return policy_loss + kl_weight * kl, metrics
 

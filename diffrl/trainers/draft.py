@@ -89,8 +89,7 @@ class Draft(RewardBackprop):
             r, x, samples, extra = self.backprop_chain(chain, noise, prompts, metadata)
         loss = reward_loss(r, d.reward_scale)
         grad_norm = optimizer_step(loss, optimizer, self.policy, self.accelerator, self.step_guard)
-        return x, samples, {"loss": loss.item(), "reward_grad_mean": r.detach().nanmean().item(),
-                            "grad_norm": grad_norm, **extra}
+        return x, samples, {"loss": loss.detach(), "reward_grad_mean": r.detach().nanmean(), "grad_norm": grad_norm, **extra}
 
     def backprop_chain(self, chain: Chain, noise, prompts, metadata):
         """DRaFT-K / AlignProp: the whole chain, gradients through the kept steps' denoiser calls."""

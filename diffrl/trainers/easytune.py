@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from diffrl.checks import check_fields, fraction, positive
+from diffrl.runtime import DeviceMetrics
 from diffrl.trainers.reward_backprop import Chain, RewardBackprop, optimizer_step, reward_loss, reward_of
 
 SCORE_ON = ("x0", "x_prev")
@@ -71,7 +72,7 @@ class EasyTune(RewardBackprop):
         e = self.cfg.easytune
         start, end = self.window(len(chain.schedule))
         x, history = noise, None  # [b, *S]
-        losses, rewards, norms = [], [], []
+        metrics = DeviceMetrics()  # the chain's trained steps, on the device until the update's end
         for i in range(len(chain.schedule)):
             if not start <= i < end:
                 with torch.no_grad():
@@ -84,17 +85,16 @@ class EasyTune(RewardBackprop):
                 target = chain.x0(i, x, out) if e.score_on == "x0" else step.prev_sample  # [b, *S]
                 r, _ = reward_of(self.policy, self.reward, target, prompts, metadata)  # [b]
                 loss = reward_loss(r, e.reward_scale)
-                norms.append(optimizer_step(loss, optimizer, self.policy, self.accelerator, self.step_guard))
-                losses.append(loss.item())
-                rewards.append(r.detach().nanmean().item())
+                grad_norm = optimizer_step(loss, optimizer, self.policy, self.accelerator, self.step_guard)
+                metrics.add("loss", loss)
+                metrics.add("reward_grad_mean", r.detach().nanmean())
+                metrics.add("grad_norm", grad_norm)
                 out, x_next = out.detach(), step.prev_sample.detach()
             history = (x, out)
             x = x_next
         with torch.no_grad():
             samples = self.policy.decode(x)
-        metrics = {"loss": sum(losses) / len(losses), "reward_grad_mean": sum(rewards) / len(rewards),
-                   "grad_norm": sum(norms) / len(norms)}
-        return x, samples, metrics
+        return x, samples, metrics.mean_tensors()
 
     def update(self, batch, optimizer, generator):
         start, end = self.window(len(batch.trajectory.schedule))

@@ -21,6 +21,7 @@ import torch
 
 from diffrl.checks import ConfigError, check_fields, decay_schedule, fraction, positive, require_lora
 from diffrl.core import snapshot_decay
+from diffrl.runtime import DeviceMetrics, to_device, wide
 from diffrl.sampling import Schedule, add_noise, predict_x0, training_target
 from diffrl.trainers.base import RolloutBatch
 
@@ -175,16 +176,20 @@ class NoisedBatch:
     sigma: torch.Tensor  # [b]
     weight: torch.Tensor  # [b] 1, or 0 where the reward was not finite
     cond: object  # diffrl.pipelines.Condition with b rows
+    groups: torch.Tensor | None = None  # [b] each row's prompt group as an index 0 .. num_groups - 1 (whole_groups runs)
+    num_groups: int = 0
 
 
 def sample_order(group_ids: torch.Tensor, whole_groups: bool, generator: torch.Generator) -> torch.Tensor:
-    """A random order of the B rows; with `whole_groups` the groups are shuffled and kept contiguous. -> [B]"""
-    ids = group_ids.cpu()
+    """A random order of the B rows; with `whole_groups` the groups are shuffled and kept contiguous. -> [B] (CPU)"""
     if not whole_groups:
-        return torch.randperm(len(ids), generator=generator)
-    groups = torch.unique(ids)  # [G]
+        return torch.randperm(len(group_ids), generator=generator)
+    members: dict[int, list[int]] = {}  # group id -> its rows, in row order (host lists: no device reads)
+    for row, gid in enumerate(group_ids.tolist()):
+        members.setdefault(gid, []).append(row)
+    groups = sorted(members)  # [G]
     perm = torch.randperm(len(groups), generator=generator)  # [G]
-    return torch.cat([(ids == groups[g]).nonzero().squeeze(1) for g in perm.tolist()])  # [B]
+    return torch.tensor([row for g in perm.tolist() for row in members[groups[g]]], dtype=torch.long)  # [B]
 
 
 class FinalSampleUpdates:
@@ -214,10 +219,12 @@ class FinalSampleUpdates:
         batch: RolloutBatch,
         optimizer: torch.optim.Optimizer,
         generator: torch.Generator,
-        loss_fn: Callable[[NoisedBatch], tuple[torch.Tensor, dict[str, float]]],
+        loss_fn: Callable[[NoisedBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]],
         whole_groups: bool = False,
     ) -> dict[str, float]:
-        """`loss_fn(nb) -> (loss [b], metrics)`; the batch loss is the weighted mean over the train batch."""
+        """`loss_fn(nb) -> (loss [b], metrics: name -> 0-d tensor)`; the batch loss is the weighted mean over the
+        train batch. The metrics stay on the device until the end (one host read per update). `whole_groups`:
+        batches hold whole prompt groups (checked) and each NoisedBatch carries its rows' group index."""
         cfg, acc = self.cfg, self.accelerator
         x0_all = batch.trajectory.final  # [B, *S]
         device, dtype = x0_all.device, x0_all.dtype
@@ -226,46 +233,56 @@ class FinalSampleUpdates:
         mb = cfg.train.train_batch_size
         micro = cfg.train.micro_batch_size or mb
         schedule = batch.trajectory.schedule
-        sums: dict[str, float] = {}
-        calls = steps = 0
+        group_ids = batch.group_ids.cpu()  # [B]: the grouping is read on the host, once
+        metrics = DeviceMetrics()  # per-step values stay on the device until the end of the update
 
         for _ in range(cfg.train.num_inner_epochs):
-            order = sample_order(batch.group_ids, whole_groups, generator)  # [B]
+            order = sample_order(group_ids, whole_groups, generator)  # [B]
             levels = self.levels.draw(schedule, B, generator)  # [B, n], by row
             n = levels.timestep.shape[1]
+            # host-drawn values go to the device through pinned memory, without waiting for it
+            timestep_all = to_device(levels.timestep, device)  # [B, n]
+            alpha_all, sigma_all = to_device(levels.alpha, device), to_device(levels.sigma, device)  # [B, n] float64
             for start in range(0, B, mb):
                 rows_tb = order[start : start + mb]  # [mb]
-                denom = weight_all[rows_tb.to(device)].sum().clamp_min(1)
+                denom = weight_all[to_device(rows_tb, device)].sum().clamp_min(1)
                 chunks = rows_tb.split(micro)
                 for c, rows in enumerate(chunks):
-                    rows_d = rows.to(device)
+                    rows_d = to_device(rows, device)
+                    groups, num_groups = self.group_index(group_ids[rows], device) if whole_groups else (None, 0)
                     x0 = x0_all[rows_d]  # [b, *S]
                     for j in range(n):
-                        noise = torch.randn(x0.shape, generator=generator, dtype=dtype).to(device)  # [b, *S]
-                        alpha = levels.alpha[rows, j].to(device)  # [b] float64
-                        sigma = levels.sigma[rows, j].to(device)  # [b] float64
+                        noise = to_device(torch.randn(x0.shape, generator=generator, dtype=dtype), device)  # [b, *S]
+                        alpha = alpha_all[rows_d, j]  # [b] float64
+                        sigma = sigma_all[rows_d, j]  # [b] float64
                         nb = NoisedBatch(
                             rows=rows_d, x0=x0, noise=noise, x_t=add_noise(x0, noise, alpha, sigma),
                             target=training_target(x0, noise, alpha, sigma, self.policy.prediction_type),
-                            timestep=levels.timestep[rows, j].to(device), alpha=alpha, sigma=sigma,
-                            weight=weight_all[rows_d], cond=batch.cond.index(rows_d),
+                            timestep=timestep_all[rows_d, j], alpha=alpha, sigma=sigma,
+                            weight=weight_all[rows_d], cond=batch.cond.index(rows_d), groups=groups,
+                            num_groups=num_groups,
                         )
-                        loss_rows, metrics = loss_fn(nb)  # [b]
+                        loss_rows, step_metrics = loss_fn(nb)  # [b]
                         loss = (loss_rows * nb.weight).sum() / denom / n
                         last = c == len(chunks) - 1 and j == n - 1
                         sync = contextlib.nullcontext() if last else acc.no_sync(self.policy.denoiser)
                         with sync:
                             acc.backward(loss)
-                        metrics["loss"] = (loss_rows.detach() * nb.weight).sum().item() / max(nb.weight.sum().item(), 1)
-                        for key, value in metrics.items():
-                            sums[key] = sums.get(key, 0.0) + value
-                        calls += 1
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + self.step_guard(optimizer)
+                        step_metrics["loss"] = wide((loss_rows.detach() * nb.weight).sum()) / wide(nb.weight.sum()).clamp_min(1)
+                        for key, value in step_metrics.items():
+                            metrics.add(key, value)
+                metrics.add("grad_norm", self.step_guard(optimizer))  # a host float: averaged over the steps
                 self.steps += self.step_guard.stepped  # the snapshots' clock counts the steps taken
-                steps += 1
-        out = {k: v / (steps if k == "grad_norm" else calls) for k, v in sums.items()}
+        out = metrics.means()
         out["optimizer_steps"] = self.steps
         return out
+
+    def group_index(self, ids: torch.Tensor, device) -> tuple[torch.Tensor, int]:
+        """Prompt-group ids [b] (CPU) of whole groups -> (each row's group index 0 .. G - 1 on `device`, G)."""
+        _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)  # [b], [G]
+        if not bool((counts == self.cfg.train.group_size).all()):
+            raise RuntimeError(f"a micro-batch splits a prompt group (group sizes {counts.tolist()}); centring needs whole groups")
+        return to_device(inverse, device), len(counts)
 
     def state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.optimizer_steps": torch.tensor(self.steps, dtype=torch.int64)}

@@ -23,6 +23,7 @@ import torch
 
 from diffrl.checks import ConfigError, check_fields, fraction, non_negative, positive, require_lora, require_stochastic
 from diffrl.core import clipped_surrogate, flow_grpo_kl, gaussian_kl
+from diffrl.runtime import DeviceMetrics, to_device, wide
 from diffrl.sampling import StepOutput
 from diffrl.trainers.base import Algorithm, RolloutBatch
 
@@ -78,30 +79,36 @@ class GRPO(Algorithm):
     def update(self, batch: RolloutBatch, optimizer, generator) -> dict[str, float]:
         cfg, g = self.cfg, self.cfg.grpo
         B, N = batch.trajectory.log_probs.shape  # N: the stochastic steps (all, or the SDE window)
-        step_index = batch.trajectory.steps  # [N] long: schedule step of each log-prob column
+        device = batch.trajectory.log_probs.device
+        step_index = batch.trajectory.steps.to(device)  # [N] long: schedule step of each log-prob column
         n_train = max(1, int(N * g.timestep_fraction))
-        adv = batch.advantages.clamp(-g.adv_clip_max, g.adv_clip_max)  # [B]
-        weight = batch.valid.to(adv.dtype)  # [B]: non-finite rewards contribute nothing
+        adv = batch.advantages.to(device).clamp(-g.adv_clip_max, g.adv_clip_max)  # [B]
+        weight = batch.valid.to(device=device, dtype=adv.dtype)  # [B]: non-finite rewards contribute nothing
         mb = cfg.train.train_batch_size
-        sums: dict[str, float] = {}
-        count, trained = 0, 0
-        ratio_max = 0.0
+        # without KL a row with advantage 0 has surrogate 0 and no gradient: its forward is skipped. Which rows learn
+        # is read on the host once per update (one transfer), so that picking rows never waits for the device.
+        learns_all = ((adv != 0) & (weight > 0)).cpu() if g.kl_beta == 0 else None  # [B] bool
+        metrics = DeviceMetrics()  # per-step values stay on the device until the end of the update
+        trained = 0
         grad_norms: list[float] = []
 
         for _ in range(cfg.train.num_inner_epochs):
             order = torch.randperm(B, generator=generator)  # [B]
             step_order = torch.stack([torch.randperm(N, generator=generator) for _ in range(B)])  # [B, N]
             for start in range(0, B, mb):
-                rows = order[start : start + mb].to(adv.device)  # [b]
-                w_sum = weight[rows].sum().clamp_min(1)  # the loss is a mean over the whole train batch ...
-                if g.kl_beta == 0:  # ... but a row with advantage 0 has surrogate 0 and no gradient: skip its forward
-                    learns = (adv[rows] != 0) & (weight[rows] > 0)  # [b]
+                rows_host = order[start : start + mb]  # [b]
+                w_sum = weight[to_device(rows_host, device)].sum().clamp_min(1)  # the loss is a mean over the whole train batch
+                if learns_all is not None:
+                    learns = learns_all[rows_host]  # [b]
                     # with none, one row still runs (its gradient is 0): every process makes the same backward calls
-                    rows = rows[learns] if learns.any() else rows[:1]
-                trained += len(rows)
+                    rows_host = rows_host[learns] if learns.any() else rows_host[:1]
+                trained += len(rows_host)
+                rows = to_device(rows_host, device)  # [b]
+                cols_all = to_device(step_order[rows_host, :n_train], device)  # [b, n_train]: log-prob columns
+                w = weight[rows]  # [b]
                 for j in range(n_train):
-                    cols = step_order[rows.cpu(), j].to(adv.device)  # [b]: log-prob columns
-                    steps = step_index.to(adv.device)[cols]  # [b]: their schedule steps
+                    cols = cols_all[:, j]  # [b]
+                    steps = step_index[cols]  # [b]: their schedule steps
                     step = self.step_log_prob(batch, rows, steps)
                     old = batch.trajectory.log_probs[rows, cols]  # [b]
                     surrogate, m = clipped_surrogate(
@@ -114,26 +121,21 @@ class GRPO(Algorithm):
                             ref = self.step_log_prob(batch, rows, steps, reference=True)
                         kl = self.kl(step, ref)  # [b]
                         loss_rows = surrogate + g.kl_beta * kl
-                    w = weight[rows]
                     loss = (loss_rows * w).sum() / w_sum / n_train
                     last = j == n_train - 1
                     sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy.denoiser)
                     with sync:
                         self.accelerator.backward(loss)
-                    ratio = torch.exp(step.log_prob.detach() - old)
-                    for key, value in (
-                        ("loss", loss.item() * n_train),
-                        ("policy_loss", (surrogate.detach() * w).sum().item() / w_sum.item()),
-                        ("kl", kl.detach().mean().item()),
-                        ("clip_frac", float(m["clip_frac"])),
-                        ("ratio_mean", ratio.mean().item()),
-                    ):
-                        sums[key] = sums.get(key, 0.0) + value
-                    ratio_max = max(ratio_max, ratio.max().item())
-                    count += 1
+                    ratio = torch.exp(step.log_prob.detach() - old)  # [b]
+                    metrics.add("loss", loss, scale=n_train)
+                    metrics.add("policy_loss", wide((surrogate.detach() * w).sum()) / wide(w_sum))
+                    metrics.add("kl", kl.detach().mean())
+                    metrics.add("clip_frac", m["clip_frac"])
+                    metrics.add("ratio_mean", ratio.mean())
+                    metrics.maximum("ratio_max", ratio.max())
                 grad_norms.append(self.step_guard(optimizer))
-        metrics = {k: v / count for k, v in sums.items()}
-        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
-        metrics["ratio_max"] = ratio_max
-        metrics["trained_frac"] = trained / (B * cfg.train.num_inner_epochs)  # samples whose forward ran
-        return metrics
+        out = metrics.means()  # the update's one read of the device
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out["ratio_max"] = max(0.0, out["ratio_max"])
+        out["trained_frac"] = trained / (B * cfg.train.num_inner_epochs)  # samples whose forward ran
+        return out

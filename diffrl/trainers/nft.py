@@ -59,8 +59,9 @@ class DiffusionNFT(Algorithm):
     def rollout_context(self):
         return self.policy.use_adapter("old")  # rollouts come from the sampling policy v_old
 
-    def loss(self, nb: NoisedBatch, r: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Per-sample NFT loss at one noise level. r: [B] optimality of the whole batch. -> [b]"""
+    def loss(self, nb: NoisedBatch, r: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-sample NFT loss at one noise level, and its metrics as 0-d tensors. r: [B] optimality of the whole
+        batch. -> [b]"""
         n, g = self.cfg.nft, self.cfg.sampling.guidance_scale
         with torch.no_grad(), self.policy.use_adapter("old"):
             v_old = self.updates.predict(nb, g)  # [b, *S]
@@ -74,9 +75,9 @@ class DiffusionNFT(Algorithm):
                 v_ref = self.updates.predict(nb, g)  # [b, *S]
             kl = mean_sq(v_theta, v_ref)  # [b]
         metrics = {
-            "policy_loss": policy_loss.detach().mean().item(),
-            "kl": kl.detach().mean().item(),
-            "old_deviate": mean_sq(v_theta.detach(), v_old).mean().item(),
+            "policy_loss": policy_loss.detach().mean(),
+            "kl": kl.detach().mean(),
+            "old_deviate": mean_sq(v_theta.detach(), v_old).mean(),
         }
         return policy_loss + n.kl_coef * kl, metrics
 

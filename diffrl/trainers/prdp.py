@@ -33,8 +33,10 @@ import torch
 
 from diffrl.checks import ConfigError, check_fields, fraction, positive, require_lora, require_stochastic
 from diffrl.core import prdp_loss
+from diffrl.runtime import DeviceMetrics, to_device
 from diffrl.sampling import StepOutput
 from diffrl.trainers.base import Algorithm, RolloutBatch
+from diffrl.trainers.forward_process import sample_order
 
 
 @dataclass
@@ -93,9 +95,10 @@ class PRDP(Algorithm):
         return self.cfg.train.micro_batch_size or self.cfg.train.train_batch_size
 
     def accumulate_gradients(self, batch: RolloutBatch, rows: torch.Tensor, delta_old: torch.Tensor,
-                             ref: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
+                             ref: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """The exact gradient of the PRDP loss of train batch `rows` [b], accumulated into .grad (the
-        two passes of the module docstring). delta_old, ref: [B, T] for the whole batch."""
+        two passes of the module docstring). delta_old, ref: [B, T] for the whole batch. Returns the loss and
+        its metrics as 0-d tensors, on the device (no host sync)."""
         c = self.cfg.prdp
         T = delta_old.shape[1]
         # pass 1: the loss at the current weights and its gradient w.r.t. each step's log-ratio
@@ -106,7 +109,7 @@ class PRDP(Algorithm):
         (coef,) = torch.autograd.grad(loss, delta)  # [b, T] dL / d delta
         # pass 2: back-propagate sum(coef * log pi_theta), a step at a time
         n = max(1, int(T * c.timestep_fraction))
-        order = self.draw_steps(len(rows), T, n, generator).to(rows.device)  # [b, n]
+        order = to_device(self.draw_steps(len(rows), T, n, generator), rows.device)  # [b, n]
         scale = T / n  # unbiased for the sum over all T steps
         calls = math.ceil(len(rows) / self.chunk) * n
         for start in range(0, len(rows), self.chunk):
@@ -119,19 +122,18 @@ class PRDP(Algorithm):
                 sync = contextlib.nullcontext() if calls == 0 else self.accelerator.no_sync(self.policy.denoiser)
                 with sync:
                     self.accelerator.backward(surrogate)
-        return {"loss": loss.item(), **{k: v.item() for k, v in m.items()}}
+        return {"loss": loss.detach(), **m}
 
     def draw_steps(self, b: int, T: int, n: int, generator: torch.Generator) -> torch.Tensor:
         """The log-prob columns each row back-propagates in pass 2: n of T drawn without replacement. -> [b, n]"""
         return torch.stack([torch.randperm(T, generator=generator)[:n] for _ in range(b)])
 
     def train_batches(self, batch: RolloutBatch, generator: torch.Generator) -> list[torch.Tensor]:
-        """One epoch's train batches: rows of whole prompt groups, groups in random order. -> [train_batch_size] each"""
-        groups = torch.unique(batch.group_ids)  # [G]
-        order = groups[torch.randperm(len(groups), generator=generator).to(groups.device)]  # [G]
-        rows = torch.cat([(batch.group_ids == g).nonzero().squeeze(1) for g in order])  # [B]
+        """One epoch's train batches: rows of whole prompt groups, groups in random order, on the batch's device.
+        -> [train_batch_size] each"""
+        rows = sample_order(batch.group_ids, whole_groups=True, generator=generator)  # [B] on the host
         mb = self.cfg.train.train_batch_size
-        return [rows[start : start + mb] for start in range(0, len(rows), mb)]
+        return [to_device(rows[start : start + mb], batch.group_ids.device) for start in range(0, len(rows), mb)]
 
     def update(self, batch: RolloutBatch, optimizer, generator) -> dict[str, float]:
         cfg = self.cfg
@@ -139,16 +141,13 @@ class PRDP(Algorithm):
         all_rows = torch.arange(B, device=batch.group_ids.device)  # [B]
         ref = self.log_probs(batch, all_rows, reference=True)  # [B, T], once: the reference never moves
         delta_old = batch.trajectory.log_probs - ref  # [B, T] the sampling snapshot's log-ratios
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
+        metrics = DeviceMetrics()  # on the device until the end of the update
         for _ in range(cfg.train.num_inner_epochs):
             for rows in self.train_batches(batch, generator):
-                metrics = self.accumulate_gradients(batch, rows, delta_old, ref, generator)
-                metrics["grad_norm"] = self.step_guard(optimizer)
-                for key, value in metrics.items():
+                step_metrics = self.accumulate_gradients(batch, rows, delta_old, ref, generator)
+                step_metrics["grad_norm"] = self.step_guard(optimizer)
+                for key, value in step_metrics.items():
                     # pair_accuracy is NaN when no pair's rewards differ: its mean is over the steps with such pairs;
                     # every other metric shows a NaN/inf as it is (a non-finite loss must not vanish from the log)
-                    if key != "pair_accuracy" or math.isfinite(value):
-                        sums[key] = sums.get(key, 0.0) + value
-                        counts[key] = counts.get(key, 0) + 1
-        return {k: sums[k] / counts[k] for k in sums}
+                    metrics.add(key, value, only_finite=key == "pair_accuracy")
+        return metrics.means()

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from diffrl.checks import ConfigError
 from diffrl.optim import NonFiniteTrainingError
 from diffrl.rollout import Trajectory
+from diffrl.runtime import DeviceMetrics
 from diffrl.sampling import Sampler, Schedule, StepOutput, predict_x0
 from diffrl.trainers.base import Algorithm, RolloutBatch
 
@@ -132,8 +133,9 @@ class RewardBackprop(Algorithm):
             raise ConfigError(f"'train.num_inner_epochs' must be 1 for {name}: it samples anew for every optimiser step")
 
     def train_chain(self, chain: Chain, noise: torch.Tensor, prompts: list[str], metadata: list[dict],
-                    optimizer) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """Sample from noise [b, *S] and train; returns (final latents [b, *S], decoded samples, metrics)."""
+                    optimizer) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor | float]]:
+        """Sample from noise [b, *S] and train; returns (final latents [b, *S], decoded samples, metrics: 0-d
+        tensors left on the device, or floats)."""
         raise NotImplementedError
 
     def update(self, batch: RolloutBatch, optimizer, generator) -> dict[str, float]:
@@ -142,18 +144,20 @@ class RewardBackprop(Algorithm):
         noise = batch.trajectory.latents[:, 0]  # [B, *S]
         schedule = batch.trajectory.schedule
         tb = self.cfg.train.train_batch_size
-        finals, samples, rows_metrics = [], [], []
+        finals, samples = [], []
+        metrics = DeviceMetrics()  # averaged over the train batches; read once, at the end
         with self.accelerator.no_sync(self.policy.denoiser):  # gradients are averaged by optimizer_step
             for start in range(0, len(batch), tb):
                 rows = slice(start, start + tb)
                 chain = Chain(self.policy, self.sampler, schedule, batch.cond.index(rows),
                               self.cfg.sampling.guidance_scale, self.accelerator, generator)
-                final, images, metrics = self.train_chain(chain, noise[rows], batch.prompts[rows], batch.metadata[rows],
+                final, images, chain_metrics = self.train_chain(chain, noise[rows], batch.prompts[rows], batch.metadata[rows],
                                                           optimizer)
                 finals.append(final.detach())
                 samples.append(images.detach().float())
-                rows_metrics.append(metrics)
+                for key, value in chain_metrics.items():
+                    metrics.add(key, value)
         batch.trajectory = Trajectory(latents=torch.stack([noise, torch.cat(finals)], dim=1), log_probs=None,
                                       schedule=schedule)  # [B, 2, *S]: noise and sample
         batch.images = torch.cat(samples)
-        return {k: sum(m[k] for m in rows_metrics) / len(rows_metrics) for k in rows_metrics[0]}
+        return metrics.means()
