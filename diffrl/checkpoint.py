@@ -412,6 +412,7 @@ RUN_IDENTITY = ("model", "algorithm", "seed", "reward", "reward_kwargs", "reward
                 "train.prompts_per_iteration", "train.ema", "lm.train_data", "lm.rewards", "lm.reward_combine")
 """Settings (or sections) that say what a run is: a resume that changes one is refused (start a new output_dir)."""
 FUTURE_ONLY = ("policy.gradient_checkpointing", "policy.attention_backend", "policy.compile", "policy.compile_mode",
+               "policy.lora_dtype",
                "policy.vae_slicing", "policy.vae_tiling", "policy.vae_tile_size", "policy.vae_tile_stride",
                "sampling.eval_num_steps")
 """Exceptions inside RUN_IDENTITY's sections: memory / speed switches and evaluation settings."""

@@ -57,6 +57,8 @@ class PolicyConfig:
     """torch.compile the denoiser's repeated blocks (regional compilation) for rollouts and training: faster steps after a one-off compile (minutes on a big model); the state dict and saved LoRA keep their names."""
     compile_mode: str = "default"
     """With compile: "default", "reduce-overhead" (CUDA graphs on top: fixed-shape rollouts; CUDA only) or "max-autotune" (longer compile, autotuned kernels)."""
+    lora_dtype: str = "float32"
+    """What the LoRA adapters compute in: "float32", or "bfloat16" on a bfloat16 base (no float32 copy of each LoRA layer's input; the float32 LoRA parameters are the master copy the optimiser updates, and what checkpoints hold)."""
     num_frames: Optional[int] = None
     """Video models: frames per clip, 4k + 1 for Wan (Flow-GRPO Wan2.1: 33); motion models: frames at 20 fps, at most the model's max_frames; None: the model's default (Wan 33, tiny-wan 9, toy-motion and tiny-motion 60)."""
     vae_slicing: bool = False
@@ -77,7 +79,7 @@ class PolicyConfig:
 
     def check(self, key: str = "policy") -> None:
         from diffrl.pipelines.base import ATTENTION_BACKENDS
-        from diffrl.pipelines.performance import CHECKPOINTING, COMPILE_MODES
+        from diffrl.pipelines.performance import CHECKPOINTING, COMPILE_MODES, LORA_DTYPES
         from diffrl.pipelines.wan import WAN_EXPERTS
 
         check_fields(self, key, {"dtype": tuple(DTYPES), "attention_backend": ATTENTION_BACKENDS, "resolution": positive,
@@ -85,6 +87,10 @@ class PolicyConfig:
                                  "wan_experts": WAN_EXPERTS})
         one_of(self.gradient_checkpointing, CHECKPOINTING, f"{key}.gradient_checkpointing")
         one_of(self.compile_mode, COMPILE_MODES, f"{key}.compile_mode")
+        one_of(self.lora_dtype, tuple(LORA_DTYPES), f"{key}.lora_dtype")
+        if self.lora_dtype == "bfloat16" and (self.dtype != "bfloat16" or self.lora_rank == 0):
+            raise ConfigError(f"'{key}.lora_dtype' bfloat16 computes the LoRA in the base model's bfloat16: it needs "
+                              f"'{key}.dtype' bfloat16 (is {self.dtype}) and a LoRA ('{key}.lora_rank' > 0, is {self.lora_rank})")
         if self.compile_mode != "default" and not self.compile:
             raise ConfigError(f"'{key}.compile_mode' is {self.compile_mode} but '{key}.compile' is false: turn compile on or remove it")
         if self.compile and self.compile_mode == "reduce-overhead":
@@ -381,6 +387,9 @@ def check_run(cfg, default_flow_sampler: str) -> RunContext:
             "on sd / sd3 and embedded guidance on flux; schedules, resolution, LoRA targets differ). Use a recipe for "
             f"{detected}, or set policy.family={detected} and check those settings")
     family = stated or detected
+    if cfg.policy.lora_dtype == "bfloat16" and cfg.train.mixed_precision == "fp16":
+        raise ConfigError("'policy.lora_dtype' bfloat16 with 'train.mixed_precision' fp16: the LoRA would compute in bf16 "
+                          "inside fp16 autocast; use train.mixed_precision bf16 (or no)")
     s = cfg.sampling
     if s.guidance_scale is None:
         raise ConfigError("'sampling.guidance_scale' is unset: build the config with load_config or call apply_algorithm_defaults")

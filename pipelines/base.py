@@ -159,9 +159,11 @@ class Policy(abc.ABC):
         """Every denoiser network the model runs, trained or frozen (Wan2.2: both experts)."""
         return list(self.trained_networks().values())
 
-    def add_lora(self, rank: int, alpha: float, target_modules: list[str] | None = None, dropout: float = 0.0) -> None:
+    def add_lora(self, rank: int, alpha: float, target_modules: list[str] | None = None, dropout: float = 0.0,
+                 compute_dtype: torch.dtype | None = None) -> None:
         """Attach a peft LoRA adapter named "default" to the denoiser (each of `trained_networks()`); base weights are
-        frozen."""
+        frozen. `compute_dtype` torch.bfloat16 (on a bf16 base): the adapters compute in bf16, their float32
+        parameters the master copy (diffrl.pipelines.performance.compute_lora_in); None: in float32, as stored."""
         from peft import LoraConfig
 
         for net in self.trained_networks().values():
@@ -179,6 +181,19 @@ class Policy(abc.ABC):
         for param in self.trainable_parameters():
             if param.dtype in (torch.float16, torch.bfloat16):
                 param.data = param.data.float()
+        if compute_dtype is not None and compute_dtype != torch.float32:
+            if self.dtype != compute_dtype:
+                raise ValueError(f"LoRA computing in {compute_dtype} needs a base model in it too; this one is {self.dtype}")
+            self.lora_compute_dtype = compute_dtype
+            self._compute_lora_in_its_dtype()
+
+    def _compute_lora_in_its_dtype(self) -> None:
+        """Re-apply the LoRA compute dtype to LoRA layers peft created since (a loaded LoRA, adapter copies)."""
+        from diffrl.pipelines.performance import compute_lora_in
+
+        if getattr(self, "lora_compute_dtype", None) is not None:
+            for net in self.trained_networks().values():
+                compute_lora_in(net, self.lora_compute_dtype)
 
     def default_lora_targets(self) -> list[str]:
         return ["to_q", "to_k", "to_v", "to_out.0"]
@@ -221,6 +236,7 @@ class Policy(abc.ABC):
         self._drop_lora()
         self._read_lora(directory, self.trainable_module())
         self._train_lora_only()
+        self._compute_lora_in_its_dtype()
 
     @staticmethod
     def _require_lora_file(directory: Path) -> Path:

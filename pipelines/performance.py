@@ -186,3 +186,33 @@ def compile_blocks(net: nn.Module, mode: str = "default", backend: str = "induct
     for block in blocks:
         block.compile(backend=backend, **options)
     return len(blocks)
+
+
+# ---- LoRA compute dtype ----------------------------------------------------------------------------------------
+LORA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""policy.lora_dtype: what the LoRA adapters compute in; their parameters stay float32 either way."""
+
+
+def compute_lora_in(net: nn.Module, dtype: torch.dtype) -> int:
+    """Make every peft LoRA layer of `net` compute its adapters in `dtype` (bf16 on a bf16 base) while the LoRA
+    parameters stay float32: autocast inside the layer rounds the small LoRA weights to `dtype` at each forward, so
+    the float32 parameters are the master copy the optimiser updates (an update below bf16's resolution is kept and
+    adds up until the rounded weight moves), gradients reach them in float32, and peft's cast of the activations to
+    the weights' dtype (a float32 copy of every LoRA layer's input) is switched off. Checkpoints, EMA and resume see
+    the float32 parameters as before. Returns the number of layers changed; idempotent."""
+    from peft.tuners.lora import LoraLayer
+
+    changed = 0
+    for module in net.modules():
+        if not isinstance(module, LoraLayer) or getattr(module, "_lora_compute_dtype", None) is not None:
+            continue
+        module.cast_input_dtype_enabled = False  # peft's switch (peft.helpers.disable_input_dtype_casting)
+        inner = module.forward
+
+        def forward(x, *args, _inner=inner, **kwargs):
+            with torch.autocast(x.device.type, dtype=dtype):
+                return _inner(x, *args, **kwargs)
+
+        module.forward, module._lora_compute_dtype = forward, dtype
+        changed += 1
+    return changed

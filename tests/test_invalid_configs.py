@@ -61,6 +61,9 @@ ROWS = [
     (recipe("policy.gradient_checkpointing=partial"), "policy.gradient_checkpointing"),
     (recipe("policy.compile=true", "policy.compile_mode=max_autotune"), "policy.compile_mode"),
     (recipe("policy.compile_mode=max-autotune"), "policy.compile_mode"),  # without policy.compile
+    (recipe("policy.lora_dtype=float16"), "policy.lora_dtype"),
+    (recipe("policy.lora_dtype=bfloat16"), "policy.lora_dtype"),  # on the recipe's float32 base
+    (recipe("policy.dtype=bfloat16", "policy.lora_dtype=bfloat16", "train.mixed_precision=fp16"), "policy.lora_dtype"),
     # sampling
     (recipe("sampling.num_steps=0"), "sampling.num_steps"),
     (recipe("sampling.sampler=ddim"), "sampling.sampler"),

@@ -226,3 +226,142 @@ def test_reduce_overhead_is_refused_without_cuda(tmp_path):
     with pytest.raises(Exception, match="policy.compile_mode"):
         load_config("configs/image/tiny_sd3_jpeg.yaml", ["policy.compile=true", "policy.compile_mode=reduce-overhead",
                                                          f"output_dir={tmp_path}"])
+
+
+# ---- LoRA in bf16 with float32 master weights -----------------------------------------------------------------
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+
+def bf16_policy(lora_dtype: str):
+    """tiny-sd3 with bf16 base weights and a LoRA of rank 4: "bfloat16" computes it in bf16 from float32
+    parameters; "stored-bf16" keeps the LoRA parameters themselves in bf16 (no master copy)."""
+    policy = SD3Policy.tiny(seed=0, dtype=BF16)
+    policy.add_lora(rank=4, alpha=4, compute_dtype=BF16 if lora_dtype == "bfloat16" else None)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # |w| in [0.14, 0.23], inside [1/8, 1/4) where one bf16 step (ulp) is 2^-10; values exactly representable
+        for p in policy.trainable_parameters():
+            magnitude = 0.14 + 0.09 * torch.rand(p.shape, generator=gen)
+            sign = torch.randint(0, 2, p.shape, generator=gen) * 2 - 1
+            p.copy_((sign * magnitude).bfloat16().float())
+            if lora_dtype == "stored-bf16":
+                p.data = p.data.bfloat16()
+    return policy
+
+
+def bf16_inputs(policy):
+    cond = policy.encode_prompt(PROMPTS)
+    x = policy.initial_noise(len(PROMPTS), torch.Generator().manual_seed(0)).to(BF16)  # [B, C, h, w]
+    t = policy.schedule(4).timesteps[1:2].repeat(len(PROMPTS))  # [B]
+    return lambda: policy.predict(x, t, cond, 3.0)
+
+
+class CastsToFloat32(TorchDispatchMode):
+    """The storages of the tensors cast to float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.sources = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.__name__.startswith("_to_copy") and torch.is_tensor(out) and out.dtype == FP32:
+            self.sources.add(args[0].untyped_storage().data_ptr())
+        return out
+
+
+@pytest.mark.parametrize("lora_dtype", ["float32", "bfloat16"])
+def test_bf16_lora_casts_no_activation_to_float32(lora_dtype):
+    from peft.tuners.lora import LoraLayer
+
+    policy = SD3Policy.tiny(seed=0, dtype=BF16)
+    policy.add_lora(rank=4, alpha=4, compute_dtype=DTYPE_NAMES[lora_dtype])
+    inputs = set()
+    for module in policy.trainable_module().modules():
+        if isinstance(module, LoraLayer):
+            module.register_forward_pre_hook(lambda m, args: inputs.add(args[0].untyped_storage().data_ptr()))
+    predict = bf16_inputs(policy)
+    with CastsToFloat32() as casts:
+        out = predict()
+    cast_inputs = inputs & casts.sources  # LoRA layer inputs copied to float32
+    assert bool(cast_inputs) == (lora_dtype == "float32")
+    out.float().square().mean().backward()
+    params = policy.trainable_parameters()  # float32 either way, and so are their gradients
+    assert all(p.dtype == FP32 and p.grad.dtype == FP32 for p in params) and any(p.grad.abs().max() > 0 for p in params)
+
+
+DTYPE_NAMES = {"float32": None, "bfloat16": BF16}
+
+
+def adamw_steps(policy, loss, optimizer, n: int) -> None:
+    for _ in range(n):
+        loss().float().square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("lora_dtype", ["bfloat16", "stored-bf16"])
+def test_bf16_lora_master_keeps_updates_below_bf16_resolution(lora_dtype):
+    """AdamW's first steps move each weight by lr = 2^-12, a quarter of bf16's resolution at these weights: the
+    float32 master keeps every step and the bf16 weights the forward uses move once the sum crosses half a step;
+    LoRA parameters stored in bf16 round every step away and never move (the failure the master prevents)."""
+    policy = bf16_policy(lora_dtype)
+    predict = bf16_inputs(policy)
+    params = policy.trainable_parameters()
+    initial = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        out0 = predict()
+    optimizer = torch.optim.AdamW(params, lr=2**-12, weight_decay=0.0)
+    adamw_steps(policy, predict, optimizer, 1)
+    with torch.no_grad():
+        out1 = predict()
+    moved = sum(int((p != q).sum()) for p, q in zip(params, initial))  # entries whose stored value changed
+    rounded_moved = sum(int((p.bfloat16() != q.bfloat16()).sum()) for p, q in zip(params, initial))
+    assert rounded_moved == 0 and torch.equal(out1, out0)  # one step is below bf16's resolution everywhere
+    assert moved == (sum(p.numel() for p in params) if lora_dtype == "bfloat16" else 0)
+    adamw_steps(policy, predict, optimizer, 8)
+    with torch.no_grad():
+        out9 = predict()
+    rounded_moved = sum(int((p.bfloat16() != q.bfloat16()).sum()) for p, q in zip(params, initial))
+    if lora_dtype == "bfloat16":  # the accumulated steps reached the bf16 weights and the output
+        assert rounded_moved > 0 and not torch.equal(out9, out0)
+        with torch.no_grad():  # the forward reads the master only through its bf16 rounding
+            for p in params:
+                p.copy_(p.bfloat16().float())
+            assert torch.equal(predict(), out9)
+    else:
+        assert rounded_moved == 0 and torch.equal(out9, out0)
+
+
+def test_bf16_lora_resume_is_bit_identical(tmp_path):
+    from diffrl.trainers.loop import Trainer
+
+    fast = ["policy.resolution=32", "policy.lora_rank=4", "policy.lora_alpha=8", "policy.dtype=bfloat16",
+            "policy.lora_dtype=bfloat16", "train.mixed_precision=bf16", "sampling.num_steps=2",
+            "sampling.eval_num_steps=2", "data.num_eval_prompts=2", "train.prompts_per_iteration=2", "train.group_size=2",
+            "train.rollout_batch_size=4", "train.train_batch_size=2", "train.learning_rate=1e-3", "max_iterations=3",
+            "logging.log_with=none", "logging.progress=false"]
+    full = Trainer(load_config("configs/image/tiny_sd3_jpeg.yaml", [*fast, "logging.save_every=1", f"output_dir={tmp_path / 'a'}"]))
+    assert all(p.dtype == FP32 for p in full.policy.trainable_parameters())  # the master copy
+    rows = full.train()
+    resumed = Trainer(load_config("configs/image/tiny_sd3_jpeg.yaml", [
+        *fast, f"resume={tmp_path / 'a' / 'checkpoints' / 'iter_000002'}", f"output_dir={tmp_path / 'b'}"]))
+    row = resumed.train()[0]
+    assert row["iteration"] == 3 and row["loss"] == rows[2]["loss"]
+    for a, b in zip(full.policy.trainable_parameters(), resumed.policy.trainable_parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bf16_lora_under_bf16_autocast_is_the_float32_lora_bit_for_bit():
+    """Under train.mixed_precision bf16 the float32 LoRA's matmuls already run in bf16 (autocast), after peft copied
+    each input to float32 and autocast copied it back: lora_dtype bfloat16 drops those copies and nothing else."""
+    results = []
+    for lora_dtype in ("float32", "bfloat16"):
+        policy = bf16_policy(lora_dtype)
+        with torch.autocast("cpu", dtype=BF16):
+            out = bf16_inputs(policy)()
+        out.float().square().mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in policy.trainable_parameters()]))
+    (out32, grads32), (out16, grads16) = results
+    assert torch.equal(out16, out32)
+    for a, b in zip(grads32, grads16, strict=True):
+        assert torch.equal(a, b)

@@ -88,7 +88,7 @@ class Trainer(TrainLoop):
         if p.wan_experts != "high":  # Wan2.2: the low-noise expert, or both, train (before the LoRA goes on)
             self.policy.set_trained_experts(p.wan_experts)
         if p.lora_rank > 0:
-            self.policy.add_lora(p.lora_rank, p.lora_alpha, p.lora_targets)
+            self.policy.add_lora(p.lora_rank, p.lora_alpha, p.lora_targets, compute_dtype=DTYPES[p.lora_dtype])
         else:
             self.policy.trainable_module().requires_grad_(True)
         if p.gradient_checkpointing != "none":
