@@ -3,6 +3,8 @@ model, restoring a run exactly.
 
 Layout of one checkpoint folder:
     lora/pytorch_lora_weights.safetensors   stock diffusers LoRA (pipe.load_lora_weights(dir/lora))
+    sara/sara_weights.safetensors           SaRA runs: the trained values and their indices (merged into a diffusers
+                                            folder by `python -m diffrl.pipelines.sara merge dir out`)
     denoiser/ (model/ for a language model)  full fine-tunes only: a diffusers (transformers) model folder
     trainable.safetensors                   every trainable tensor, by parameter name (exact resume)
     optimizer.safetensors + optimizer.json  optimizer tensors / hyper-parameters and step counts
@@ -93,6 +95,9 @@ def policy_export(policy) -> Callable[[Path], Path]:
         if policy.has_lora:
             policy.save_lora(folder / "lora")
             return folder / "lora"
+        if getattr(policy, "sara", None) is not None:  # the values and their indices only (diffrl.pipelines.sara merges them)
+            policy.sara.save(folder / "sara", {"family": policy.family})
+            return folder / "sara"
         policy.trainable_module().save_pretrained(folder / policy.full_model_folder, safe_serialization=True)
         return folder / policy.full_model_folder
 

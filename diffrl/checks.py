@@ -88,6 +88,16 @@ def require_stochastic(cfg, ctx: RunContext, name: str) -> None:
 
 
 def require_lora(cfg, name: str, why: str) -> None:
-    """`name` needs a LoRA adapter (its reference or snapshots are adapters on the same network)."""
-    if cfg.policy.lora_rank == 0:
-        raise ConfigError(f"'policy.lora_rank' must be > 0 for {name}: {why}")
+    """`name` needs a frozen reference or snapshots of the trained weights: a LoRA adapter (they are adapters on the
+    same network), SaRA (its sparse entries written back, no model copy), or an explicit policy.adapter full, which
+    keeps whole-weight copies of the denoiser (one for the reference, one per snapshot). A full fine-tune spelled
+    lora_rank 0 is refused, as before policy.adapter existed; under FSDP the copies are not supported."""
+    import os
+
+    p = cfg.policy
+    if p.adapter == "lora" and p.lora_rank == 0:
+        raise ConfigError(f"'policy.lora_rank' must be > 0 for {name}: {why}; or train SaRA (policy.adapter=sara), or "
+                          "policy.adapter=full, which keeps whole-weight copies of the denoiser for it")
+    if p.adapter == "full" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+        raise ConfigError(f"'policy.adapter' full with {name} under FSDP is not supported: {why}, and its whole-weight "
+                          "copies are not sharded; train LoRA or use data parallelism")

@@ -71,6 +71,14 @@ def check_launch(cfg, lm: bool = False) -> None:
             + ("its reward backpropagation averages gradients itself, outside the sharded backward"
                if cfg.algorithm != "crd" else "its snapshot adapters are added after the denoiser is sharded")
             + "; use data parallelism (configs/accelerate/ddp.yaml), or grpo / nft / prdp with FSDP2")
+    if cfg.policy.adapter == "sara" and (req.fsdp_version is not None or req.deepspeed):
+        raise ConfigError(f"'policy.adapter' sara is not supported under {'FSDP' if req.fsdp_version else 'DeepSpeed'}: its "
+                          "sparse vectors write into whole (unsharded) weights; use data parallelism "
+                          "(configs/accelerate/ddp.yaml), or LoRA / a full fine-tune with FSDP2")
+    if cfg.policy.adapter == "sara" and cfg.policy.sara_remask_step is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("'policy.sara_remask_step' is not supported with more than one process: the re-mask resizes the "
+                          "trainable vectors, and DDP's gradient buckets are built for the first mask; set "
+                          "policy.sara_remask_step=null or train on one process")
     if req.fsdp_version is not None and cfg.policy.compile:
         raise ConfigError("'policy.compile' is not supported under FSDP yet (compiled blocks inside fully_shard are untested "
                           "here): set policy.compile=false or use data parallelism (configs/accelerate/ddp.yaml)")

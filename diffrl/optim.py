@@ -10,6 +10,7 @@ Imports only torch: diffrl.trainers and diffrl.lm use it; diffrl.core and diffrl
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -40,6 +41,10 @@ class GuardedStep:
         self.consecutive = 0
         self.stepped = False
         """Whether the last call stepped the optimiser."""
+        self.before_step: Callable[[], None] | None = None
+        """Called after clipping, right before a step is taken (SaRA adds its nuclear-norm gradient there)."""
+        self.after_step: Callable[[torch.optim.Optimizer], object] | None = None
+        """Called with the optimizer after a step was taken (SaRA counts steps and re-masks there)."""
 
     @classmethod
     def from_config(cls, accelerator, train) -> "GuardedStep":
@@ -64,8 +69,12 @@ class GuardedStep:
         # DeepSpeed clips and skips overflowing steps itself and may report no norm: then the step is its business
         self.stepped = reported is None or math.isfinite(grad_norm)
         if self.stepped:
+            if self.before_step is not None:
+                self.before_step()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if self.after_step is not None:
+                self.after_step(optimizer)
             self.consecutive = 0
             return grad_norm
         scaler = getattr(self.accelerator, "scaler", None)

@@ -168,10 +168,16 @@ class TrainLoop(abc.ABC):
         model (and its family, which Policy.load_lora checks), how it was trained (`reward`: the rewards as text),
         which library loads it and the line that does (`load`)."""
         cfg = self.cfg
-        lora = f"LoRA rank {cfg.policy.lora_rank} alpha {cfg.policy.lora_alpha}" if cfg.policy.lora_rank else "full fine-tune"
+        p = cfg.policy
+        adapter = p.resolved_adapter()
+        lora = {"lora": f"LoRA rank {p.lora_rank} alpha {p.lora_alpha}",
+                "sara": f"SaRA threshold {p.sara_threshold}, nuclear-norm weight {p.sara_lambda_rank}, re-mask "
+                        f"{'after step ' + str(p.sara_remask_step) if p.sara_remask_step else 'never'} (merge the sparse "
+                        "values into the base model as below)",
+                "full": "full fine-tune"}[adapter]
         return "\n".join([
             "---", f"base_model: {cfg.model}", *([f"family: {family}"] if family else []), f"library_name: {library}",
-            "tags:", "- diffrl", f"- {cfg.algorithm}", "- lora" if cfg.policy.lora_rank else "- full-finetune", "---", "",
+            "tags:", "- diffrl", f"- {cfg.algorithm}", "- full-finetune" if adapter == "full" else f"- {adapter}", "---", "",
             f"# {cfg.algorithm} fine-tune of {cfg.model}", "",
             f"Trained with diffrl: algorithm `{cfg.algorithm}`, reward {reward}, {self.iteration} iterations "
             f"({self.samples_seen} samples), seed {cfg.seed}, learning rate {cfg.train.learning_rate}, {lora}.", "",

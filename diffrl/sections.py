@@ -19,6 +19,8 @@ from diffrl.runtime import DTYPES
 from diffrl.sampling.gaussian import REDUCTIONS
 from diffrl.sampling.sampler import SAMPLERS
 
+ADAPTERS = ("lora", "sara", "full")
+"""What a run trains (PolicyConfig.adapter)."""
 MIXED_PRECISION = ("no", "bf16", "fp16")
 """accelerate's mixed-precision modes."""
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -43,12 +45,20 @@ class PolicyConfig:
     """Width in pixels when it differs from the height; None: resolution."""
     dtype: str = "float32"
     """Dtype of the frozen base weights: float32, bfloat16, float16 or float64 (LoRA weights stay float32, float64 in a float64 run)."""
+    adapter: str = "lora"
+    """What trains: "lora" (peft LoRA: lora_*), "sara" (SaRA, Hu et al. 2025: the entries with |P| < sara_threshold of every denoiser tensor, as sparse vectors: sara_*) or "full" (every weight; a reference or EMA snapshots are whole-weight copies); "lora" with lora_rank 0 is a full fine-tune too (docs/sara.md)."""
     lora_rank: int = 32
     """LoRA rank on the denoiser's attention projections; 0 trains the full denoiser (Flow-GRPO: 32)."""
     lora_alpha: float = 64.0
     """LoRA alpha (Flow-GRPO: 64)."""
     lora_targets: Optional[list[str]] = None
     """Module names LoRA attaches to; None uses the family's attention projections."""
+    sara_threshold: float = 2e-3
+    """SaRA: entries with |P| below it train, in every tensor of the denoiser (SaRA: 2e-3; its lr default 1e-3 exp(-350 threshold), 5e-4 at 2e-3)."""
+    sara_lambda_rank: float = 5e-4
+    """SaRA: weight of the nuclear-norm penalty lambda ||P * M||_* on one randomly drawn 2-D weight (min side > 64) per optimiser step; 0: none (SaRA: 5e-4)."""
+    sara_remask_step: Optional[int] = None
+    """SaRA: after this many optimiser steps the mask is recomputed once on the current weights and the optimiser state reset; None: never (SaRA's script: 2500)."""
     gradient_checkpointing: str = "none"
     """Recompute activations in backward, block by block: "none", "full" (keep each block's inputs: least memory, 10-25 % more time on an 18M-parameter UNet) or "selective" (keep attention and convolution outputs, recompute the rest); true / false mean full / none."""
     attention_backend: str = "sdpa"
@@ -84,7 +94,8 @@ class PolicyConfig:
 
         check_fields(self, key, {"dtype": tuple(DTYPES), "attention_backend": ATTENTION_BACKENDS, "resolution": positive,
                                  "height": positive, "width": positive, "lora_rank": non_negative, "lora_alpha": positive,
-                                 "wan_experts": WAN_EXPERTS})
+                                 "wan_experts": WAN_EXPERTS, "adapter": ADAPTERS, "sara_threshold": positive,
+                                 "sara_lambda_rank": non_negative, "sara_remask_step": positive})
         one_of(self.gradient_checkpointing, CHECKPOINTING, f"{key}.gradient_checkpointing")
         one_of(self.compile_mode, COMPILE_MODES, f"{key}.compile_mode")
         one_of(self.lora_dtype, tuple(LORA_DTYPES), f"{key}.lora_dtype")
@@ -105,6 +116,10 @@ class PolicyConfig:
         if not self.vae_tiling and (self.vae_tile_size is not None or self.vae_tile_stride is not None):
             raise ConfigError(f"'{key}.vae_tile_size' / '{key}.vae_tile_stride' are set but '{key}.vae_tiling' is false: "
                               "turn tiling on or remove them")
+
+    def resolved_adapter(self) -> str:
+        """What trains: adapter, with "lora" at lora_rank 0 meaning "full" (configs written before policy.adapter)."""
+        return "full" if self.adapter == "lora" and self.lora_rank == 0 else self.adapter
 
     def vae_chunking(self) -> dict:
         """The VAE options as load_policy takes them."""
@@ -409,6 +424,7 @@ def check_run(cfg, default_flow_sampler: str) -> RunContext:
     check_lora_targets(cfg, family)
     check_vae_chunking(cfg, family)
     check_wan_experts(cfg, family)
+    check_sara(cfg)
     draws_noise = (sampler == "flow_sde" and s.noise_level > 0) or (sampler == "ddim" and s.eta > 0)
     if s.sde_window_size and not draws_noise:
         raise ConfigError(f"'sampling.sde_window_size' needs a stochastic sampler; 'sampling.sampler' {sampler} draws no noise")
@@ -481,6 +497,8 @@ def check_lora_targets(cfg, family: str) -> None:
     if p.lora_rank == 0:
         raise ConfigError("'policy.lora_targets' is set but 'policy.lora_rank' is 0 (a full fine-tune, no LoRA): "
                           "remove it or set a rank")
+    if p.adapter != "lora":
+        raise ConfigError(f"'policy.lora_targets' is set but 'policy.adapter' is {p.adapter} (no LoRA): remove it")
     malformed = [t for t in p.lora_targets if not isinstance(t, str) or not t.strip() or t != t.strip()]
     if malformed or not p.lora_targets:
         raise ConfigError(f"'policy.lora_targets' must list module names such as to_q or attn.to_out.0 (null: the "
@@ -521,6 +539,14 @@ def check_vae_chunking(cfg, family: str) -> None:
             vae_tile(p.vae_tile_size, p.vae_tile_stride)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+
+
+def check_sara(cfg) -> None:
+    """SaRA with a re-mask: the trainable vectors change size at the re-mask, which train.ema's copies do not follow."""
+    p = cfg.policy
+    if p.adapter == "sara" and p.sara_remask_step is not None and cfg.train.ema:
+        raise ConfigError("'policy.sara_remask_step' is set with 'train.ema': the EMA copies the SaRA vectors, whose entries "
+                          "change at the re-mask; set train.ema=false or policy.sara_remask_step=null")
 
 
 def check_wan_experts(cfg, family: str) -> None:

@@ -271,8 +271,10 @@ class SaraAdapter:
 
     # ---- the nuclear-norm penalty -------------------------------------------------------------------
     def eligible(self) -> list[SparseTensor]:
-        """The tensors the penalty draws from: 2-D with min(shape) > 64."""
-        return [t for t in self.tensors if t.dense.ndim == 2 and min(t.dense.shape) > NUCLEAR_MIN_SIDE]
+        """The tensors the penalty draws from: 2-D with min(shape) > 64 and trainable entries (a re-mask may leave
+        none; the norm of a zero matrix has no gradient)."""
+        return [t for t in self.tensors
+                if t.dense.ndim == 2 and min(t.dense.shape) > NUCLEAR_MIN_SIDE and t.sparse.values.numel()]
 
     @torch.no_grad()
     def add_nuclear_gradient(self, lambda_rank: float, generator: torch.Generator) -> float:
@@ -304,18 +306,20 @@ class SaraAdapter:
         self.steps += 1
         if self.remask_step is None or self.steps != self.remask_step:
             return False
-        self.remask()
+        replace_parameters(optimizer, self.remask())
         reset_optimizer_state(optimizer, self.parameters())
         return True
 
     # ---- re-masking and layouts ----------------------------------------------------------------------
     @torch.no_grad()
-    def remask(self) -> None:
+    def remask(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
         """Recompute the mask on the current weights (|P| < threshold): entries leaving it keep their trained values
-        (retired), entries joining it start from their current values. The trainable vectors keep their Parameter
-        objects (resized); their optimiser state must be reset (after_step does)."""
+        (retired), entries joining it start from their current values. Returns (old, new) for every trainable vector
+        that changed size (a new Parameter: autograd keeps a leaf's shape); the optimiser must hold the new ones and
+        forget the state of all (after_step does both)."""
         self._no_override("remask")
         self.sync()
+        replaced = []
         for i, t in enumerate(self.tensors):
             sp, flat = t.sparse, t.dense.detach().view(-1)
             index = (flat.abs() < self.threshold).nonzero().squeeze(1)  # [n'] on the current weights
@@ -323,12 +327,14 @@ class SaraAdapter:
             where, found = _locate(union, index)
             values = torch.where(found, current[where], flat[index].to(sp.values_dtype))  # [n']
             leaving = ~torch.isin(union, index)  # [n + m]
-            self._relayout(i, index, values, union[leaving], current[leaving])
+            replaced += self._relayout(i, index, values, union[leaving], current[leaving])
+        return replaced
 
     def _relayout(self, i: int, index: torch.Tensor, values: torch.Tensor, retired_index: torch.Tensor,
-                  retired_values: torch.Tensor) -> None:
+                  retired_values: torch.Tensor) -> list[tuple[nn.Parameter, nn.Parameter]]:
         """Give tensor i a new layout (trainable [n'], retired [m']); originals and snapshots follow their entries:
-        an entry never trained before has its base value in the dense tensor, and every snapshot holds that too."""
+        an entry never trained before has its base value in the dense tensor, and every snapshot holds that too.
+        Returns [(old, new)] when the trainable vector is a new Parameter (its size changed), else []."""
         t = self.tensors[i]
         sp, flat = t.sparse, t.dense.detach().view(-1)
         old_union, new_union = sp.union_index(), torch.cat([index, retired_index])  # [n + m], [n' + m']
@@ -341,10 +347,17 @@ class SaraAdapter:
         n = index.numel()
         sp.index, sp.retired_index = index, retired_index
         sp.original, sp.retired_original = originals[:n].clone(), originals[n:].clone()
-        sp.values.data = values.to(sp.values_dtype).clone()
-        sp.values.grad = None
+        old = sp.values
+        if values.shape == old.shape:  # the same Parameter (DDP and the optimiser hold it)
+            old.copy_(values)
+            old.grad = None
+            replaced = []
+        else:  # a leaf's shape is fixed in autograd's records: resizing .data breaks its next backward
+            sp.values = nn.Parameter(values.to(sp.values_dtype, copy=True))
+            replaced = [(old, sp.values)]
         sp.retired_values = retired_values.to(sp.values_dtype).clone()
         sp(t.dense)  # the dense storage holds the new layout's values
+        return replaced
 
     def _no_override(self, what: str) -> None:
         if any(t.sparse.override is not None for t in self.tensors):
@@ -363,8 +376,9 @@ class SaraAdapter:
         return out
 
     @torch.no_grad()
-    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        """The layout and values of a SaRA file (state_dict's keys); a re-masked run's layout replaces the current one."""
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> list[tuple[nn.Parameter, nn.Parameter]]:
+        """The layout and values of a SaRA file (state_dict's keys); a re-masked run's layout replaces the current one.
+        Returns (old, new) for every trainable vector that is a new Parameter (see remask)."""
         self._no_override("load")
         known = {t.key: t for t in self.tensors}
         groups = split_keys(tensors)
@@ -374,6 +388,7 @@ class SaraAdapter:
             raise ValueError(f"the SaRA weights do not fit this model: {len(missing)} of its tensors missing (e.g. "
                              f"{missing[:2]}), {len(unknown)} unknown (e.g. {unknown[:2]}); made with the same model and "
                              "threshold?")
+        replaced = []
         for i, t in enumerate(self.tensors):
             key, fields = t.key, groups[t.key]
             device, numel = t.dense.device, t.dense.numel()
@@ -386,7 +401,8 @@ class SaraAdapter:
             both = torch.cat([index, retired])
             if both.numel() and (both.min() < 0 or both.max() >= numel or both.unique().numel() != both.numel()):
                 raise ValueError(f"{key}: indices out of range or repeated for a tensor of {numel} entries")
-            self._relayout(i, index, values, retired, retired_values)
+            replaced += self._relayout(i, index, values, retired, retired_values)
+        return replaced
 
     def save(self, folder: str | Path, metadata: dict[str, str] | None = None) -> Path:
         """Write sara_weights.safetensors (values and indices only) into `folder`; returns the file."""
@@ -398,13 +414,16 @@ class SaraAdapter:
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, folder / SARA_FILE, metadata=meta)
         return folder / SARA_FILE
 
-    def load(self, path: str | Path) -> None:
-        """Restore what `save` wrote (a folder holding sara_weights.safetensors, the file, or a checkpoint folder)."""
+    def load(self, path: str | Path, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Restore what `save` wrote (a folder holding sara_weights.safetensors, the file, or a checkpoint folder);
+        `optimizer` then holds the trainable vectors of the loaded layout (load its state after this)."""
         tensors, meta = read_sara(path)
         saved = float(meta.get("threshold", self.threshold))
         if saved != self.threshold:
             raise ValueError(f"the SaRA weights in {path} were trained with threshold {saved}, this adapter has {self.threshold}")
-        self.load_state_dict(tensors)
+        replaced = self.load_state_dict(tensors)
+        if optimizer is not None:
+            replace_parameters(optimizer, replaced)
 
     # ---- the run's state (checkpointed beside the optimiser) ---------------------------------------------
     def state_tensors(self, prefix: str = "sara") -> dict[str, torch.Tensor]:
@@ -418,6 +437,17 @@ class SaraAdapter:
 
     def metrics(self) -> dict[str, float]:
         return {"sara_trainable": self.num_trainable, "sara_rank_penalty": self.last_penalty}
+
+
+def replace_parameters(optimizer: torch.optim.Optimizer, replaced: list[tuple[nn.Parameter, nn.Parameter]]) -> None:
+    """Put each new Parameter where the optimiser held the old one (its state dropped); an accelerate-wrapped
+    optimiser too."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    new_of = {id(old): new for old, new in replaced}
+    for group in inner.param_groups:
+        group["params"] = [new_of.get(id(p), p) for p in group["params"]]
+    for old, _ in replaced:
+        inner.state.pop(old, None)
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:

@@ -262,3 +262,135 @@ def test_gradient_is_right_after_a_reference_forward_between_forward_and_backwar
     denoiser_loss(plain).backward()
     for t in sara.tensors:
         torch.testing.assert_close(t.sparse.values.grad, named[t.name].grad.reshape(-1)[t.sparse.index], rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- through the shared loop
+
+from diffrl.config import load_config  # noqa: E402
+from diffrl.trainers.loop import Trainer  # noqa: E402
+
+RUN = ["reward=brightness", "policy.adapter=sara", "sampling.num_steps=2", "sampling.eval_num_steps=2",
+       "data.num_eval_prompts=2", "data.eval_images_per_prompt=1", "train.prompts_per_iteration=1", "train.group_size=2",
+       "train.rollout_batch_size=2", "train.train_batch_size=1", "logging.log_with=none", "logging.progress=false",
+       "logging.eval_every=0", "train.learning_rate=1e-2"]
+"""GRPO, two optimiser steps an iteration."""
+REMASKED = ["model=toy-sd3", "max_iterations=3", "logging.save_every=1", "policy.sara_remask_step=3",
+            "train.learning_rate=1e-3"]
+"""toy-sd3 has 2-D weights the nuclear-norm penalty draws from (tiny-sd3 none); the re-mask falls in iteration 2, and
+three Adam steps at lr 1e-3 move many entries past the threshold, so it retires them."""
+
+
+def timeless(row: dict) -> dict:
+    """A metrics row without its timings and the paired eval gain (its before-training scores are in the first run's
+    output_dir only)."""
+    return {k: v for k, v in row.items() if not k.startswith(("time", "seconds", "peak_memory", "eval_gain"))}
+
+
+@pytest.fixture(scope="module")
+def remasked_run(tmp_path_factory):
+    """Three GRPO iterations of SaRA on toy-sd3, a checkpoint after each, re-masked after step 3: (trainer, rows)."""
+    out = tmp_path_factory.mktemp("sara") / "run"
+    trainer = Trainer(load_config(None, [*RUN, *REMASKED, f"output_dir={out}"]))
+    return trainer, trainer.train()
+
+
+def test_a_run_trains_only_masked_entries_with_the_penalty_and_remasks(remasked_run):
+    trainer, rows = remasked_run
+    sara, base = trainer.policy.sara, load_policy("toy-sd3")
+    assert [r["sara_trainable"] for r in rows][0] > rows[-1]["sara_trainable"] > 0  # the re-mask retired entries
+    assert all(r["sara_rank_penalty"] > 0 for r in rows) and sara.steps == 6
+    trained, untouched = dense_state(trainer.policy.trainable_module()), base.trainable_module().state_dict()
+    changed = 0
+    for name, weight in untouched.items():
+        moved = (trained[name] != weight).reshape(-1)  # [numel]
+        assert not (moved & ~mask_of(weight)).any(), name  # nothing outside the first mask ever changes
+        changed += int(moved.sum())
+    assert changed > sara.num_trainable  # the retired entries kept their trained values
+
+
+def test_resume_continues_bit_identically_before_and_after_the_remask(remasked_run, tmp_path):
+    straight, rows = remasked_run
+    out = straight.out / "checkpoints"
+    for start in (1, 2):  # iteration 2 re-masked: its checkpoint holds the new layout
+        resumed = Trainer(load_config(None, [*RUN, *REMASKED, f"output_dir={tmp_path / str(start)}",
+                                             f"resume={out / f'iter_{start:06d}'}"]))
+        assert resumed.iteration == start and resumed.policy.sara.steps == 2 * start
+        again = resumed.train()
+        assert [timeless(r) for r in again] == [timeless(r) for r in rows[start:]]
+        theirs, ours = straight.policy.sara.state_dict(), resumed.policy.sara.state_dict()
+        assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+        for a, b in zip(straight.policy.trainable_parameters(), resumed.policy.trainable_parameters(), strict=True):
+            assert torch.equal(a, b)
+        opt_a, opt_b = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+        assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
+
+
+def test_a_merged_checkpoint_samples_identically_in_a_stock_pipeline(remasked_run, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffrl.pipelines.sara import main
+    from diffrl.rollout import sample
+    from diffrl.sampling import make_sampler
+
+    trainer, _ = remasked_run
+    checkpoint = trainer.out / "checkpoints" / "iter_000003"
+    assert main(["merge", str(checkpoint), str(tmp_path / "merged")]) == 0
+    policy, prompts, steps = trainer.policy, ["a red cube", "two blue stars"], 4
+    noise = policy.initial_noise(len(prompts), torch.Generator().manual_seed(0))  # [2, *S]
+    with torch.no_grad():
+        traj = sample(policy, policy.encode_prompt(prompts), make_sampler("flow_ode"), policy.schedule(steps), 4.5,
+                      latents=noise)
+        ours = policy.decode(traj.final)  # [2, 3, H, W]
+        with policy.reference():
+            base = policy.decode(sample(policy, policy.encode_prompt(prompts), make_sampler("flow_ode"),
+                                        policy.schedule(steps), 4.5, latents=noise).final)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "merged", text_encoder_3=None, tokenizer_3=None)  # no T5
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompt=prompts, latents=noise, num_inference_steps=steps, guidance_scale=4.5, height=policy.height,
+                  width=policy.width, max_sequence_length=policy.max_sequence_length, output_type="pt").images
+    assert (theirs - ours).abs().max() < 1e-5
+    assert (base - ours).abs().max() > 1e-3  # training changed the samples: the match above means something
+
+
+TINY = ["model=tiny-sd3", "policy.resolution=32", "reward=brightness", "sampling.num_steps=3", "sampling.eval_num_steps=2",
+        "data.num_eval_prompts=2", "train.prompts_per_iteration=2", "train.group_size=3", "train.rollout_batch_size=6",
+        "train.train_batch_size=3", "logging.log_with=none", "logging.progress=false", "logging.eval_every=0",
+        "train.learning_rate=1e-2", "max_iterations=1"]
+ALGORITHMS = {"grpo": ["grpo.kl_beta=0.04"], "nft": ["algorithm=nft", "nft.kl_coef=1e-2"],
+              "crd": ["algorithm=crd", "crd.sampling_decay=[0,0.5,0.0,0.5]"]}
+
+
+def reference_output(policy) -> torch.Tensor:
+    with torch.no_grad(), policy.reference():
+        return images(policy)
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_trainers_with_sara(algorithm, tmp_path):
+    trainer = Trainer(load_config(None, [*TINY, *ALGORITHMS[algorithm], "policy.adapter=sara", f"output_dir={tmp_path}"]))
+    base = load_policy("tiny-sd3")
+    row = trainer.train()[0]
+    assert torch.isfinite(torch.tensor(row["loss"])) and row["kl"] > 0  # the reference ran
+    trained, untouched = dense_state(trainer.policy.trainable_module()), base.trainable_module().state_dict()
+    moved = [(trained[n] != w).reshape(-1) for n, w in untouched.items()]
+    assert any(m.any() for m in moved)
+    assert not any((m & ~mask_of(w)).any() for m, w in zip(moved, untouched.values()))  # only masked entries change
+    assert torch.equal(reference_output(trainer.policy), images(base))  # the reference is the base, bit for bit
+    assert not torch.equal(images(trainer.policy), images(base))
+    if algorithm != "grpo":  # the EMA snapshots are sparse vectors of the trained entries, between base and trained
+        snapshot, current = trainer.policy.adapter_parameters("old"), trainer.policy.adapter_parameters("default")
+        assert [s.shape for s in snapshot] == [c.shape for c in current]
+        assert any(not torch.equal(s, c) for s, c in zip(snapshot, current))
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "crd"])
+def test_trainers_with_the_full_fine_tune(algorithm, tmp_path):
+    trainer = Trainer(load_config(None, [*TINY, *ALGORITHMS[algorithm], "policy.adapter=full", f"output_dir={tmp_path}"]))
+    base = load_policy("tiny-sd3")
+    row = trainer.train()[0]
+    assert torch.isfinite(torch.tensor(row["loss"])) and row["kl"] > 0
+    trained = trainer.policy.trainable_module().state_dict()
+    assert sum(not torch.equal(trained[n], w) for n, w in base.trainable_module().state_dict().items()) > 10
+    assert torch.equal(reference_output(trainer.policy), images(base))  # the whole-weight copy of the base
+    assert not torch.equal(images(trainer.policy), images(base))
+    assert not torch.equal(images(trainer.policy), reference_output(trainer.policy))  # swapped back after the context

@@ -153,6 +153,8 @@ def validate_lm(cfg) -> None:
     positive(lm.nft_negative_clamp, "lm.nft_negative_clamp")
 
     p.check("policy")
+    if p.adapter == "sara":
+        raise ConfigError(f"'policy.adapter' sara trains diffusion denoisers; {cfg.algorithm} trains a causal LM: use lora or full")
     if p.gradient_checkpointing == "selective":
         raise ConfigError(f"'policy.gradient_checkpointing' selective is for the diffusion denoisers; {cfg.algorithm} "
                           "checkpoints the LM with transformers' own (use full)")

@@ -66,7 +66,7 @@ class LMTrainer(TrainLoop):
 
         p, lm, t = cfg.policy, cfg.lm, cfg.train
         self.policy = LMPolicy.from_pretrained(cfg.model, torch_dtype=DTYPES[p.dtype], device=acc.device)
-        if p.lora_rank > 0:
+        if p.resolved_adapter() == "lora":  # policy.adapter full (or lora_rank 0): the whole model trains
             self.policy.add_lora(p.lora_rank, p.lora_alpha, p.lora_targets)
         else:
             if lm.kl_beta > 0:

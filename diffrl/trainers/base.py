@@ -63,6 +63,12 @@ class Algorithm(abc.ABC):
         diffrl.checks.RunContext (model family, rollout sampler) the run-wide checks resolved. Raises
         diffrl.checks.ConfigError naming the field. Every section's own fields are checked elsewhere."""
 
+    @classmethod
+    def uses_reference(cls, cfg) -> bool:
+        """Whether update() runs the frozen reference (policy.reference()) under this config: a full fine-tune
+        (policy.adapter full) then keeps a whole-weight copy of the base for it."""
+        return False
+
     def __init__(self, cfg, policy, sampler, accelerator):
         self.cfg, self.policy, self.sampler, self.accelerator = cfg, policy, sampler, accelerator
         self.step_guard = GuardedStep.from_config(accelerator, cfg.train)

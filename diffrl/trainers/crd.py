@@ -64,6 +64,10 @@ class CRD(Algorithm):
     default_guidance_scale = 1.0  # CFG-free rollouts and training
 
     @classmethod
+    def uses_reference(cls, cfg) -> bool:
+        return cfg.crd.kl_beta > 0  # the KL to the CFG-guided base
+
+    @classmethod
     def validate(cls, cfg, ctx) -> None:
         validate_forward_process(cfg, "crd")
         t = cfg.train

@@ -57,6 +57,10 @@ class GRPO(Algorithm):
     record_trajectory = True
 
     @classmethod
+    def uses_reference(cls, cfg) -> bool:
+        return cfg.grpo.kl_beta > 0  # the KL term
+
+    @classmethod
     def validate(cls, cfg, ctx) -> None:
         require_stochastic(cfg, ctx, "grpo")
         if cfg.grpo.kl_beta > 0:

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 
 from diffrl.runloop import TrainLoop
-from diffrl.checkpoint import load_checkpoint, save_policy_checkpoint
+from diffrl.checkpoint import latest_checkpoint, load_checkpoint, save_policy_checkpoint
 from diffrl.core import PerPromptStatTracker, combine_rewards, zero_std_fraction
 from diffrl.distributed import shard_like_params, whole_tensors
 from diffrl.data import PromptSet, draw_prompt_indices, load_prompts
@@ -87,10 +87,13 @@ class Trainer(TrainLoop):
             self.policy.set_low_noise_guidance(cfg.sampling.guidance_scale_2)
         if p.wan_experts != "high":  # Wan2.2: the low-noise expert, or both, train (before the LoRA goes on)
             self.policy.set_trained_experts(p.wan_experts)
-        if p.lora_rank > 0:
+        adapter = p.resolved_adapter()  # "lora" at lora_rank 0 is a full fine-tune
+        if adapter == "lora":
             self.policy.add_lora(p.lora_rank, p.lora_alpha, p.lora_targets, compute_dtype=DTYPES[p.lora_dtype])
-        else:
-            self.policy.trainable_module().requires_grad_(True)
+        elif adapter == "sara":  # diffrl.pipelines.sara: the entries below the threshold train as sparse vectors
+            self.policy.add_sara(p.sara_threshold, p.sara_lambda_rank, p.sara_remask_step, seed=cfg.seed)
+        else:  # a KL to the base needs a whole-weight copy of it (one more copy of the denoiser's weights)
+            self.policy.train_full(keep_reference=ALGORITHMS.get(cfg.algorithm).uses_reference(cfg))
         if p.gradient_checkpointing != "none":
             self.policy.enable_gradient_checkpointing(p.gradient_checkpointing)
         autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
@@ -133,6 +136,9 @@ class Trainer(TrainLoop):
         self.tracker = PerPromptStatTracker(std_scope=a.std_scope, ddof=a.std_ddof, eps=a.std_eps)
         self.algorithm = ALGORITHMS.get(cfg.algorithm)(cfg, self.policy, self.sampler, acc)
         self.algorithm.reward = self.reward
+        if self.policy.sara is not None:  # every trainer's optimiser steps go through its GuardedStep
+            self.algorithm.step_guard.before_step = self.policy.sara.before_step  # the nuclear-norm gradient
+            self.algorithm.step_guard.after_step = self.policy.sara.after_step  # step count, the re-mask
         self.iteration = 0
         self.samples_seen = 0
         if self.resume_from is not None:  # verified before the model loaded (TrainLoop.setup_run)
@@ -398,6 +404,8 @@ class Trainer(TrainLoop):
     def save(self) -> Path | None:
         extra = {f"ema.{i}": e for i, e in enumerate(self.ema or [])}
         extra.update(self.algorithm.state_tensors())
+        if self.policy.sara is not None:
+            extra.update(self.policy.sara.state_tensors())  # its step count (the sparse layout is in sara/)
         self.check_finite_before_save(self.policy.trainable_module(), self.optimizer, extra)
         acc = self.accelerator
         acc.wait_for_everyone()
@@ -411,11 +419,21 @@ class Trainer(TrainLoop):
                      "trained_networks": list(self.policy.trained_networks()), "config": self.cfg.in_use()}
             return save_policy_checkpoint(self.out / "checkpoints" / f"iter_{self.iteration:06d}", self.policy,
                                           self.optimizer, state, extra, card=self.model_card(
-                                              self.reward.describe(), "diffusers", self.policy.lora_usage(),
+                                              self.reward.describe(), "diffusers", self.export_usage(),
                                               family=self.policy.family))
+
+    def export_usage(self) -> str:
+        """The model card's usage lines: load the LoRA, or merge the SaRA values into the base model."""
+        if self.policy.sara is not None:
+            from diffrl.pipelines.sara import merge_usage
+
+            return merge_usage(f"{self.out}/checkpoints/iter_{self.iteration:06d}")
+        return self.policy.lora_usage()
 
     def _resume(self, path: str) -> None:
         # FSDP2: the checkpoint's whole tensors are loaded into whole copies, then each process keeps its shards
+        if self.policy.sara is not None:  # its layout first (a re-mask changes it): the tensors below then fit
+            self.policy.sara.load(latest_checkpoint(path), self.optimizer)
         with whole_tensors(self.policy.trainable_module(), lora_only=self.policy.has_lora, write_back=True):
             state, extra = load_checkpoint(path, self.policy, self.optimizer)
         shard_like_params(self.optimizer)
@@ -427,7 +445,9 @@ class Trainer(TrainLoop):
         self.tracker.load_state_dict(state["tracker"])
         if self.ema is not None:
             self.ema = [extra[f"ema.{i}"].to(e) for i, e in enumerate(self.ema)]
-        self.algorithm.load_state_tensors({k: v for k, v in extra.items() if not k.startswith("ema.")})
+        if self.policy.sara is not None:
+            self.policy.sara.load_state_tensors(extra)
+        self.algorithm.load_state_tensors({k: v for k, v in extra.items() if not k.startswith(("ema.", "sara."))})
         self.finish_resume()
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -447,6 +467,8 @@ class Trainer(TrainLoop):
         self.algorithm.step_guard.start_iteration(self.iteration + 1)
         metrics = self.algorithm.update(batch, self.optimizer, gen)
         metrics["skipped_steps"] = self.algorithm.step_guard.skipped  # optimiser steps skipped on a NaN/inf gradient
+        if self.policy.sara is not None:
+            metrics.update(self.policy.sara.metrics())  # trainable entries, the last step's nuclear-norm penalty
         if in_update:
             started = phase_clock(acc.device)
             self.score(batch)

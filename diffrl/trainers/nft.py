@@ -48,6 +48,10 @@ class DiffusionNFT(Algorithm):
     default_guidance_scale = 1.0  # CFG-free rollouts and training
 
     @classmethod
+    def uses_reference(cls, cfg) -> bool:
+        return cfg.nft.kl_coef > 0  # the KL term
+
+    @classmethod
     def validate(cls, cfg, ctx) -> None:
         validate_forward_process(cfg, "nft")
 

@@ -58,6 +58,10 @@ class PRDP(Algorithm):
     config_class = PRDPConfig
 
     @classmethod
+    def uses_reference(cls, cfg) -> bool:
+        return True  # its implicit reward
+
+    @classmethod
     def validate(cls, cfg, ctx) -> None:
         require_stochastic(cfg, ctx, "prdp")
         require_lora(cfg, "prdp", "its implicit reward is a log-ratio to the reference, the base model with the LoRA adapter disabled")
