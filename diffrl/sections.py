@@ -294,6 +294,8 @@ class TrainConfig:
     """Learning rate over the run: "constant" (Flow-GRPO), "linear" or "cosine" decay to 0 at max_iterations, starting at lr_decay_start."""
     lr_decay_start: float = 0.0
     """Fraction of max_iterations run at the full learning rate before a linear / cosine decay begins (0: decay from the start)."""
+    activation_offload: bool = False
+    """Keep what the update's forwards save for backward in CPU memory (pinned on CUDA) until backward reads it (torch's save_on_cpu): less GPU memory for long video sequences, paid in host-device copies; results identical."""
     ema: bool = False
     """Keep an EMA of the trainable weights for evaluation (Flow-GRPO: on for SD3)."""
     ema_decay: float = 0.9

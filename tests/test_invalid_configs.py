@@ -72,6 +72,7 @@ ROWS = [
     (recipe("policy.lora_dtype=float16"), "policy.lora_dtype"),
     (recipe("policy.lora_dtype=bfloat16"), "policy.lora_dtype"),  # on the recipe's float32 base
     (recipe("policy.dtype=bfloat16", "policy.lora_dtype=bfloat16", "train.mixed_precision=fp16"), "policy.lora_dtype"),
+    (["model=toy-arith", "algorithm=lm_grpo", "train.activation_offload=true"], "train.activation_offload"),
     # sampling
     (recipe("sampling.num_steps=0"), "sampling.num_steps"),
     (recipe("sampling.sampler=ddim"), "sampling.sampler"),

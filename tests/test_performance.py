@@ -365,3 +365,39 @@ def test_bf16_lora_under_bf16_autocast_is_the_float32_lora_bit_for_bit():
     assert torch.equal(out16, out32)
     for a, b in zip(grads32, grads16, strict=True):
         assert torch.equal(a, b)
+
+
+# ---- activation offload ---------------------------------------------------------------------------------------
+def test_activation_offload_moves_saved_tensors_and_changes_nothing(tmp_path, monkeypatch):
+    """One GRPO iteration with and without train.activation_offload: the same weights bit for bit, and with it
+    the tensors the update's forwards save pass through save_on_cpu's pack hook (counted by a spy)."""
+    from diffrl.trainers.loop import Trainer
+
+    packed = []
+
+    class CountingSaveOnCpu(torch.autograd.graph.save_on_cpu):
+        def __init__(self, pin_memory=False, device_type="cuda"):
+            super().__init__(pin_memory, device_type)
+            pack = self.pack_hook
+            self.pack_hook = lambda tensor: packed.append(tensor.nbytes) or pack(tensor)
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", CountingSaveOnCpu)
+    fast = ["policy.resolution=32", "policy.lora_rank=4", "policy.lora_alpha=8", "sampling.num_steps=2",
+            "sampling.eval_num_steps=2", "data.num_eval_prompts=2", "train.prompts_per_iteration=2", "train.group_size=2",
+            "train.rollout_batch_size=4", "train.train_batch_size=2", "train.learning_rate=1e-3", "max_iterations=1",
+            "logging.log_with=none", "logging.progress=false", "logging.eval_every=0"]
+    weights, counts = [], []
+    for offload in (False, True):
+        trainer = Trainer(load_config("configs/image/tiny_sd3_jpeg.yaml", [
+            *fast, f"train.activation_offload={offload}", f"output_dir={tmp_path / str(offload)}"]))
+        initial = [p.detach().clone() for p in trainer.policy.trainable_parameters()]
+        packed.clear()
+        rows = trainer.train()
+        counts.append(len(packed))
+        weights.append(([p.detach().clone() for p in trainer.policy.trainable_parameters()], rows[-1]["loss"]))
+    assert counts[0] == 0 and counts[1] > 0
+    (plain, plain_loss), (offloaded, offloaded_loss) = weights
+    assert offloaded_loss == plain_loss
+    assert any(not torch.equal(p, q) for p, q in zip(plain, initial))  # the update did something
+    for a, b in zip(plain, offloaded, strict=True):
+        assert torch.equal(a, b)

@@ -162,6 +162,8 @@ def validate_lm(cfg) -> None:
         raise ConfigError(f"'policy.compile' compiles a diffusion denoiser's blocks; {cfg.algorithm} does not compile the LM")
     if p.lora_dtype != "float32":
         raise ConfigError(f"'policy.lora_dtype' {p.lora_dtype} is for the diffusion denoisers' LoRA; {cfg.algorithm} keeps it float32")
+    if t.activation_offload:
+        raise ConfigError(f"'train.activation_offload' offloads a diffusion update's activations; {cfg.algorithm} does not offload")
     t.check("train", unit="completions")
     if t.group_size < 2:
         raise ConfigError(f"'train.group_size' must be >= 2 for {cfg.algorithm}: advantages are relative to the prompt's group")

@@ -370,6 +370,15 @@ class Trainer(TrainLoop):
             parts.append(f"{name} {value:.3f} ± {se:.3f}{gain}")
         return ", ".join(parts) + (" (GenEval mean over tags ± s.e.)" if tagged else " (mean ± s.e.)")
 
+    def activation_offload(self):
+        """train.activation_offload: what the update's forwards keep for backward is moved to CPU memory (pinned on
+        CUDA) as it is saved and copied back when backward reads it (torch.autograd.graph.save_on_cpu)."""
+        import contextlib
+
+        if not self.cfg.train.activation_offload:
+            return contextlib.nullcontext()
+        return torch.autograd.graph.save_on_cpu(pin_memory=self.accelerator.device.type == "cuda")
+
     # ---- state -------------------------------------------------------------------------------
     def _ema_weights(self):
         import contextlib
@@ -465,7 +474,8 @@ class Trainer(TrainLoop):
         for group in self.optimizer.param_groups:  # train.lr_schedule: a function of the iteration (exact resume)
             group["lr"] = cfg.train.learning_rate_at(self.iteration, cfg.max_iterations)
         self.algorithm.step_guard.start_iteration(self.iteration + 1)
-        metrics = self.algorithm.update(batch, self.optimizer, gen)
+        with self.activation_offload():
+            metrics = self.algorithm.update(batch, self.optimizer, gen)
         metrics["skipped_steps"] = self.algorithm.step_guard.skipped  # optimiser steps skipped on a NaN/inf gradient
         if self.policy.sara is not None:
             metrics.update(self.policy.sara.metrics())  # trainable entries, the last step's nuclear-norm penalty
