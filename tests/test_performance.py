@@ -336,7 +336,7 @@ def test_bf16_lora_resume_is_bit_identical(tmp_path):
     from diffrl.trainers.loop import Trainer
 
     fast = ["policy.resolution=32", "policy.lora_rank=4", "policy.lora_alpha=8", "policy.dtype=bfloat16",
-            "policy.lora_dtype=bfloat16", "train.mixed_precision=bf16", "sampling.num_steps=2",
+            "policy.lora_dtype=bfloat16", "sampling.num_steps=2",
             "sampling.eval_num_steps=2", "data.num_eval_prompts=2", "train.prompts_per_iteration=2", "train.group_size=2",
             "train.rollout_batch_size=4", "train.train_batch_size=2", "train.learning_rate=1e-3", "max_iterations=3",
             "logging.log_with=none", "logging.progress=false"]
