@@ -518,20 +518,27 @@ class Floor:
     def predict(self, x, t, cond, uncond):
         return guided(self.call, self.net, x.to(self.policy.dtype), t, {**cond, **self.extra}, uncond, self.s.guidance)
 
-    def step(self, schedule, i: int, x, out, prev=None, generator=None):
-        if self.flow:
-            sig = schedule.sigmas
-            return sde_step(x, out, float(sig[i]), float(sig[i + 1]), float(sig[1]), self.s.noise_level, prev, generator)
-        a = schedule.alphas_cumprod
-        return ddim_eta_step(x, out, float(a[i]), float(a[i + 1]), self.s.eta, self.policy.prediction_type, prev, generator)
+    def table(self, schedule) -> list[float]:
+        """The schedule's sigmas (flow) or cumulative alphas (DDIM) as Python floats, read once: a float() of a
+        CUDA tensor at every step would wait for the GPU each time."""
+        if getattr(self, "_table_of", None) is not schedule:
+            self._table_of = schedule
+            self._table = (schedule.sigmas if self.flow else schedule.alphas_cumprod).tolist()
+        return self._table
 
-    @staticmethod
-    def ode_step(schedule, i: int, x, v):
+    def step(self, schedule, i: int, x, out, prev=None, generator=None):
+        v = self.table(schedule)
+        if self.flow:
+            return sde_step(x, out, v[i], v[i + 1], v[1], self.s.noise_level, prev, generator)
+        return ddim_eta_step(x, out, v[i], v[i + 1], self.s.eta, self.policy.prediction_type, prev, generator)
+
+    def ode_step(self, schedule, i: int, x, v):
         """The deterministic flow step outside the SDE window (Euler)."""
         import torch
 
+        sigmas = self.table(schedule)
         x = x.to(torch.promote_types(x.dtype, torch.float32))
-        return x + (float(schedule.sigmas[i + 1]) - float(schedule.sigmas[i])) * v.to(x.dtype)
+        return x + (sigmas[i + 1] - sigmas[i]) * v.to(x.dtype)
 
     def sample(self, schedule, noise, cond, uncond, window: range, generator=None):
         """N guided steps from `noise` [B, *S]: the stochastic step in `window`, Euler elsewhere (flow).
@@ -551,12 +558,13 @@ class Floor:
                 chain.append(x)
         return torch.stack(chain, 1), torch.stack(log_probs, 1)
 
-    def decode(self, latents):
-        vae = self.policy.pipe.vae
-        z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        with __import__("torch").no_grad():
-            image = vae.decode(z.to(vae.dtype), return_dict=False)[0]  # [B, 3, H, W] in [-1, 1]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+    def decode(self, latents, **decode_kwargs):
+        """The family's decode (un-scale the latents, vae.decode, map to [0, 1]; a video reward's frames only), which
+        is the VAE's own work and nothing else."""
+        import torch
+
+        with torch.no_grad():
+            return self.policy.decode(latents, **decode_kwargs).float()
 
     def loss_terms(self, schedule, steps, latents, old_log_probs, rows, j, cond, uncond, advantages):
         """Trained step j of samples `rows`: the clipped surrogate and the KL to the adapter-disabled model, [b] each."""
@@ -593,7 +601,7 @@ class Floor:
 
         B, W = old_log_probs.shape
         n_train = max(1, int(W * self.s.timestep_fraction))
-        total = 0.0
+        total = torch.zeros((), device=advantages.device, dtype=torch.float64)  # read once at the end: no sync a step
         params = [p for p in self.net.parameters() if p.requires_grad]
         for _ in range(self.s.inner_epochs):
             for start in range(0, B, self.s.train_batch_size):
@@ -610,12 +618,12 @@ class Floor:
                                                         uncond, advantages)
                     loss = (surrogate + self.s.kl_beta * kl).sum() / count / n_train
                     loss.backward()
-                    total += loss.item()
+                    total += loss.detach()
                 if self.s.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, self.s.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-        return total
+        return float(total)
 
 
 def group_advantages(rewards, group_size: int, eps: float = 1e-4):
@@ -903,7 +911,7 @@ def floor_iteration(floor: Floor, cfg, prompts, reward, optimizer, iteration: in
     -> seconds per phase."""
     import torch
 
-    from diffrl.trainers.loop import phase_clock
+    from diffrl.trainers.loop import decode_kwargs, phase_clock
 
     s, t = cfg.sampling, cfg.train
     P, K = t.prompts_per_iteration, t.group_size
@@ -920,6 +928,7 @@ def floor_iteration(floor: Floor, cfg, prompts, reward, optimizer, iteration: in
     cond, uncond = condition.cond, condition.uncond
     floor.extra = condition.extra
     schedule = policy.schedule(s.num_steps)
+    frames = decode_kwargs(policy, reward)  # a video reward's frames, as the loop decodes them
     window = range(s.num_steps)
     if s.sde_window_size and floor.flow:
         lo = (s.sde_window_range or (0, s.num_steps))[0]
@@ -937,7 +946,7 @@ def floor_iteration(floor: Floor, cfg, prompts, reward, optimizer, iteration: in
         log_probs.append(lp)
         mid = phase_clock(device)
         with autocast:
-            images = floor.decode(chain[:, -1])
+            images = floor.decode(chain[:, -1], **frames)
         end = phase_clock(device)
         rewards.append(reward(images, batch_prompts[rows], metadata[rows]).float())
         seconds["rollout"] += mid - start
@@ -1210,6 +1219,19 @@ def measure(args, argv: list[str], kind: str, variant: str) -> Measurement:
     return Measurement(**data)
 
 
+def median_of(runs: list[Measurement]) -> Measurement:
+    """One row from --rounds measurements of it: the median seconds of each phase, the largest peak memory."""
+    import statistics
+
+    first = runs[0]
+    if len(runs) == 1:
+        return first
+    seconds = {p: statistics.median(m.seconds[p] for m in runs) for p in PHASES}
+    return Measurement(**{**asdict(first), "seconds": seconds, "peak_memory_mb": max(m.peak_memory_mb for m in runs),
+                          "iterations": sum(m.iterations for m in runs),
+                          "notes": [*first.notes, f"median of {len(runs)} rounds"]})
+
+
 def fmt_seconds(x: float) -> str:
     return f"{x:.4f}" if x < 10 else f"{x:.1f}"
 
@@ -1266,7 +1288,8 @@ def write_report(args, argv: list[str], rows: list[Measurement], floor: Measurem
     lines = [f"# Speed and memory: {args.model}", "", f"Command: `{command}`", "",
              f"Device: {rows[0].device}; torch {torch.__version__}, {platform.machine()}; "
              f"{rows[0].images} images per iteration, {args.warmup} warm-up + {args.iterations} measured iterations "
-             f"per row, each row in {'this process' if args.in_process else 'a fresh process'}; {elapsed:.0f} s in all.",
+             f"per row{f', {args.rounds} rounds (per-phase medians)' if args.rounds > 1 else ''}, each row in "
+             f"{'this process' if args.in_process else 'a fresh process'}; {elapsed:.0f} s in all.",
              "", *table(args.model, measured, floor), ""]
     if floor is not None:
         per_phase = ", ".join(f"{p} {ratio_to_floor(rows[0], floor, p):.2f}" for p in PHASES
@@ -1339,6 +1362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", nargs="+", metavar="NAME=KEY=VALUE[,KEY=VALUE]", help="several variants at once")
     p.add_argument("--iterations", type=int, default=2, help="measured iterations per row")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured iterations first (lazy init, optimiser state)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every row this many times, alternating, and take per-phase medians (a busy machine)")
     p.add_argument("--flops", choices=["predicted", "counted"], default="predicted",
                    help="counted: also count one whole extra iteration and check it against the accounting")
     p.add_argument("--flow-grpo", default=None, metavar="PATH", help="a Flow-GRPO checkout: run their loop side by side")
@@ -1385,23 +1410,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.flops_only:
         print("\n".join(flops_only(args)))
         return 0
-    if args.iterations < 1 or args.warmup < 0:
-        raise SystemExit("perf: --iterations must be >= 1 and --warmup >= 0")
+    if args.iterations < 1 or args.warmup < 0 or args.rounds < 1:
+        raise SystemExit("perf: --iterations and --rounds must be >= 1 and --warmup >= 0")
     if args.flow_grpo:
         import_flow_grpo(args.flow_grpo)  # fail now, before any measurement, when their code cannot run here
     started = time.perf_counter()
-    rows = []
-    for name in variants_of(args):
-        rows.append(measure(args, argv, "diffrl", name))
-        print(f"[perf] diffrl {name}: {rows[-1].total:.4g} s/image", flush=True)
-    fraction = rows[0].trained_fraction
-    floor_argv = [*argv, "--floor-trained-fraction", repr(fraction)] if fraction is not None else argv
-    floor = None if args.no_floor else measure(args, floor_argv, "floor", "floor")
-    if floor is not None:
-        print(f"[perf] floor: {floor.total:.4g} s/image", flush=True)
-    if args.flow_grpo:
-        rows.append(measure(args, argv, "flow_grpo", "Flow-GRPO"))
-        print(f"[perf] Flow-GRPO: {rows[-1].total:.4g} s/image", flush=True)
+    rounds: list[list[Measurement]] = []
+    floors: list[Measurement] = []
+    for r in range(args.rounds):  # rows alternate: load from other processes falls on all of them alike
+        rounds.append([])
+        for name in variants_of(args):
+            rounds[-1].append(measure(args, argv, "diffrl", name))
+            print(f"[perf] round {r + 1}: diffrl {name}: {rounds[-1][-1].total:.4g} s/image", flush=True)
+        if not args.no_floor:
+            fraction = rounds[0][0].trained_fraction
+            floor_argv = [*argv, "--floor-trained-fraction", repr(fraction)] if fraction is not None else argv
+            floors.append(measure(args, floor_argv, "floor", "floor"))
+            print(f"[perf] round {r + 1}: floor: {floors[-1].total:.4g} s/image", flush=True)
+        if args.flow_grpo:
+            rounds[-1].append(measure(args, argv, "flow_grpo", "Flow-GRPO"))
+            print(f"[perf] round {r + 1}: Flow-GRPO: {rounds[-1][-1].total:.4g} s/image", flush=True)
+    rows = [median_of(list(same)) for same in zip(*rounds)]
+    floor = median_of(floors) if floors else None
     lines = write_report(args, argv, rows, floor, time.perf_counter() - started)
     print("\n".join(lines))
     return 0
