@@ -443,6 +443,41 @@ class Policy(abc.ABC):
             for net in nets:
                 net.set_adapter("default")
 
+    @contextlib.contextmanager
+    def lora_off_rows(self, off: torch.Tensor) -> Iterator[None]:
+        """Within: the rows of a predict() batch where `off` ([M] bool, on the model's device) is True run the frozen
+        base model, as under reference(), while the other rows keep the LoRA: each LoRA layer's contribution (peft's
+        lora_B output) is multiplied by 0 on those rows and by 1 on the others, so a row's output is exactly
+        base(x) + 0 or base(x) + lora(x). Lets one denoiser call compute the policy and its reference side by side.
+        A denoiser call of k * M rows (classifier-free guidance's [uncond; cond], built inside predict) repeats the
+        pattern k times. Keep it open through backward: gradient checkpointing recomputes the forward there."""
+        from peft.tuners.lora import LoraLayer
+
+        if self.sara is not None or not self.has_lora:
+            raise RuntimeError(f"{type(self).__name__}.lora_off_rows() needs a LoRA adapter (policy.adapter lora)")
+        keep = (~off.bool()).reshape(-1)  # [M]
+        patterns: dict[tuple, torch.Tensor] = {}
+
+        def mask_rows(module, args, output):  # output: [k * M, ...] of one lora_B
+            rows = output.shape[0]
+            if rows % keep.shape[0]:
+                raise RuntimeError(f"a LoRA layer saw {rows} rows, not a multiple of the {keep.shape[0]} rows of "
+                                   "lora_off_rows: this model's predict splits its batch (e.g. Wan2.2 with rows on both "
+                                   "experts), so the policy and reference rows cannot share one call")
+            key = (rows, output.dtype, output.device)
+            if key not in patterns:  # [k * M, 1, ...]
+                patterns[key] = keep.to(device=output.device, dtype=output.dtype).repeat(rows // keep.shape[0])
+            return output * patterns[key].view(rows, *([1] * (output.ndim - 1)))
+
+        handles = [layer.lora_B[name].register_forward_hook(mask_rows)
+                   for net in self.trained_networks().values() for layer in net.modules() if isinstance(layer, LoraLayer)
+                   for name in layer.active_adapters if name in layer.lora_B]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def enable_gradient_checkpointing(self, enabled: bool | str = True) -> None:
         """Recompute activations in backward, block by block: "full" (True: keep each block's inputs only),
         "selective" (keep its attention and convolution outputs, recompute the rest) or "none" (False)."""

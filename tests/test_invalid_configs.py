@@ -127,6 +127,10 @@ ROWS = [
     (recipe("grpo.clip_range_high=nan"), "grpo.clip_range_high"),
     (recipe("grpo.adv_clip_max=0"), "grpo.adv_clip_max"),
     (recipe("grpo.kl_beta=nan"), "grpo.kl_beta"),
+    (recipe("grpo.kl_beta=0", "grpo.kl_batched=true"), "grpo.kl_batched"),  # no reference pass to batch
+    (recipe("grpo.kl_batched=true", "policy.adapter=sara"), "grpo.kl_batched"),  # the reference rows switch a LoRA off
+    (recipe("grpo.kl_batched=true", "policy.compile=true"), "grpo.kl_batched"),
+    (recipe("algorithm=nft", "nft.kl_coef=0", "nft.kl_batched=true"), "nft.kl_batched"),
     (recipe("algorithm=nft", "nft.timestep_fraction=0"), "nft.timestep_fraction"),
     (recipe("algorithm=nft", "nft.beta=0"), "nft.beta"),
     (recipe("algorithm=nft", "nft.kl_coef=-1"), "nft.kl_coef"),

@@ -203,12 +203,24 @@ class FinalSampleUpdates:
         self.levels = NoiseLevelSampler(policy, section.timestep_source, section.timestep_fraction,
                                         section.logit_normal_mean, section.logit_normal_std)
         self.steps = 0
+        self.step_context: Callable[[NoisedBatch], contextlib.AbstractContextManager] | None = None
+        """Entered around each training slot's loss and backward (e.g. the LoRA row masks of a batched reference)."""
 
     def predict(self, nb: NoisedBatch, guidance_scale: float) -> torch.Tensor:
         """The policy's output at nb.x_t under whatever adapter context is active, in x_t's dtype. -> [b, *S]"""
         with self.accelerator.autocast():
             out = self.policy.predict(nb.x_t, nb.timestep, nb.cond, guidance_scale)  # [b, *S]
         return out.to(nb.x_t.dtype)
+
+    def predict_with_reference(self, nb: NoisedBatch, guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the policy's output, the reference's detached output) at nb.x_t from one call on the doubled batch; call it
+        inside Algorithm.reference_rows(b) (see Algorithm.rescore_with_reference for the memory trade-off). -> [b, *S] x2"""
+        b = len(nb.rows)
+        idx = torch.arange(b, device=nb.rows.device).repeat(2)  # [2b]
+        with self.accelerator.autocast():
+            out = self.policy.predict(nb.x_t[idx], nb.timestep[idx], nb.cond.index(idx), guidance_scale)  # [2b, *S]
+        out = out.to(nb.x_t.dtype)
+        return out[:b], out[b:].detach()
 
     def x0(self, nb: NoisedBatch, output: torch.Tensor) -> torch.Tensor:
         """The clean sample `output` implies at nb.x_t. -> [b, *S]"""
@@ -262,12 +274,13 @@ class FinalSampleUpdates:
                             weight=weight_all[rows_d], cond=batch.cond.index(rows_d), groups=groups,
                             num_groups=num_groups,
                         )
-                        loss_rows, step_metrics = loss_fn(nb)  # [b]
-                        loss = (loss_rows * nb.weight).sum() / denom / n
-                        last = c == len(chunks) - 1 and j == n - 1
-                        sync = contextlib.nullcontext() if last else acc.no_sync(self.policy.denoiser)
-                        with sync:
-                            acc.backward(loss)
+                        with self.step_context(nb) if self.step_context else contextlib.nullcontext():
+                            loss_rows, step_metrics = loss_fn(nb)  # [b]
+                            loss = (loss_rows * nb.weight).sum() / denom / n
+                            last = c == len(chunks) - 1 and j == n - 1
+                            sync = contextlib.nullcontext() if last else acc.no_sync(self.policy.denoiser)
+                            with sync:
+                                acc.backward(loss)
                         step_metrics["loss"] = wide((loss_rows.detach() * nb.weight).sum()) / wide(nb.weight.sum()).clamp_min(1)
                         for key, value in step_metrics.items():
                             metrics.add(key, value)

@@ -44,11 +44,27 @@ class GRPOConfig:
     """Fraction of the sampling steps trained per sample (Flow-GRPO: 0.99)."""
     adv_clip_max: float = 5.0
     """Advantages are clipped to [-adv_clip_max, adv_clip_max] (Flow-GRPO: 5)."""
+    kl_batched: bool = False
+    """With kl_beta > 0: the policy and reference re-scoring in one denoiser call on a doubled batch (the reference half with the LoRA off) instead of two; same loss and gradients, the reference half's activations kept for backward (docs/performance.md)."""
 
     def check(self, key: str = "grpo") -> None:
         check_fields(self, key, {"clip_range": positive, "clip_range_high": positive, "kl_beta": non_negative,
                                  "kl_convention": KL_CONVENTIONS, "adv_clip_max": positive})
         fraction(self.timestep_fraction, f"{key}.timestep_fraction")
+
+
+def check_kl_batched(cfg, key: str, coefficient: float, coefficient_key: str) -> None:
+    """A batched reference pass needs a reference pass (a KL coefficient > 0), a LoRA (the reference rows switch it off
+    per row) and no torch.compile (the per-call row masks would re-trace the compiled blocks)."""
+    if coefficient <= 0:
+        raise ConfigError(f"'{key}' batches the KL reference pass, which {coefficient_key} {coefficient} does not run: "
+                          f"remove it or set {coefficient_key} > 0")
+    if cfg.policy.resolved_adapter() != "lora":
+        raise ConfigError(f"'{key}' switches the LoRA off on the reference rows of one batch; policy.adapter is "
+                          f"{cfg.policy.resolved_adapter()}: train a LoRA or turn it off")
+    if cfg.policy.compile:
+        raise ConfigError(f"'{key}' with policy.compile: the reference rows' LoRA masks would re-trace the compiled "
+                          "blocks at every call; turn one of them off")
 
 
 class GRPO(Algorithm):
@@ -69,6 +85,8 @@ class GRPO(Algorithm):
         t = cfg.train
         if t.micro_batch_size is not None and t.micro_batch_size != t.train_batch_size:
             raise ConfigError("'train.micro_batch_size' is used by nft, crd and prdp; grpo runs each train batch in one pass: leave it unset")
+        if cfg.grpo.kl_batched:
+            check_kl_batched(cfg, "grpo.kl_batched", cfg.grpo.kl_beta, "grpo.kl_beta")
 
     def step_log_prob(self, batch: RolloutBatch, rows: torch.Tensor, steps: torch.Tensor, reference: bool = False) -> StepOutput:
         """Re-score the stored transition x_steps -> x_steps+1 of samples `rows`. rows, steps: [b] long."""
@@ -92,6 +110,7 @@ class GRPO(Algorithm):
         # without KL a row with advantage 0 has surrogate 0 and no gradient: its forward is skipped. Which rows learn
         # is read on the host once per update (one transfer), so that picking rows never waits for the device.
         learns_all = ((adv != 0) & (weight > 0)).cpu() if g.kl_beta == 0 else None  # [B] bool
+        batch_reference = g.kl_beta > 0 and g.kl_batched
         metrics = DeviceMetrics()  # per-step values stay on the device until the end of the update
         trained = 0
         grad_norms: list[float] = []
@@ -113,23 +132,29 @@ class GRPO(Algorithm):
                 for j in range(n_train):
                     cols = cols_all[:, j]  # [b]
                     steps = step_index[cols]  # [b]: their schedule steps
-                    step = self.step_log_prob(batch, rows, steps)
-                    old = batch.trajectory.log_probs[rows, cols]  # [b]
-                    surrogate, m = clipped_surrogate(
-                        step.log_prob, old, adv[rows], clip_low=g.clip_range, clip_high=g.clip_range_high
-                    )  # [b]
-                    loss_rows = surrogate
-                    kl = torch.zeros_like(surrogate)
-                    if g.kl_beta > 0:
-                        with torch.no_grad():
-                            ref = self.step_log_prob(batch, rows, steps, reference=True)
-                        kl = self.kl(step, ref)  # [b]
-                        loss_rows = surrogate + g.kl_beta * kl
-                    loss = (loss_rows * w).sum() / w_sum / n_train
-                    last = j == n_train - 1
-                    sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy.denoiser)
-                    with sync:
-                        self.accelerator.backward(loss)
+                    # kl_batched: policy and reference rows in one denoiser call, the row masks open through backward
+                    with self.reference_rows(len(rows)) if batch_reference else contextlib.nullcontext():
+                        if batch_reference:
+                            step, ref = self.rescore_with_reference(batch, rows, steps)
+                        else:
+                            step = self.step_log_prob(batch, rows, steps)
+                        old = batch.trajectory.log_probs[rows, cols]  # [b]
+                        surrogate, m = clipped_surrogate(
+                            step.log_prob, old, adv[rows], clip_low=g.clip_range, clip_high=g.clip_range_high
+                        )  # [b]
+                        loss_rows = surrogate
+                        kl = torch.zeros_like(surrogate)
+                        if g.kl_beta > 0:
+                            if not batch_reference:
+                                with torch.no_grad():
+                                    ref = self.step_log_prob(batch, rows, steps, reference=True)
+                            kl = self.kl(step, ref)  # [b]
+                            loss_rows = surrogate + g.kl_beta * kl
+                        loss = (loss_rows * w).sum() / w_sum / n_train
+                        last = j == n_train - 1
+                        sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.policy.denoiser)
+                        with sync:
+                            self.accelerator.backward(loss)
                     ratio = torch.exp(step.log_prob.detach() - old)  # [b]
                     metrics.add("loss", loss, scale=n_train)
                     metrics.add("policy_loss", wide((surrogate.detach() * w).sum()) / wide(w_sum))

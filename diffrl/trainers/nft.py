@@ -24,6 +24,7 @@ from diffrl.core import mean_sq, nft_policy_loss, optimality
 from diffrl.trainers.base import Algorithm, RolloutBatch
 from diffrl.trainers.forward_process import (FinalSampleUpdates, ForwardProcessConfig, LoraSnapshots, NoisedBatch,
                                              validate_forward_process)
+from diffrl.trainers.grpo import check_kl_batched
 
 
 @dataclass
@@ -34,6 +35,8 @@ class NFTConfig(ForwardProcessConfig):
     """Weight of mean((v_theta - v_ref)^2) against the reference (adapter disabled) (DiffusionNFT: 1e-4)."""
     old_decay: list[float] = field(default_factory=lambda: [0, 0.0, 0.001, 0.5])
     """EMA decay of the old (sampling) adapter after each iteration, [start_step, start_value, slope, max]: min(0.001 step, 0.5) (DiffusionNFT decay_type 1)."""
+    kl_batched: bool = False
+    """With kl_coef > 0: v_theta and the reference's v_ref from one denoiser call on a doubled batch (the reference half with the LoRA off) instead of two; same loss and gradients, the reference half's activations kept for backward (docs/performance.md)."""
 
     def check(self, key: str = "nft") -> None:
         super().check(key)
@@ -54,11 +57,15 @@ class DiffusionNFT(Algorithm):
     @classmethod
     def validate(cls, cfg, ctx) -> None:
         validate_forward_process(cfg, "nft")
+        if cfg.nft.kl_batched:
+            check_kl_batched(cfg, "nft.kl_batched", cfg.nft.kl_coef, "nft.kl_coef")
 
     def __init__(self, cfg, policy, sampler, accelerator):
         super().__init__(cfg, policy, sampler, accelerator)
         self.snapshots = LoraSnapshots(policy, {"old": cfg.nft.old_decay})
         self.updates = FinalSampleUpdates(cfg, cfg.nft, policy, accelerator, self.step_guard)
+        if cfg.nft.kl_coef > 0 and cfg.nft.kl_batched:  # the row masks stay open through each slot's backward
+            self.updates.step_context = lambda nb: self.reference_rows(len(nb.rows))
 
     def rollout_context(self):
         return self.policy.use_adapter("old")  # rollouts come from the sampling policy v_old
@@ -69,14 +76,19 @@ class DiffusionNFT(Algorithm):
         n, g = self.cfg.nft, self.cfg.sampling.guidance_scale
         with torch.no_grad(), self.policy.use_adapter("old"):
             v_old = self.updates.predict(nb, g)  # [b, *S]
-        v_theta = self.updates.predict(nb, g)  # [b, *S]
+        batched = n.kl_coef > 0 and n.kl_batched
+        if batched:  # v_theta and v_ref from one call (inside the step_context's row masks)
+            v_theta, v_ref = self.updates.predict_with_reference(nb, g)  # [b, *S] each
+        else:
+            v_theta = self.updates.predict(nb, g)  # [b, *S]
         policy_loss = nft_policy_loss(
             self.updates.x0(nb, v_theta), self.updates.x0(nb, v_old), nb.x0, r[nb.rows], n.beta, n.adv_clip_max
         )  # [b]
         kl = torch.zeros_like(policy_loss)  # [b]
         if n.kl_coef > 0:
-            with torch.no_grad(), self.policy.reference():
-                v_ref = self.updates.predict(nb, g)  # [b, *S]
+            if not batched:
+                with torch.no_grad(), self.policy.reference():
+                    v_ref = self.updates.predict(nb, g)  # [b, *S]
             kl = mean_sq(v_theta, v_ref)  # [b]
         metrics = {
             "policy_loss": policy_loss.detach().mean(),
