@@ -1295,7 +1295,6 @@ def write_report(args, argv: list[str], rows: list[Measurement], floor: Measurem
         per_phase = ", ".join(f"{p} {ratio_to_floor(rows[0], floor, p):.2f}" for p in PHASES
                               if ratio_to_floor(rows[0], floor, p) is not None)
         lines += [f"Baseline / floor per phase: {per_phase}.", ""]
-    flows = [m for m in measured if m.kind == "flow_grpo"]
     for m in rows:
         if m.counted_flops and m.flops:
             same = all(m.counted_flops[p] == m.flops[p] for p in PHASES)
@@ -1313,8 +1312,6 @@ def write_report(args, argv: list[str], rows: list[Measurement], floor: Measurem
         lines.append("On a CPU the absolute seconds mean little: read the ratios.")
     for m in measured:
         lines += [f"- {m.variant}: {note}" for note in dict.fromkeys(m.notes)]
-    if flows:
-        lines.append("")
     lines += ["", "![seconds per image per phase](perf.png)", ""]
     (out / "results.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps({
@@ -1341,9 +1338,9 @@ def plot(rows: list[Measurement], path: Path, title: str) -> Path:
     ax.invert_yaxis()
     ax.set_xlabel(f"seconds per image ({rows[0].device})")
     ax.set_title(title)
-    ax.legend(fontsize=8, ncol=4, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=8, ncol=4, loc="lower center", frameon=False)
+    fig.tight_layout(rect=(0, 0.1 + 0.1 / len(rows), 1, 1))  # the legend below the bars, clear of them
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -1385,8 +1382,6 @@ def build_parser() -> argparse.ArgumentParser:
 def flops_only(args) -> list[str]:
     if args.model not in FULL_SIZE:
         raise SystemExit(f"perf --flops-only: --model must be one of {', '.join(FULL_SIZE)}")
-    from diffrl.config import load_config
-
     with tempfile.TemporaryDirectory() as out:
         cfg = run_config(args, [], out)
     spec = full_size(args.model)
