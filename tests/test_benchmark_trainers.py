@@ -186,6 +186,24 @@ def test_budget_and_options_are_checked_before_training(tmp_path, capsys):
     assert not (tmp_path / "b" / "runs").exists()
 
 
+def test_adapters_plan_one_run_per_algorithm_and_mode(tmp_path):
+    """--adapters: a run per (algorithm, mode), named <algorithm>-<mode>, the mode's settings after the algorithm's
+    (so the mode's learning rate wins) and before --set; an unknown mode fails before anything runs."""
+    from diffrl.config import load_config
+
+    common = ["train.prompts_per_iteration=2", "train.group_size=2", "train.train_batch_size=4"]
+    plans = bench.plan_runs(bench.DEFAULT_CONFIG, ["grpo", "crd"], 12, common, tmp_path, 2, adapters=["lora", "sara", "full"])
+    assert [p.name for p in plans] == ["grpo-lora", "grpo-sara", "grpo-full", "crd-lora", "crd-sara", "crd-full"]
+    assert {p.algorithm for p in plans} == {"grpo", "crd"} and len({p.run_dir for p in plans}) == 6
+    cfgs = {p.name: load_config(bench.DEFAULT_CONFIG, p.overrides) for p in plans}
+    assert {n: c.policy.resolved_adapter() for n, c in cfgs.items()} == {
+        "grpo-lora": "lora", "grpo-sara": "sara", "grpo-full": "full", "crd-lora": "lora", "crd-sara": "sara", "crd-full": "full"}
+    assert cfgs["grpo-lora"].train.learning_rate == 6e-4 and cfgs["grpo-sara"].train.learning_rate == 4.97e-4
+    assert cfgs["crd-full"].train.learning_rate == 3e-5
+    with pytest.raises(ValueError, match="unknown dora"):
+        bench.plan_runs(bench.DEFAULT_CONFIG, ["grpo"], 12, common, tmp_path, 2, adapters=["dora"])
+
+
 def test_clip_world_benchmark_scores_clips_and_counts_still_ones(tmp_path):
     """--world clips on tiny-wan: held-out rows come from builtin:toy_clips_eval, the exact columns are the clip
     scorer's, and the still-clip share equals one computed from the evaluation's lossless clips by
