@@ -260,4 +260,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"'train.group_size' must be >= 2 for {cfg.algorithm}: its advantages are rewards minus their "
                           "prompt's group mean, all 0 with one sample a prompt (nothing would be learned)")
     algorithm.validate(cfg, ctx)
+    low = {cfg.policy.dtype, cfg.train.mixed_precision} & {"bfloat16", "float16", "bf16", "fp16"}
+    if cfg.policy.merge_lora_for_rollout and algorithm.record_trajectory and low:
+        raise ConfigError(f"'policy.merge_lora_for_rollout' in {sorted(low)[0]}: W + BA is rounded to it, so the rollout's "
+                          f"log-probs, which {cfg.algorithm} keeps as the old policy's, are not the trained model's (tiny-sd3 "
+                          "bf16: |log ratio| up to 7e-4 at the first step, against grpo's clip range of 1e-4); merge with "
+                          "float32 weights, or for nft / crd, which keep no log-probs")
     cfg.sampling.sampler = ctx.sampler  # config.yaml records the sampler the run uses

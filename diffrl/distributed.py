@@ -82,6 +82,12 @@ def check_launch(cfg, lm: bool = False) -> None:
     if req.fsdp_version is not None and cfg.policy.compile:
         raise ConfigError("'policy.compile' is not supported under FSDP yet (compiled blocks inside fully_shard are untested "
                           "here): set policy.compile=false or use data parallelism (configs/accelerate/ddp.yaml)")
+    if req.fsdp_version is not None and cfg.policy.merge_lora_for_rollout:
+        raise ConfigError("'policy.merge_lora_for_rollout' is not supported under FSDP: the base weights are sharded "
+                          "DTensors, which the merge would replace; turn it off or use data parallelism")
+    if req.deepspeed and cfg.policy.merge_lora_for_rollout:
+        raise ConfigError("'policy.merge_lora_for_rollout' is not supported under DeepSpeed (untested; ZeRO-3 partitions the "
+                          "base weights): turn it off")
     if req.fsdp_version is not None and cfg.train.ema:
         raise ConfigError("'train.ema' is not supported under FSDP yet (the EMA copy is not sharded): set train.ema=false "
                           "or use data parallelism")

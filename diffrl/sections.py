@@ -69,6 +69,8 @@ class PolicyConfig:
     """With compile: "default", "reduce-overhead" (CUDA graphs on top: fixed-shape rollouts; CUDA only) or "max-autotune" (longer compile, autotuned kernels)."""
     lora_dtype: str = "float32"
     """What the LoRA adapters compute in: "float32", or "bfloat16" on a bfloat16 base (no float32 copy of each LoRA layer's input; the float32 LoRA parameters are the master copy the optimiser updates, and what checkpoints hold)."""
+    merge_lora_for_rollout: bool = False
+    """Merge the LoRA into the base weights for the no-grad rollouts and evaluation samples (one matmul per layer instead of three), the originals kept aside and restored exactly after; costs a copy of the LoRA-targeted weights meanwhile, and in a bf16 base the merged weights are rounded to bf16 (docs/performance.md)."""
     num_frames: Optional[int] = None
     """Video models: frames per clip, 4k + 1 for Wan (Flow-GRPO Wan2.1: 33); motion models: frames at 20 fps, at most the model's max_frames; None: the model's default (Wan 33, tiny-wan 9, toy-motion and tiny-motion 60)."""
     vae_slicing: bool = False
@@ -102,6 +104,13 @@ class PolicyConfig:
         if self.lora_dtype == "bfloat16" and (self.dtype != "bfloat16" or self.lora_rank == 0):
             raise ConfigError(f"'{key}.lora_dtype' bfloat16 computes the LoRA in the base model's bfloat16: it needs "
                               f"'{key}.dtype' bfloat16 (is {self.dtype}) and a LoRA ('{key}.lora_rank' > 0, is {self.lora_rank})")
+        if self.merge_lora_for_rollout and self.resolved_adapter() != "lora":
+            raise ConfigError(f"'{key}.merge_lora_for_rollout' merges a LoRA into the base weights; '{key}.adapter' is "
+                              f"{self.resolved_adapter()}: train a LoRA or turn it off")
+        if self.merge_lora_for_rollout and self.compile and self.compile_mode == "reduce-overhead":
+            raise ConfigError(f"'{key}.merge_lora_for_rollout' with '{key}.compile_mode' reduce-overhead: CUDA graphs replay "
+                              "the weights at the addresses they recorded, and the merge swaps in new tensors; use "
+                              "compile_mode default or max-autotune, or turn the merge off")
         if self.compile_mode != "default" and not self.compile:
             raise ConfigError(f"'{key}.compile_mode' is {self.compile_mode} but '{key}.compile' is false: turn compile on or remove it")
         if self.compile and self.compile_mode == "reduce-overhead":

@@ -478,6 +478,39 @@ class Policy(abc.ABC):
             for handle in handles:
                 handle.remove()
 
+    @contextlib.contextmanager
+    def merged_lora(self) -> Iterator[int]:
+        """Within: the active LoRA adapters merged into the base weights (peft's safe merge: each merged weight is a new
+        tensor W + delta, checked finite), so a forward costs the base model's matrix multiplies alone. For no-grad
+        sampling: the LoRA parameters get no gradient while merged. Yields the extra bytes held meanwhile: the
+        original weights, kept as they are. On exit every base weight is that very tensor again (restored by
+        reference, bit for bit; subtracting the delta, as peft's unmerge does, would leave a rounding error each
+        cycle, visible in bf16 within a few). Merging changes the arithmetic: x (W + delta) against x W + x delta,
+        and in a bf16 base W + delta is rounded to bf16 (docs/performance.md)."""
+        from peft.tuners.lora import LoraLayer
+
+        if self.sara is not None or not self.has_lora:
+            raise RuntimeError(f"{type(self).__name__}.merged_lora() needs a LoRA adapter (policy.adapter lora)")
+        saved = []  # (layer, its base layer, original weight, original bias)
+        try:
+            # the delta B A in the LoRA's own dtype, whatever autocast the caller runs the sampling under
+            with torch.autocast(self.device.type, enabled=False):
+                for net in self.trained_networks().values():
+                    for layer in net.modules():
+                        if not isinstance(layer, LoraLayer) or layer.merged:
+                            continue
+                        base = layer.get_base_layer()
+                        bias = getattr(base, "bias", None)
+                        saved.append((layer, base, base.weight.data, None if bias is None else bias.data))
+                        layer.merge(safe_merge=True)  # the active adapters; base.weight.data is now a new tensor
+            yield sum(w.numel() * w.element_size() for _, _, w, _ in saved)
+        finally:
+            for layer, base, weight, bias in reversed(saved):
+                base.weight.data = weight
+                if bias is not None:
+                    base.bias.data = bias
+                layer.merged_adapters.clear()
+
     def enable_gradient_checkpointing(self, enabled: bool | str = True) -> None:
         """Recompute activations in backward, block by block: "full" (True: keep each block's inputs only),
         "selective" (keep its attention and convolution outputs, recompute the rest) or "none" (False)."""

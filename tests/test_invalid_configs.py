@@ -131,6 +131,11 @@ ROWS = [
     (recipe("grpo.kl_batched=true", "policy.adapter=sara"), "grpo.kl_batched"),  # the reference rows switch a LoRA off
     (recipe("grpo.kl_batched=true", "policy.compile=true"), "grpo.kl_batched"),
     (recipe("algorithm=nft", "nft.kl_coef=0", "nft.kl_batched=true"), "nft.kl_batched"),
+    (recipe("policy.merge_lora_for_rollout=true", "policy.adapter=sara"), "policy.merge_lora_for_rollout"),  # no LoRA
+    (recipe("policy.merge_lora_for_rollout=true", "policy.dtype=bfloat16"), "policy.merge_lora_for_rollout"),  # grpo's log-probs
+    (recipe("policy.merge_lora_for_rollout=true", "policy.compile=true", "policy.compile_mode=reduce-overhead"),
+     "policy.merge_lora_for_rollout"),
+    (["model=toy-arith", "algorithm=lm_grpo", "policy.merge_lora_for_rollout=true"], "policy.merge_lora_for_rollout"),
     (recipe("algorithm=nft", "nft.timestep_fraction=0"), "nft.timestep_fraction"),
     (recipe("algorithm=nft", "nft.beta=0"), "nft.beta"),
     (recipe("algorithm=nft", "nft.kl_coef=-1"), "nft.kl_coef"),

@@ -164,6 +164,9 @@ def validate_lm(cfg) -> None:
         raise ConfigError(f"'policy.lora_dtype' {p.lora_dtype} is for the diffusion denoisers' LoRA; {cfg.algorithm} keeps it float32")
     if t.activation_offload:
         raise ConfigError(f"'train.activation_offload' offloads a diffusion update's activations; {cfg.algorithm} does not offload")
+    if p.merge_lora_for_rollout:
+        raise ConfigError(f"'policy.merge_lora_for_rollout' merges a diffusion denoiser's LoRA for its rollouts; {cfg.algorithm} "
+                          "generates with the adapter unmerged")
     t.check("train", unit="completions")
     if t.group_size < 2:
         raise ConfigError(f"'train.group_size' must be >= 2 for {cfg.algorithm}: advantages are relative to the prompt's group")

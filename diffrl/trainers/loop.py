@@ -174,7 +174,7 @@ class Trainer(TrainLoop):
         reward_clock = time.perf_counter if self.reward_pool is not None else lambda: phase_clock(acc.device)
         for start in range(0, P * K, cfg.train.rollout_batch_size):
             sl = slice(start, start + cfg.train.rollout_batch_size)
-            with acc.autocast(), self.algorithm.rollout_context():
+            with acc.autocast(), self.algorithm.rollout_context(), self.sampling_weights():
                 traj = sample(
                     self.policy, cond.index(sl), sampler, schedule, cfg.sampling.guidance_scale,
                     latents=noise[sl], generator=gen, record=self.algorithm.record_trajectory,
@@ -315,12 +315,20 @@ class Trainer(TrainLoop):
             images = []
             for start in range(0, len(prompts), batch):
                 sl = slice(start, start + batch)
-                with acc.autocast():
+                with acc.autocast(), self.sampling_weights():
                     traj = sample(self.policy, cond.index(sl), self.eval_sampler, schedule,
                                   cfg.sampling.guidance_scale, latents=noise[sl], record=False)
                     images.append(self.policy.decode(traj.final).float())
         images = torch.cat(images)  # [P * K, 3, H, W]
         return images, self.eval_reward(images, prompts, metadata).float().cpu()
+
+    def sampling_weights(self):
+        """Entered around no-grad sampling (rollout chunks, evaluation batches), inside the algorithm's rollout
+        context and the EMA swap: with policy.merge_lora_for_rollout the active LoRA merged into the base weights,
+        which are the very same tensors again on exit (Policy.merged_lora)."""
+        import contextlib
+
+        return self.policy.merged_lora() if self.cfg.policy.merge_lora_for_rollout else contextlib.nullcontext()
 
     def _save_panel(self, images: torch.Tensor, rows: list[dict], name: str, tracker_key: str) -> None:
         """A panel of PANEL_CELLS images (8 per row) captioned with prompt and score: the first prompts with up to
