@@ -21,6 +21,7 @@ with the run's std scope, ddof and eps (tests/test_rewards_mixture.py checks bot
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from concurrent.futures import Executor, Future
@@ -217,10 +218,13 @@ class RolloutScorer:
         self.parts: list[Future | tuple] = []
 
     def _score(self, images: Tensor, prompts: list[str], metadata: list[dict] | None):
-        if isinstance(self.reward, RewardMixture):
-            comps = self.reward.score_components(images, prompts, metadata)
-            return self.reward.total(comps, metadata), comps
-        return self.reward(images, prompts, metadata).float(), None
+        # a new thread's current CUDA device is 0: score on the images' device (process k's GPU under DDP), so that
+        # a reward creating tensors on "the current device" does not land on GPU 0 from a background thread
+        with torch.cuda.device(images.device) if images.is_cuda else contextlib.nullcontext():
+            if isinstance(self.reward, RewardMixture):
+                comps = self.reward.score_components(images, prompts, metadata)
+                return self.reward.total(comps, metadata), comps
+            return self.reward(images, prompts, metadata).float(), None
 
     def submit(self, images: Tensor, prompts: list[str], metadata: list[dict] | None) -> None:
         if self.executor is None:
