@@ -19,6 +19,7 @@ from torch import nn
 from diffrl.sampling import Schedule
 
 ATTENTION_BACKENDS = ("sdpa", "auto", "xformers", "native", "flash", "_native_flash", "_native_math", "_native_efficient")
+CFG_GRADIENTS = ("both", "cond")  # Policy.cfg_gradient: the CFG branches a guided prediction back-propagates through
 
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -442,6 +443,28 @@ class Policy(abc.ABC):
         finally:
             for net in nets:
                 net.set_adapter("default")
+
+    _cfg_gradient: str = "both"  # set within cfg_gradient()
+
+    def classifier_free_guidance(self, uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """uncond + g (cond - uncond) of a predict's two branches ([B, *S] each). Under cfg_gradient("cond") the
+        unconditional branch is detached: the same value, a gradient through g * cond only."""
+        if self._cfg_gradient == "cond":
+            uncond = uncond.detach()
+        return uncond + guidance_scale * (cond - uncond)
+
+    @contextlib.contextmanager
+    def cfg_gradient(self, mode: str) -> Iterator[None]:
+        """Within: the classifier-free guidance of predict() back-propagates through "both" branches (the default:
+        (1 - g) d uncond + g d cond, as DDPO's code) or through the "cond" branch only, the unconditional prediction
+        detached (g d cond, as Flow-GRPO's train_sd3.py in its July 2025 revision). Values are unchanged either way."""
+        if mode not in CFG_GRADIENTS:
+            raise ValueError(f"cfg_gradient must be one of {CFG_GRADIENTS}, got {mode!r}")
+        previous, self._cfg_gradient = self._cfg_gradient, mode
+        try:
+            yield
+        finally:
+            self._cfg_gradient = previous
 
     @contextlib.contextmanager
     def lora_off_rows(self, off: torch.Tensor) -> Iterator[None]:

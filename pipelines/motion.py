@@ -165,7 +165,7 @@ class MotionPolicy(Policy):
         out = self.denoiser(x_in, t_in, text_embeds=text, return_dict=False)[0]  # [2B or B, T, D]
         if guidance_scale > 1:
             out_uncond, out_text = out.chunk(2)  # [B, T, D] each
-            out = out_uncond + guidance_scale * (out_text - out_uncond)
+            out = self.classifier_free_guidance(out_uncond, out_text, guidance_scale)
         return out  # [B, T, D]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -126,7 +126,7 @@ class StableDiffusionPolicy(Policy):
         out = self.denoiser(x_in, t_in, encoder_hidden_states=ehs, return_dict=False)[0]  # [2B or B, C, h, w]
         if guidance_scale > 1:
             out_uncond, out_text = out.chunk(2)  # [B, C, h, w] each
-            out = out_uncond + guidance_scale * (out_text - out_uncond)
+            out = self.classifier_free_guidance(out_uncond, out_text, guidance_scale)
         return out  # [B, C, h, w]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -106,7 +106,7 @@ class SD3Policy(Policy):
                 return_dict=False,
             )[0]
             v_uncond, v_cond = v.chunk(2)  # [B, C, h, w] each
-            return v_uncond + guidance_scale * (v_cond - v_uncond)
+            return self.classifier_free_guidance(v_uncond, v_cond, guidance_scale)
         return self.denoiser(
             hidden_states=x_t,
             timestep=timestep,

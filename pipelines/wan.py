@@ -235,7 +235,7 @@ class WanPolicy(Policy):
             v = net(hidden_states=torch.cat([x_t, x_t]), timestep=torch.cat([t, t]),
                     encoder_hidden_states=torch.cat([cond.uncond["encoder_hidden_states"], h]), return_dict=False)[0]
             v_uncond, v_cond = v.chunk(2)  # [B, C, F', h, w] each
-            return v_uncond + guidance_scale * (v_cond - v_uncond)
+            return self.classifier_free_guidance(v_uncond, v_cond, guidance_scale)
         return net(hidden_states=x_t, timestep=t, encoder_hidden_states=h, return_dict=False)[0]
 
     def predict(self, x_t: torch.Tensor, timestep: torch.Tensor, cond: Condition, guidance_scale: float) -> torch.Tensor:

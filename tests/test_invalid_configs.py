@@ -131,6 +131,9 @@ ROWS = [
     (recipe("grpo.kl_batched=true", "policy.adapter=sara"), "grpo.kl_batched"),  # the reference rows switch a LoRA off
     (recipe("grpo.kl_batched=true", "policy.compile=true"), "grpo.kl_batched"),
     (recipe("algorithm=nft", "nft.kl_coef=0", "nft.kl_batched=true"), "nft.kl_batched"),
+    (recipe("grpo.cfg_gradient=uncond"), "grpo.cfg_gradient"),
+    (recipe("grpo.cfg_gradient=cond", "sampling.guidance_scale=1"), "grpo.cfg_gradient"),  # no CFG branch to detach
+    (recipe("grpo.cfg_gradient=cond", "model=tiny-flux", "policy.family=flux"), "grpo.cfg_gradient"),  # guidance-distilled
     (recipe("policy.merge_lora_for_rollout=true", "policy.adapter=sara"), "policy.merge_lora_for_rollout"),  # no LoRA
     (recipe("policy.merge_lora_for_rollout=true", "policy.dtype=bfloat16"), "policy.merge_lora_for_rollout"),  # grpo's log-probs
     (recipe("policy.merge_lora_for_rollout=true", "policy.compile=true", "policy.compile_mode=reduce-overhead"),

@@ -235,7 +235,7 @@ def test_rescoring_a_rollout_gives_its_log_probs(dtype, tol):
     B, W = traj.log_probs.shape
     assert (B, W) == (4, 3)  # the last DDPM step is deterministic
     trainer = SimpleNamespace(policy=policy, sampler=sampler, accelerator=SimpleNamespace(autocast=contextlib.nullcontext),
-                              cfg=SimpleNamespace(sampling=SimpleNamespace(guidance_scale=GUIDANCE)))
+                              cfg=SimpleNamespace(sampling=SimpleNamespace(guidance_scale=GUIDANCE)), cfg_gradient="both")
     batch = SimpleNamespace(trajectory=traj, cond=cond)
     gen = torch.Generator().manual_seed(0)
     order = torch.randperm(B, generator=gen)

@@ -56,6 +56,9 @@ class Algorithm(abc.ABC):
     """The training reward (a diffrl.rewards.Reward), set by the loop after construction."""
     config_class: ClassVar[type | None] = None
     """The dataclass of this algorithm's config section (RunConfig.<name>), with a check(key) of its own fields."""
+    cfg_gradient: str = "both"
+    """The classifier-free guidance branches rescore() back-propagates through (Policy.cfg_gradient): "both", or
+    "cond" with the unconditional prediction detached. GRPO sets it from grpo.cfg_gradient."""
 
     @classmethod
     def validate(cls, cfg, ctx) -> None:
@@ -85,7 +88,7 @@ class Algorithm(abc.ABC):
         x_t = traj.latents[rows, steps]  # [b, *S]
         x_prev = traj.latents[rows, steps + 1]  # [b, *S]
         ctx = self.policy.reference() if reference else contextlib.nullcontext()
-        with ctx, self.accelerator.autocast():
+        with ctx, self.accelerator.autocast(), self.policy.cfg_gradient(self.cfg_gradient):
             out = self.policy.predict(x_t, traj.schedule.timesteps[steps], batch.cond.index(rows),
                                       self.cfg.sampling.guidance_scale)  # [b, *S]
         return self.sampler.step(traj.schedule, steps, x_t, out.to(x_t.dtype), prev_sample=x_prev,
@@ -105,7 +108,7 @@ class Algorithm(abc.ABC):
         both, both_steps = torch.cat([rows, rows]), torch.cat([steps, steps])  # [2b]
         x_t = traj.latents[both, both_steps]  # [2b, *S]
         x_prev = traj.latents[both, both_steps + 1]  # [2b, *S]
-        with self.accelerator.autocast():
+        with self.accelerator.autocast(), self.policy.cfg_gradient(self.cfg_gradient):
             out = self.policy.predict(x_t, traj.schedule.timesteps[both_steps], batch.cond.index(both),
                                       self.cfg.sampling.guidance_scale).to(x_t.dtype)  # [2b, *S]
         b = len(rows)

@@ -23,6 +23,7 @@ import torch
 
 from diffrl.checks import ConfigError, check_fields, fraction, non_negative, positive, require_lora, require_stochastic
 from diffrl.core import clipped_surrogate, flow_grpo_kl, gaussian_kl
+from diffrl.pipelines.base import CFG_GRADIENTS
 from diffrl.runtime import DeviceMetrics, to_device, wide
 from diffrl.sampling import StepOutput
 from diffrl.trainers.base import Algorithm, RolloutBatch
@@ -46,10 +47,13 @@ class GRPOConfig:
     """Advantages are clipped to [-adv_clip_max, adv_clip_max] (Flow-GRPO: 5)."""
     kl_batched: bool = False
     """With kl_beta > 0: the policy and reference re-scoring in one denoiser call on a doubled batch (the reference half with the LoRA off) instead of two; same loss and gradients, the reference half's activations kept for backward (docs/performance.md)."""
+    cfg_gradient: str = "both"
+    """"cond" = gradient through the conditional branch of classifier-free guidance only, the unconditional prediction detached (as Flow-GRPO's train_sd3.py in its July 2025 revisions); "both" = through both branches, as DDPO's code. Same values; only the gradient differs."""
 
     def check(self, key: str = "grpo") -> None:
         check_fields(self, key, {"clip_range": positive, "clip_range_high": positive, "kl_beta": non_negative,
-                                 "kl_convention": KL_CONVENTIONS, "adv_clip_max": positive})
+                                 "kl_convention": KL_CONVENTIONS, "adv_clip_max": positive,
+                                 "cfg_gradient": CFG_GRADIENTS})
         fraction(self.timestep_fraction, f"{key}.timestep_fraction")
 
 
@@ -72,6 +76,10 @@ class GRPO(Algorithm):
     config_class = GRPOConfig
     record_trajectory = True
 
+    def __init__(self, cfg, policy, sampler, accelerator):
+        super().__init__(cfg, policy, sampler, accelerator)
+        self.cfg_gradient = cfg.grpo.cfg_gradient  # rescore()'s CFG branches with gradient
+
     @classmethod
     def uses_reference(cls, cfg) -> bool:
         return cfg.grpo.kl_beta > 0  # the KL term
@@ -87,6 +95,13 @@ class GRPO(Algorithm):
             raise ConfigError("'train.micro_batch_size' is used by nft, crd and prdp; grpo runs each train batch in one pass: leave it unset")
         if cfg.grpo.kl_batched:
             check_kl_batched(cfg, "grpo.kl_batched", cfg.grpo.kl_beta, "grpo.kl_beta")
+        if cfg.grpo.cfg_gradient == "cond":
+            s = cfg.sampling
+            no_cfg = "FLUX.1 is guidance-distilled" if ctx.family == "flux" else (
+                f"sampling.guidance_scale {s.guidance_scale}" if max(s.guidance_scale, s.guidance_scale_2 or 0) <= 1 else "")
+            if no_cfg:
+                raise ConfigError("'grpo.cfg_gradient' cond detaches the unconditional branch of classifier-free guidance; "
+                                  f"this run has none ({no_cfg}): leave it at both")
 
     def step_log_prob(self, batch: RolloutBatch, rows: torch.Tensor, steps: torch.Tensor, reference: bool = False) -> StepOutput:
         """Re-score the stored transition x_steps -> x_steps+1 of samples `rows`. rows, steps: [b] long."""
