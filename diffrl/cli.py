@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="diffrl",
         description="Reward fine-tuning and inference-time steering for diffusion and flow-matching generators.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,serve-reward,pretrain-toy,pretrain-toy-lm}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,eval,serve-reward,pretrain-toy,pretrain-toy-lm,sara-merge}")
     train = sub.add_parser(
         "train", help="fine-tune a model against a reward", add_help=False,
         description="Train with a YAML recipe; any option can be overridden as key=value "
@@ -568,7 +568,20 @@ def build_parser() -> argparse.ArgumentParser:
     pre_lm = sub.add_parser("pretrain-toy-lm", help="train the toy arithmetic causal LM (assets/lm/toy_arith) from scratch")
     pretrain_lm_parser(pre_lm)
     pre_lm.set_defaults(func=_pretrain_toy_lm)
+
+    from diffrl.pipelines.sara import add_merge_arguments
+
+    merge = sub.add_parser("sara-merge", help="a SaRA checkpoint merged into its base model: a stock diffusers pipeline "
+                           "folder (docs/sara.md)")
+    add_merge_arguments(merge)
+    merge.set_defaults(func=_sara_merge)
     return parser
+
+
+def _sara_merge(args) -> int:
+    from diffrl.pipelines.sara import run_merge
+
+    return run_merge(args, prog="diffrl sara-merge")
 
 
 def _serve_reward(args) -> int:

@@ -553,8 +553,16 @@ def check_vae_chunking(cfg, family: str) -> None:
 
 
 def check_sara(cfg) -> None:
-    """SaRA with a re-mask: the trainable vectors change size at the re-mask, which train.ema's copies do not follow."""
+    """policy.adapter against the options of the other adapters; SaRA with a re-mask: the trainable vectors change size
+    at the re-mask, which train.ema's copies do not follow; SaRA under torch.compile: its in-place writes into the
+    frozen weights break the compiled backward."""
     p = cfg.policy
+    if p.adapter != "lora" and p.lora_dtype != "float32":
+        raise ConfigError(f"'policy.lora_dtype' {p.lora_dtype} sets what a LoRA computes in; 'policy.adapter' is {p.adapter}: "
+                          "remove it")
+    if p.adapter == "sara" and p.compile:
+        raise ConfigError("'policy.compile' with 'policy.adapter' sara is not supported: SaRA writes its values into the "
+                          "frozen weights in place at every forward, which the compiled graphs do not allow; turn one off")
     if p.adapter == "sara" and p.sara_remask_step is not None and cfg.train.ema:
         raise ConfigError("'policy.sara_remask_step' is set with 'train.ema': the EMA copies the SaRA vectors, whose entries "
                           "change at the re-mask; set train.ema=false or policy.sara_remask_step=null")

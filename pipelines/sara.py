@@ -173,7 +173,8 @@ def _locate(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.T
 class SaraAdapter:
     """SaRA over the trained networks ({component: module}); freezes them and parametrizes every tensor with entries
     below `threshold`. Hooks for the optimiser step: `before_step()` (the nuclear-norm gradient) and
-    `after_step(optimizer)` (counts steps, re-masks once after `remask_step`)."""
+    `after_step(optimizer)` (counts steps, re-masks once after `remask_step`). Build it once the networks are on their
+    device: indices and originals are plain tensors, which a later .to() does not move."""
 
     def __init__(self, networks: dict[str, nn.Module], threshold: float = 2e-3, lambda_rank: float = 5e-4,
                  remask_step: int | None = None, seed: int = 0):
@@ -554,25 +555,39 @@ def merge(checkpoint: str | Path, out: str | Path, base: str | None = None, deno
 
 def merge_usage(checkpoint: str = "path/to/checkpoint") -> str:
     """The commands that turn a SaRA checkpoint into a stock diffusers pipeline (a model card's usage lines)."""
-    return (f"# python -m diffrl.pipelines.sara merge {checkpoint} merged/\n"
+    return (f"# diffrl sara-merge {checkpoint} merged/   (or: python -m diffrl.pipelines.sara merge ...)\n"
             "from diffusers import DiffusionPipeline\n"
             'pipe = DiffusionPipeline.from_pretrained("merged/")')
+
+
+def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
+    """The merge command's arguments (`python -m diffrl.pipelines.sara merge`, `diffrl sara-merge`)."""
+    parser.add_argument("checkpoint", help="a checkpoint folder (<output_dir>/checkpoints/iter_N) or a run's output_dir")
+    parser.add_argument("out", help="a new folder for the merged diffusers pipeline")
+    parser.add_argument("--base", help="the base model, when its path differs from the one the run's config names")
+    parser.add_argument("--denoiser-only", action="store_true",
+                        help="write only the trained network(s), each a diffusers model folder out/<component>")
+
+
+def run_merge(args: argparse.Namespace, prog: str = "python -m diffrl.pipelines.sara merge") -> int:
+    """Run the merge command: 0, or 2 with one line naming what is wrong."""
+    import sys
+
+    try:
+        path = merge(args.checkpoint, args.out, base=args.base, denoiser_only=args.denoiser_only)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    print(f"merged the SaRA weights of {args.checkpoint} into {path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m diffrl.pipelines.sara",
                                      description="SaRA weights of a diffrl checkpoint as a stock diffusers folder")
     sub = parser.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("merge", help="write the base model with the trained SaRA values in place")
-    m.add_argument("checkpoint", help="a checkpoint folder (<output_dir>/checkpoints/iter_N) or a run's output_dir")
-    m.add_argument("out", help="a new folder for the merged diffusers pipeline")
-    m.add_argument("--base", help="the base model, when its path differs from the one the run's config names")
-    m.add_argument("--denoiser-only", action="store_true",
-                   help="write only the trained network(s), each a diffusers model folder out/<component>")
-    args = parser.parse_args(argv)
-    path = merge(args.checkpoint, args.out, base=args.base, denoiser_only=args.denoiser_only)
-    print(f"merged SaRA weights into {path}")
-    return 0
+    add_merge_arguments(sub.add_parser("merge", help="write the base model with the trained SaRA values in place"))
+    return run_merge(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

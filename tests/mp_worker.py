@@ -22,7 +22,7 @@ batch = trainer.rollout(0)
 trainer.train()
 rank = acc.process_index
 tensors = {f"param.{i}": p.detach().contiguous() for i, p in enumerate(trainer.policy.trainable_parameters())}
-for name in {a for net in trainer.policy.trained_networks().values() for a in net.peft_config}:  # every LoRA adapter, snapshots included
+for name in {a for net in trainer.policy.trained_networks().values() for a in getattr(net, "peft_config", {})}:  # every LoRA adapter, snapshots included
     tensors.update({f"adapter.{name}.{i}": p.detach().clone() for i, p in enumerate(trainer.policy.adapter_parameters(name))})
 tensors["noise"] = batch.trajectory.latents[:, 0].contiguous()
 tensors["group_ids"] = batch.group_ids

@@ -65,6 +65,8 @@ ROWS = [
     (recipe("policy.adapter=sara", "policy.sara_remask_step=2.5"), "policy.sara_remask_step"),
     (recipe("policy.adapter=sara", "policy.sara_remask_step=10", "train.ema=true"), "policy.sara_remask_step"),
     (recipe("policy.adapter=sara", "policy.lora_targets=[to_q]"), "policy.lora_targets"),
+    (recipe("policy.adapter=sara", "policy.compile=true"), "policy.compile"),
+    (recipe("policy.adapter=sara", "policy.dtype=bfloat16", "policy.lora_dtype=bfloat16"), "policy.lora_dtype"),
     (["model=toy-arith", "algorithm=lm_grpo", "policy.adapter=sara"], "policy.adapter"),
     (recipe("policy.gradient_checkpointing=partial"), "policy.gradient_checkpointing"),
     (recipe("policy.compile=true", "policy.compile_mode=max_autotune"), "policy.compile_mode"),

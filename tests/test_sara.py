@@ -328,13 +328,13 @@ def test_resume_continues_bit_identically_before_and_after_the_remask(remasked_r
 def test_a_merged_checkpoint_samples_identically_in_a_stock_pipeline(remasked_run, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    from diffrl.pipelines.sara import main
+    from diffrl import cli
     from diffrl.rollout import sample
     from diffrl.sampling import make_sampler
 
     trainer, _ = remasked_run
     checkpoint = trainer.out / "checkpoints" / "iter_000003"
-    assert main(["merge", str(checkpoint), str(tmp_path / "merged")]) == 0
+    assert cli.main(["sara-merge", str(checkpoint), str(tmp_path / "merged")]) == 0
     policy, prompts, steps = trainer.policy, ["a red cube", "two blue stars"], 4
     noise = policy.initial_noise(len(prompts), torch.Generator().manual_seed(0))  # [2, *S]
     with torch.no_grad():
@@ -350,6 +350,21 @@ def test_a_merged_checkpoint_samples_identically_in_a_stock_pipeline(remasked_ru
                   width=policy.width, max_sequence_length=policy.max_sequence_length, output_type="pt").images
     assert (theirs - ours).abs().max() < 1e-5
     assert (base - ours).abs().max() > 1e-3  # training changed the samples: the match above means something
+
+
+def test_merge_refuses_a_used_folder_and_a_checkpoint_without_sara_weights(remasked_run, tmp_path, capsys):
+    from diffrl.pipelines.sara import main
+
+    trainer, _ = remasked_run
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "keep.txt").write_text("mine")
+    assert main(["merge", str(trainer.out), str(tmp_path / "used")]) == 2
+    assert "not an empty folder" in capsys.readouterr().err and (tmp_path / "used" / "keep.txt").read_text() == "mine"
+    (tmp_path / "lora_ckpt").mkdir()
+    (tmp_path / "lora_ckpt" / "state.json").write_text('{"iteration": 1, "config": {"model": "tiny-sd3"}}')
+    assert main(["merge", str(tmp_path / "lora_ckpt"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no SaRA weights" in err[0] and not (tmp_path / "out").exists()
 
 
 TINY = ["model=tiny-sd3", "policy.resolution=32", "reward=brightness", "sampling.num_steps=3", "sampling.eval_num_steps=2",
@@ -394,3 +409,30 @@ def test_trainers_with_the_full_fine_tune(algorithm, tmp_path):
     assert torch.equal(reference_output(trainer.policy), images(base))  # the whole-weight copy of the base
     assert not torch.equal(images(trainer.policy), images(base))
     assert not torch.equal(images(trainer.policy), reference_output(trainer.policy))  # swapped back after the context
+
+
+@pytest.mark.slow  # two torchrun processes: about 25 s
+@pytest.mark.multiprocess
+def test_two_processes_keep_the_sparse_vectors_identical(tmp_path):
+    """DDP over the sparse vectors (torchrun, gloo), NFT: each rank trains on its own prompts and the all-reduced
+    gradients keep every vector identical on both ranks."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    worker = Path(__file__).with_name("mp_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+           str(tmp_path), "policy.adapter=sara", "algorithm=nft"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    dumps = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    assert not set(dumps[0]["group_ids"].tolist()) & set(dumps[1]["group_ids"].tolist())  # different data per rank
+    keys = [k for k in dumps[0] if k.startswith("param.")]
+    assert len(keys) == len(SaraAdapter({"t": load_policy("tiny-sd3").trainable_module()}, THRESHOLD).tensors)
+    assert all(torch.equal(dumps[0][k], dumps[1][k]) for k in keys)
+    base = SaraAdapter({"t": load_policy("tiny-sd3").trainable_module()}, THRESHOLD).parameters()
+    assert any(not torch.equal(dumps[0][k], b.detach()) for k, b in zip(keys, base))  # they trained

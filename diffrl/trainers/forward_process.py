@@ -3,10 +3,12 @@
 Rollouts keep only the first and last latents (`record_trajectory = False`), so any sampler works (ODE,
 higher order) and no log-probabilities are needed. Each update noises the final samples afresh,
 x_t = alpha x0 + sigma eps at drawn noise levels, and compares model outputs at x_t from
-  * the trained weights: the trainable LoRA adapter "default";
-  * EMA snapshots of them ("old", "sampling"): extra peft LoRA adapters on the same network, updated
-    after every iteration with their own decay schedules and checkpointed with the run;
-  * the reference: the same network with every adapter disabled (no copy of the base model).
+  * the trained weights: the trainable LoRA adapter "default" (or SaRA's sparse vectors, or every weight);
+  * EMA snapshots of them ("old", "sampling"): extra peft LoRA adapters on the same network (SaRA: sparse
+    vectors written over the trained entries; a full fine-tune: whole-weight copies), updated after every
+    iteration with their own decay schedules and checkpointed with the run;
+  * the reference: the same network with every adapter disabled (SaRA: its entries back at their base values;
+    no copy of the base model, but for policy.adapter full).
 The pieces are composed by nft.py and crd.py: `NoiseLevelSampler` draws noise levels, `LoraSnapshots`
 keeps the snapshots, `FinalSampleUpdates` runs the gradient steps over a loss function of a `NoisedBatch`.
 """
@@ -51,7 +53,8 @@ class ForwardProcessConfig:
 
 
 def validate_forward_process(cfg, name: str) -> None:
-    """nft / crd: the snapshots are LoRA adapters on the trained network, the reference is that network with them off."""
+    """nft / crd: the snapshots are LoRA adapters on the trained network (or SaRA vectors, or whole-weight copies with
+    policy.adapter full), the reference is that network with them off."""
     require_lora(cfg, name, "its snapshots of the trained weights are extra LoRA adapters on the same network and its "
                             "reference is that network with the adapters disabled; a full fine-tune (lora_rank 0) would "
                             "need extra copies of the whole model in memory")
@@ -115,7 +118,9 @@ class NoiseLevelSampler:
 
 # ---- snapshots of the trained weights ----------------------------------------------------------
 class LoraSnapshots:
-    """EMA snapshots of the trainable LoRA adapter, each an extra peft adapter on the same network.
+    """EMA snapshots of the trainable LoRA adapter, each an extra peft adapter on the same network (SaRA: sparse vectors
+    of its trained entries; policy.adapter full: float32 copies of every trained weight), through the Policy's
+    add_adapter_copy / adapter_parameters / use_adapter.
 
     `schedules`: adapter name -> [start_step, start_value, slope, max] (diffrl.core.snapshot_decay).
     Snapshots start as copies of the trained weights; `update(step)` applies
