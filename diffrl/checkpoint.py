@@ -421,6 +421,10 @@ FUTURE_ONLY = ("policy.gradient_checkpointing", "policy.attention_backend", "pol
                "policy.vae_slicing", "policy.vae_tiling", "policy.vae_tile_size", "policy.vae_tile_stride",
                "sampling.eval_num_steps")
 """Exceptions inside RUN_IDENTITY's sections: memory / speed switches and evaluation settings."""
+ADDED_SETTINGS = {"policy.adapter": "lora", "policy.sara_threshold": 2e-3, "policy.sara_lambda_rank": 5e-4,
+                  "policy.sara_remask_step": None}
+"""Settings of RUN_IDENTITY added after checkpoints were written, with the value every run before them had: a saved
+config without one had that value (a LoRA run resumes; one that sets policy.adapter sara is another run)."""
 NOT_SETTINGS = ("output_dir", "resume", "overwrite")
 """Where the run goes and how it starts: expected to differ, never listed."""
 
@@ -459,7 +463,7 @@ def compare_settings(saved: dict, new: dict, processes: tuple[int, int] = (1, 1)
         if old * old_world != value * new_world:
             refused.append(f"{PER_PROCESS} x processes {old} x {old_world} -> {value} x {new_world}")
     for key in sorted(set(old_flat) | set(new_flat), key=lambda k: (k.count("."), k)):
-        old, value = old_flat.get(key, "(unset)"), new_flat.get(key, "(unset)")
+        old, value = old_flat.get(key, ADDED_SETTINGS.get(key, "(unset)")), new_flat.get(key, "(unset)")
         if old == value or _matches(key, NOT_SETTINGS):
             continue
         line = f"{key} {old} -> {value}"

@@ -436,3 +436,15 @@ def test_two_processes_keep_the_sparse_vectors_identical(tmp_path):
     assert all(torch.equal(dumps[0][k], dumps[1][k]) for k in keys)
     base = SaraAdapter({"t": load_policy("tiny-sd3").trainable_module()}, THRESHOLD).parameters()
     assert any(not torch.equal(dumps[0][k], b.detach()) for k, b in zip(keys, base))  # they trained
+
+
+def test_checkpoints_written_before_policy_adapter_resume_as_lora_runs():
+    from diffrl.checkpoint import compare_settings
+
+    cfg = load_config(None, ["model=tiny-sd3"])
+    saved = cfg.in_use()
+    for key in ("adapter", "sara_threshold", "sara_lambda_rank", "sara_remask_step"):
+        del saved["policy"][key]  # a config.yaml from before these options
+    assert compare_settings(saved, cfg.in_use()) == ([], [])
+    _, refused = compare_settings(saved, load_config(None, ["model=tiny-sd3", "policy.adapter=sara"]).in_use())
+    assert refused == ["policy.adapter lora -> sara"]
