@@ -353,6 +353,30 @@ def evaluate_one(policy, checkpoint: Path | None, prompt_set, rewards: list, out
     }
 
 
+def drift_from_base(eval_dir: str | Path, base_dir: str | Path, exact: str) -> dict:
+    """How far a checkpoint's held-out samples moved from the base model's, sample by sample (same prompt, same
+    seed): `pixels`, the mean absolute difference of the images on the [0, 1] scale (None when the samples are not
+    PNG images), and `flipped`, the share of samples whose exact correctness differs from the base's (either way)."""
+    import numpy as np
+    from PIL import Image
+
+    def rows(folder):
+        return {(r["prompt_index"], r["image_index"]): r for r in map(json.loads, (Path(folder) / "scores.jsonl").open())}
+
+    mine, base = rows(eval_dir), rows(base_dir)
+    if mine.keys() != base.keys():
+        raise ValueError(f"{eval_dir} and {base_dir} hold different samples: evaluate both with the same prompts and seeds")
+    flipped = sum(mine[k][exact] != base[k][exact] for k in mine) / len(mine)
+    if not all(r["file"].endswith(".png") for r in mine.values()):
+        return {"pixels": None, "flipped": flipped}
+
+    def pixels(folder, row):  # [H, W, 3] in [0, 1]
+        return np.asarray(Image.open(Path(folder) / row["file"]).convert("RGB"), dtype=np.float64) / 255
+
+    change = [np.abs(pixels(eval_dir, mine[k]) - pixels(base_dir, base[k])).mean() for k in mine]
+    return {"pixels": float(np.mean(change)), "flipped": flipped}
+
+
 def long_horizon(curve: list[dict]) -> dict:
     """The best curve point and the final one: accuracy drop from best to final, in points and in units of the
     final accuracy's stderr."""
@@ -379,7 +403,8 @@ def results_table(results: dict) -> list[str]:
     tags = sorted(results["base"]["accuracy_by_tag"])
     measures = list(results["base"].get("measures", {}))
     head = ["method", "samples", "train s", "wall s", "peak RSS MB", "peak CUDA MB", "unseen prompts", "unseen pairs",
-            "train prompts", *tags, "partial credit", "proxy − exact", "still clips", *measures]
+            "train prompts", *tags, "partial credit", "proxy − exact", "still clips", *measures, "pixel change",
+            "flipped"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
 
     def row(name, samples, run, ev):
@@ -389,7 +414,8 @@ def results_table(results: dict) -> list[str]:
                  _acc(ev["accuracy_unseen_pairs"]), _acc(ev["accuracy_train"]),
                  *(_acc(ev["accuracy_by_tag"].get(t)) for t in tags),
                  f"{ev['partial']:.3f}", gap, _num(ev.get("still_share"), ".3f"),
-                 *(_num(ev["measures"][m], ".4f") for m in measures)]
+                 *(_num(ev["measures"][m], ".4f") for m in measures),
+                 *(_num((ev.get("drift") or {}).get(k), ".4f" if k == "pixels" else ".3f") for k in ("pixels", "flipped"))]
         lines.append("| " + " | ".join(cells) + " |")
 
     row("base", 0, {}, results["base"])
@@ -415,7 +441,9 @@ def write_markdown(results: dict, path: Path) -> None:
         f"({world.unseen_pairs or 'none in this world'}); train prompts: the training prompts themselves. Per-tag columns: "
         f"the unseen prompts per tag (– when a tag has one prompt and one image). partial credit: mean exact partial "
         f"credit ({world.partial}) on "
-        "the unseen prompts. train s: summed per-iteration time of the trainer (rollout + update); wall s: the whole "
+        "the unseen prompts. pixel change / flipped: drift from the base on every held-out sample (same prompt and seed): the "
+        "mean absolute pixel difference on the [0, 1] scale, and the share of samples whose exact correctness differs "
+        "from the base's. train s: summed per-iteration time of the trainer (rollout + update); wall s: the whole "
         "training subprocess (start-up, model load, its own evaluations, checkpoints). peak RSS: that subprocess's "
         "maximum resident memory; peak CUDA: torch.cuda.max_memory_allocated from its metrics.jsonl. "
         f"proxy − exact: mean {PROXY} minus mean exact partial credit ({world.partial}) on the same images"
@@ -588,6 +616,7 @@ def run_benchmark(args) -> dict:
             on = policy if (folder / "lora").is_dir() else base_policy()
             ev = evaluate_one(on, folder, prompt_set, rewards, out / "eval" / name / f"iter_{iteration:06d}",
                               eval_kw, settings, world)
+            ev["drift"] = drift_from_base(ev["eval_dir"], base["eval_dir"], world.exact)
             curve.append({"iteration": iteration, "samples_seen": samples, **ev})
         if not curve or curve[-1]["samples_seen"] != run["samples_seen"]:
             raise RuntimeError(f"{name}: no final checkpoint in {run['run_dir']}/checkpoints")

@@ -68,7 +68,9 @@ def test_outputs_and_table_rows(bench_run):
     rows = [line for line in md.splitlines() if line.startswith("| ")]
     header = rows[0].split(" | ")
     assert {"unseen prompts", "unseen pairs", "train prompts"} <= set(header)
-    assert header[-2:] == ["proxy − exact", "still clips |"]  # still clips: – for images
+    assert header[-4:] == ["proxy − exact", "still clips", "pixel change", "flipped |"]  # still clips: – for images
+    drift = [m["final"]["drift"] for m in results["methods"].values()]
+    assert all(0 <= d["pixels"] <= 1 and 0 <= d["flipped"] <= 1 for d in drift) and "drift" not in results["base"]
     for tag in ("single_object", "two_object", "counting", "colors", "position", "color_attr"):
         assert tag in header
     names = [r.split(" | ")[0].removeprefix("| ") for r in rows[1:]]
@@ -169,7 +171,7 @@ def test_rerun_reuses_finished_runs_and_reports_na_without_proxy(bench_run, caps
     assert results["base"]["gap"] is None and results["settings"]["proxy_note"] == note
     md = (out / "results.md").read_text()
     grpo_row = next(r for r in md.splitlines() if r.startswith("| grpo | 8 |"))
-    assert grpo_row.rstrip(" |").split(" | ")[-2:] == ["n/a", "–"] and note in md  # proxy − exact, still clips
+    assert grpo_row.rstrip(" |").split(" | ")[-4:-2] == ["n/a", "–"] and note in md  # proxy − exact, still clips
 
 
 def test_budget_and_options_are_checked_before_training(tmp_path, capsys):
@@ -232,3 +234,26 @@ def test_clip_world_benchmark_scores_clips_and_counts_still_ones(tmp_path):
     assert results["base"]["still_share"] == pytest.approx(still_share(clips[motion]))
     assert results["methods"]["grpo"]["samples_seen"] == 4
     assert "still clips" in (out / "results.md").read_text()
+
+
+def test_drift_from_base_compares_sample_by_sample(tmp_path):
+    """pixels: the mean |x - x_base| over every sample and pixel ([0, 1] scale); flipped: the share of samples whose
+    exact correctness differs from the base's, either way; samples are matched by (prompt, image) index."""
+    import numpy as np
+    from PIL import Image
+
+    def write(folder, images, correct):
+        (folder / "images").mkdir(parents=True)
+        with open(folder / "scores.jsonl", "w") as fh:
+            for i, (img, ok) in enumerate(zip(images, correct)):
+                Image.fromarray(img).save(folder / "images" / f"{i:04d}_00.png")
+                fh.write(json.dumps({"prompt_index": i, "image_index": 0, "file": f"images/{i:04d}_00.png",
+                                     "toyworld_accuracy": ok}) + "\n")
+
+    base = [np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 255, np.uint8)]
+    moved = [np.full((4, 4, 3), 51, np.uint8), np.full((4, 4, 3), 255, np.uint8)]  # the first by 0.2 everywhere
+    write(tmp_path / "base", base, [0.0, 1.0])
+    write(tmp_path / "run", moved, [1.0, 1.0])
+    drift = bench.drift_from_base(tmp_path / "run", tmp_path / "base", "toyworld_accuracy")
+    assert drift["pixels"] == pytest.approx(0.1, abs=1e-12) and drift["flipped"] == 0.5
+    assert bench.drift_from_base(tmp_path / "base", tmp_path / "base", "toyworld_accuracy") == {"pixels": 0.0, "flipped": 0.0}
