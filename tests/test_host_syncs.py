@@ -18,55 +18,44 @@ from collections import Counter
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from diffrl.config import load_config
 
-SYNC_METHODS = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy", "nonzero")
+SYNC_FUNCTIONS = {torch.Tensor.item: "item", torch.Tensor.tolist: "tolist", torch.Tensor.__float__: "__float__",
+                  torch.Tensor.__int__: "__int__", torch.Tensor.__bool__: "__bool__", torch.Tensor.cpu: "cpu",
+                  torch.Tensor.numpy: "numpy", torch.Tensor.nonzero: "nonzero", torch.nonzero: "nonzero",
+                  torch.unique: "unique", torch.Tensor.unique: "unique"}
+DISPATCH_FILES = ("/torch/_tensor.py", "/torch/overrides.py", "/torch/utils/_python_dispatch.py", __file__)
+"""Frames of torch's dispatch to a function mode (and this counter's own): the caller is the first frame past them."""
 
 
-class SyncCounter:
-    """Counts host reads of tensors by call site, while active."""
+class SyncCounter(TorchFunctionMode):
+    """Counts host reads of tensors by call site, while active. A torch function mode sees every tensor method and
+    torch function call without patching torch.Tensor (class patches of dunder methods leave the type's C slots
+    changed for later tests)."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self):
+        super().__init__()
         self.calls: Counter = Counter()
-        self.monkeypatch = monkeypatch
 
     def _record(self, what: str) -> None:
-        caller = sys._getframe(2)
-        if "/torch/optim/" in caller.f_code.co_filename:  # the optimiser's CPU step counters: not device reads
+        caller = sys._getframe(1)
+        while caller is not None and caller.f_code.co_filename.endswith(DISPATCH_FILES):
+            caller = caller.f_back
+        if caller is None or "/torch/optim/" in caller.f_code.co_filename:  # AdamW's CPU step counters: not device reads
             return
         self.calls[(what, caller.f_code.co_filename.rsplit("/", 1)[-1], caller.f_lineno)] += 1
 
-    def __enter__(self):
-        mp = self.monkeypatch
-        for name in SYNC_METHODS:
-            original = getattr(torch.Tensor, name)
-
-            def counted(t, *args, _name=name, _original=original, **kwargs):
-                self._record(_name)
-                return _original(t, *args, **kwargs)
-
-            mp.setattr(torch.Tensor, name, counted)
-        getitem = torch.Tensor.__getitem__
-
-        def counted_getitem(t, index):
-            parts = index if isinstance(index, tuple) else (index,)
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        what = SYNC_FUNCTIONS.get(func)
+        if what is None and func is torch.Tensor.__getitem__:
+            parts = args[1] if isinstance(args[1], tuple) else (args[1],)
             if any(torch.is_tensor(p) and p.dtype == torch.bool for p in parts):
-                self._record("bool-mask index")
-            return getitem(t, index)
-
-        mp.setattr(torch.Tensor, "__getitem__", counted_getitem)
-        unique = torch.unique
-
-        def counted_unique(*args, **kwargs):
-            self._record("unique")
-            return unique(*args, **kwargs)
-
-        mp.setattr(torch, "unique", counted_unique)
-        return self
-
-    def __exit__(self, *exc):
-        self.monkeypatch.undo()
+                what = "bool-mask index"
+        if what is not None:
+            self._record(what)
+        return func(*args, **(kwargs or {}))
 
     @property
     def total(self) -> int:
@@ -91,7 +80,7 @@ def reads_in_update(tmp_path, monkeypatch, steps, prompts, batch, *extra) -> Syn
     batch_ = trainer.rollout(0)
     trainer.advantages(batch_)
     monkeypatch.setattr(diffrl.runtime, "HOST_CHECK_DEVICES", ())  # device-side checks take their CUDA path
-    with SyncCounter(monkeypatch) as counter:
+    with SyncCounter() as counter:
         trainer.algorithm.update(batch_, trainer.optimizer, torch.Generator().manual_seed(0))
     return counter
 
@@ -136,7 +125,7 @@ def test_lm_update_reads_the_device_as_often_whatever_the_micro_batches(tmp_path
     for micro in (3, 1):
         trainer = LMTrainer(load_config(None, [*base, f"train.micro_batch_size={micro}", f"output_dir={tmp_path / str(micro)}"]))
         batch = trainer.rollout(0)
-        with SyncCounter(monkeypatch) as counter:
+        with SyncCounter() as counter:
             trainer.update(batch, torch.Generator().manual_seed(0))
         totals.append(Counter({k: v for k, v in counter.calls.items() if k[1] != "masking_utils.py"}))
     assert sum(totals[0].values()) == sum(totals[1].values()), totals
