@@ -666,6 +666,24 @@ def peak_memory(device) -> tuple[float, str]:
     return peak_memory_mb(device) if device.type == "cuda" else peak_memory_mb(torch.device("cpu")), kind
 
 
+def adamw(params, train):
+    """AdamW with the run's train section's settings, as the Trainer builds it."""
+    import torch
+
+    return torch.optim.AdamW(params, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2),
+                             weight_decay=train.adam_weight_decay, eps=train.adam_epsilon)
+
+
+def measure_iterations(run, args, device) -> tuple[list, float, str]:
+    """`run(i)` for args.warmup iterations, then args.iterations measured ones with the peak memory reset between:
+    (the measured iterations' results, peak memory, its kind)."""
+    for i in range(args.warmup):
+        run(i)
+    reset_peak(device)
+    results = [run(args.warmup + i) for i in range(args.iterations)]
+    return (results, *peak_memory(device))
+
+
 def reset_peak(device) -> None:
     import torch
 
@@ -882,16 +900,11 @@ def floor_worker(args) -> Measurement:
     prompts = load_prompts(cfg.data.prompts)
     t = cfg.train
     params = [q for q in policy.trainable_module().parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                  weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+    optimizer = adamw(params, t)
     floor = Floor(policy, FloorSettings.of(cfg))
-    run = lambda i: floor_iteration(floor, cfg, prompts, reward, optimizer, i, device,  # noqa: E731
-                                    args.floor_trained_fraction)
-    for i in range(args.warmup):
-        run(i)
-    reset_peak(device)
-    times = [run(args.warmup + i) for i in range(args.iterations)]
-    memory, memory_kind = peak_memory(device)
+    times, memory, memory_kind = measure_iterations(
+        lambda i: floor_iteration(floor, cfg, prompts, reward, optimizer, i, device, args.floor_trained_fraction),
+        args, device)
     images = t.prompts_per_iteration * t.group_size
     seconds = {k: sum(x[k] for x in times) / (images * len(times)) for k in PHASES}
     m = Measurement("floor", "floor", seconds, memory, memory_kind, images, len(times), device.type,
@@ -1028,15 +1041,10 @@ def flow_grpo_worker(args) -> Measurement:
     prompts = load_prompts(cfg.data.prompts)
     t = cfg.train
     params = [q for q in pipe.transformer.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
-                                  weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
-    run = lambda i: flow_grpo_iteration(pipeline_with_logprob, sde_step_with_logprob, policy, cfg, prompts,  # noqa: E731
-                                        reward, optimizer, i, device)
-    for i in range(args.warmup):
-        run(i)
-    reset_peak(device)
-    runs = [run(args.warmup + i) for i in range(args.iterations)]
-    memory, memory_kind = peak_memory(device)
+    optimizer = adamw(params, t)
+    runs, memory, memory_kind = measure_iterations(
+        lambda i: flow_grpo_iteration(pipeline_with_logprob, sde_step_with_logprob, policy, cfg, prompts, reward,
+                                      optimizer, i, device), args, device)
     images = t.prompts_per_iteration * t.group_size
     seconds = {k: sum(x[k] for x, _ in runs) / (images * len(runs)) for k in PHASES}
     m = Measurement("flow_grpo", "Flow-GRPO", seconds, memory, memory_kind, images, len(runs), device.type,
